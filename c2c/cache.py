@@ -1,0 +1,81 @@
+"""The only module that touches the transformers cache object.
+
+transformers 5.x moves fast: the forward keyword went from `past_key_values` to `cache` (5.2x),
+and `DynamicCache.crop` changed its meaning (absolute length -> tokens to remove). Everything the
+engine and the fuser need from a cache goes through the few functions here, so an API change is a
+one-file fix. The functions rely only on `DynamicCache(config=...)`, `cache.layers[i].keys/values`
+(tensors shaped (B, H_kv, T, D)) and `get_seq_length()`, which every supported version has.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache(model) -> DynamicCache:
+    """A fresh, empty cache for `model` (never reuse one across prompts or repeats)."""
+    return DynamicCache(config=model.config)
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(forward_cls: type) -> str:
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward(model, input_ids: torch.Tensor, cache: DynamicCache, start: int, logits_to_keep: int = 0):
+    """Run `model` on `input_ids` (1, N) at positions start..start+N-1, appending to `cache`.
+
+    Returns logits (1, N or logits_to_keep, V). The caller passes `start` (the cache length it
+    tracks on the host) so no device value is read here.
+    """
+    n = input_ids.shape[-1]
+    position_ids = torch.arange(start, start + n, device=input_ids.device).unsqueeze(0)  # (1, N)
+    kwargs = {_cache_keyword(type(model)): cache}
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+    )
+    return out.logits
+
+
+def length(cache: DynamicCache) -> int:
+    """Number of positions held (the same in every layer for the models we support)."""
+    return cache.get_seq_length()
+
+
+def num_layers(cache: DynamicCache) -> int:
+    return len(cache.layers)
+
+
+def crop(cache: DynamicCache, new_length: int) -> None:
+    """Roll the cache back to its first `new_length` positions (no recomputation).
+
+    Slices the layer tensors directly instead of calling `DynamicCache.crop`, whose argument
+    changed meaning inside 5.x. The slice is a view; the next append copies it anyway.
+    """
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > new_length:
+            layer.keys = layer.keys[:, :, :new_length, :]
+            layer.values = layer.values[:, :, :new_length, :]
+
+
+def read_kv(cache: DynamicCache, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one layer at positions [start, end), each (B, H_kv, end-start, D)."""
+    entry = cache.layers[layer]
+    return entry.keys[:, :, start:end, :], entry.values[:, :, start:end, :]
+
+
+def write_kv(cache: DynamicCache, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Overwrite one layer's K and V in place at positions [start, start + keys.shape[-2])."""
+    entry = cache.layers[layer]
+    end = start + keys.shape[-2]
+    entry.keys[:, :, start:end, :] = keys.to(entry.keys.dtype)
+    entry.values[:, :, start:end, :] = values.to(entry.values.dtype)

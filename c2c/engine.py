@@ -1,0 +1,310 @@
+"""The generation loops: target-only (the reference) and speculative decoding with optional C2C fusion.
+
+Batch size 1. The engine knows nothing about tokenizers, prompts or files: it takes token ids and
+returns token ids with counters. A speculative round is five named steps: draft, verify, accept
+(the round's one host synchronisation), roll back, fuse. Caches are rolled back by cropping; the
+prefix is never recomputed.
+
+Cache bookkeeping (host integers, never read from the device): the sequence holds `committed`
+tokens (prompt + output). The last output token is "pending": no model has processed it yet, so the
+target cache holds committed-1 positions after every round. The draft cache holds the same, or one
+fewer when all gamma drafts were accepted (the draft never ran its own last guess); the tokens it
+lacks are fed at the start of the next round.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import cache as kv
+from .fuser import C2CFuser
+from .sampling import SamplingConfig, accept_greedy, accept_sampled, next_token, probabilities
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    gamma: int = 4
+    max_new_tokens: int = 256
+    prefill_fusion: bool = True
+    decode_fusion: bool = True
+
+    def __post_init__(self):
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1 (draft tokens per round), got {self.gamma}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Counters:
+    """Raw counts and times of one run; `metrics` turns them into the reported figures."""
+
+    draft_calls: int = 0  # draft forward passes, prefill included
+    target_calls: int = 0  # target forward passes, prefill included
+    rounds: int = 0  # verification passes (target calls after the prefill)
+    total_drafted: int = 0
+    total_accepted: int = 0
+    fused_tokens: int = 0  # draft cache positions overwritten by the fuser (per position, all layers)
+    drafted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was proposed
+    accepted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was accepted
+    tokens_per_round: dict[int, int] = field(default_factory=dict)  # tokens a round produced -> rounds
+    times: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    calls: dict[str, int] = field(default_factory=dict)  # phase -> timed spans
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int]
+    latency: float  # seconds, prefill to last token, device synchronised
+    time_to_first_token: float
+    counters: Counters
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What a test or a progress hook may observe after each round (host values only)."""
+
+    committed: int
+    target_cache: int
+    draft_cache: int
+    drafted: int
+    accepted: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseClock:
+    """Attributes the time between consecutive laps to named phases.
+
+    On CUDA it records events and reads them once at the end (no host sync per lap); on CPU the
+    work is synchronous and perf_counter is exact.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.laps: list[tuple[str, object]] = []
+        self.start()
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.laps = [("", self._now())]
+
+    def lap(self, phase: str) -> None:
+        self.laps.append((phase, self._now()))
+
+    def totals(self, counters: Counters) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        for (_, a), (phase, b) in zip(self.laps, self.laps[1:]):
+            seconds = a.elapsed_time(b) / 1000 if self.cuda else b - a
+            counters.times[phase] = counters.times.get(phase, 0.0) + seconds
+            counters.calls[phase] = counters.calls.get(phase, 0) + 1
+
+
+def model_device(model) -> torch.device:
+    """Where the model's input ids must go (its embedding's device; models may be split)."""
+    return model.get_input_embeddings().weight.device
+
+
+def standard_generate(
+    target,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Target-only decoding, one token per forward: the reference the speculative output must match."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model_device(target)
+    counters = Counters()
+    _sync(device)
+    t0 = time.perf_counter()
+    cache = kv.new_cache(target)
+    prompt = torch.tensor([prompt_ids], device=device)  # (1, n0)
+    logits = kv.forward(target, prompt, cache, 0, logits_to_keep=1)  # (1, 1, V)
+    token, _ = next_token(logits[0, -1].to(device), sampling, generator)
+    out = [token.item()]  # sync: the token decides whether to stop
+    ttft = time.perf_counter() - t0
+    position = len(prompt_ids)
+    while out[-1] not in eos_ids and len(out) < max_new_tokens:
+        logits = kv.forward(target, token.view(1, 1), cache, position, logits_to_keep=1)
+        position += 1
+        token, _ = next_token(logits[0, -1].to(device), sampling, generator)
+        out.append(token.item())  # sync: one per token, as in any plain decoding loop
+    _sync(device)
+    counters.target_calls = len(out)
+    return GenerationResult(out, time.perf_counter() - t0, ttft, counters)
+
+
+def fuse_positions(fuser: C2CFuser, target_cache, draft_cache, start: int, end: int) -> int:
+    """Overwrite the draft's K/V at positions [start, end) with the fuser's output, layer by layer."""
+    if end <= start:
+        return 0
+    for layer in range(kv.num_layers(draft_cache)):
+        if layer not in fuser.layer_map:
+            continue
+        target_layer, _ = fuser.layer_map[layer]
+        fused = fuser.fuse_layer(
+            layer,
+            kv.read_kv(target_cache, target_layer, start, end),
+            kv.read_kv(draft_cache, layer, start, end),
+        )
+        kv.write_kv(draft_cache, layer, start, *fused)
+    return end - start
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of one prompt: draft proposes, target verifies, fuser feeds the draft."""
+
+    def __init__(
+        self,
+        target,
+        draft,
+        spec: SpecConfig,
+        sampling: SamplingConfig,
+        eos_ids: set[int],
+        fuser: C2CFuser | None = None,
+        generator: torch.Generator | None = None,
+        on_round: Callable[[RoundInfo], None] | None = None,
+    ):
+        self.target, self.draft, self.spec, self.sampling = target, draft, spec, sampling
+        self.eos_ids, self.fuser, self.generator, self.on_round = eos_ids, fuser, generator, on_round
+        self.device = model_device(draft)  # sampling and acceptance happen here
+        self.target_device = model_device(target)
+
+    # ---------------------------------------------------------------- the round's steps
+
+    def _draft(self, feed: torch.Tensor, start: int, g: int):
+        """g autoregressive draft tokens. feed (1, k): tokens the draft has not seen yet."""
+        tokens, qs = [], []
+        for _ in range(g):
+            logits = kv.forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1)  # (1, 1, V)
+            start += feed.shape[-1]
+            token, q = next_token(logits[0, -1], self.sampling, self.generator)
+            tokens.append(token)
+            qs.append(q)
+            feed = token.view(1, 1)
+        self.counters.draft_calls += g
+        drafted = torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long, device=self.device)  # (g,)
+        return drafted, (torch.stack(qs) if qs and qs[0] is not None else None), start
+
+    def _verify(self, pending: torch.Tensor, drafted: torch.Tensor, start: int) -> torch.Tensor:
+        """One target forward over [pending, d_1..d_g] -> logits (g+1, V) on the sampling device."""
+        block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)
+        logits = kv.forward(self.target, block, self.target_cache, start)  # (1, g+1, V)
+        self.counters.target_calls += 1
+        return logits[0].to(self.device)
+
+    def _accept(self, drafted, q, target_logits):
+        """Returns (n, token) as 0-d device tensors."""
+        if self.sampling.greedy:
+            return accept_greedy(drafted, target_logits)
+        p = probabilities(target_logits, self.sampling)  # (g+1, V)
+        if q is None:  # g == 0: nothing drafted, sample straight from p
+            q = p[:0]
+        return accept_sampled(drafted, q, p, self.generator)
+
+    def _fuse(self, start: int, end: int) -> None:
+        self.counters.fused_tokens += fuse_positions(self.fuser, self.target_cache, self.draft_cache, start, end)
+
+    # ---------------------------------------------------------------- the loop
+
+    def generate(self, prompt_ids: list[int]) -> GenerationResult:
+        spec, c = self.spec, Counters()
+        self.counters = c
+        c.drafted_at, c.accepted_at = [0] * spec.gamma, [0] * spec.gamma
+        fusing = self.fuser is not None
+        n0 = len(prompt_ids)
+        if n0 < 1:
+            raise ValueError("the prompt must hold at least one token")
+        _sync(self.device)
+        t_start = time.perf_counter()
+        clock = PhaseClock(self.device)
+        self.target_cache, self.draft_cache = kv.new_cache(self.target), kv.new_cache(self.draft)
+
+        # Prefill: the target gives the first token; the draft fills its cache; prefill fusion.
+        prompt = torch.tensor([prompt_ids], device=self.target_device)  # (1, n0)
+        logits = kv.forward(self.target, prompt, self.target_cache, 0, logits_to_keep=1)
+        pending, _ = next_token(logits[0, -1].to(self.device), self.sampling, self.generator)
+        c.target_calls += 1
+        out = [pending.item()]  # sync: the first token (time to first token, maybe end of sequence)
+        ttft = time.perf_counter() - t_start
+        clock.lap("target_prefill")
+        kv.forward(self.draft, prompt.to(self.device), self.draft_cache, 0, logits_to_keep=1)
+        c.draft_calls += 1
+        clock.lap("draft_prefill")
+        if fusing and spec.prefill_fusion:
+            self._fuse(0, n0 - 1)  # every prompt token but the last, as C2C does
+            clock.lap("fusion")
+        decode_fused_upto = n0  # decode fusion covers generated positions only
+
+        committed, draft_len = n0 + 1, n0
+        feed = pending.view(1, 1)  # tokens the draft has not seen: seq[draft_len:committed]
+        while out[-1] not in self.eos_ids and len(out) < spec.max_new_tokens:
+            g = min(spec.gamma, spec.max_new_tokens - len(out) - 1)
+            # 1. draft
+            drafted, q, new_draft_len = self._draft(feed, draft_len, g)
+            clock.lap("draft")
+            # 2. verify
+            target_logits = self._verify(pending, drafted, committed - 1)
+            clock.lap("target")
+            # 3. accept: the round's one host synchronisation
+            n_t, token = self._accept(drafted, q, target_logits)
+            decision = torch.cat([n_t.view(1), token.view(1), drafted]).tolist()
+            n, new_tokens = decision[0], decision[2 : 2 + decision[0]] + [decision[1]]
+            # 4. roll back both caches to what is committed
+            old_committed = committed
+            committed += n + 1
+            kv.crop(self.target_cache, committed - 1)
+            if g > 0:
+                draft_len = old_committed + min(n, g - 1)
+                kv.crop(self.draft_cache, draft_len)
+                all_accepted = n == g
+                feed = torch.stack([drafted[-1], token]).view(1, 2) if all_accepted else token.view(1, 1)
+            else:
+                feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
+            pending = token
+            # 5. record, emit up to the first end-of-sequence token
+            self._record(g, n)
+            for t in new_tokens:
+                out.append(t)
+                if t in self.eos_ids:
+                    break
+            clock.lap("overhead")
+            # 6. decode fusion of the newly committed positions both caches hold
+            if fusing and spec.decode_fusion and draft_len > decode_fused_upto:
+                self._fuse(decode_fused_upto, draft_len)
+                decode_fused_upto = draft_len
+                clock.lap("fusion")
+            if self.on_round is not None:
+                self.on_round(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), g, n))
+        _sync(self.device)
+        latency = time.perf_counter() - t_start
+        clock.totals(c)
+        return GenerationResult(out, latency, ttft, c)
+
+    def _record(self, g: int, n: int) -> None:
+        c = self.counters
+        c.rounds += 1
+        c.total_drafted += g
+        c.total_accepted += n
+        for k in range(g):
+            c.drafted_at[k] += 1
+        for k in range(n):
+            c.accepted_at[k] += 1
+        c.tokens_per_round[n + 1] = c.tokens_per_round.get(n + 1, 0) + 1

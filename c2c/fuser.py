@@ -1,0 +1,338 @@
+"""C2C Fuser: projectors that write the target's K/V into the draft's KV cache.
+
+Compatible with the officially released Cache-to-Cache checkpoints (arXiv 2510.03215, Hub repo
+`nics-efc/C2C_Fuser`). C2C's words appear only at this checkpoint boundary: its "receiver" is our
+draft, its "sharer" is our target. One `C2CProjector` per draft layer; projector i writes draft
+layer i from the target layer given by the layer map.
+
+Checkpoint layout of a fuser folder (`<pair>/final/`):
+  projector_{i}.pt      torch.save of the projector's state dict
+  projector_{i}.json    {"class": "C2CProjector", "init_args": {...}}
+  projector_config.json {"0": {"1": {"<draft_layer>": [[<target_layer>, <projector_idx>]]}}}
+
+This module knows nothing about models or generation: it maps K/V tensors to K/V tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserInputError
+
+PROJECTOR_CLASS = "C2CProjector"
+
+
+class FuserError(UserInputError):
+    """A fuser checkpoint that is missing, malformed or does not fit the models."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual MLP: z + w2(GELU(w1(RMSNorm(z))))."""
+
+    def __init__(self, dim: int, inner: int, dropout: float):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.w1 = nn.Linear(dim, inner, bias=False)
+        self.w2 = nn.Linear(inner, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.dropout(self.w2(F.gelu(self.w1(self.norm(z)))))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, dim: int, inner: int, depth: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(dim, inner, dropout) for _ in range(depth))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            z = block(z)
+        return z
+
+
+def _dtype_from_json(value) -> torch.dtype:
+    if isinstance(value, dict):
+        value = value.get("value")
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise FuserError(f"unknown dtype {value!r} in projector init_args")
+
+
+class C2CProjector(nn.Module):
+    """Projects target K (or V) into the draft's head layout and adds it, gated, to the draft's own.
+
+    Parameter names and shapes follow the released checkpoints exactly (33 entries when
+    num_layers=3): `key_*` and `value_*` are two fully separate copies of the same path.
+    """
+
+    def __init__(
+        self,
+        source_dim: int,
+        target_dim: int,
+        source_num_heads: int,
+        target_num_heads: int,
+        hidden_dim: int = 1024,
+        intermediate_dim: int = 1024,
+        num_layers: int = 3,
+        dropout: float = 0.1,
+        initial_temperature: float = 1.0,
+        final_temperature: float = 0.001,
+        anneal_steps: int = 1929,
+        dtype: torch.dtype | dict | str = torch.bfloat16,
+        zero_init: bool = False,
+        **unknown,
+    ):
+        super().__init__()
+        if num_layers < 3:
+            raise FuserError(f"C2CProjector needs num_layers >= 3, got {num_layers}")
+        self.init_args = dict(
+            source_dim=source_dim, target_dim=target_dim, source_num_heads=source_num_heads,
+            target_num_heads=target_num_heads, hidden_dim=hidden_dim, intermediate_dim=intermediate_dim,
+            num_layers=num_layers, dropout=dropout, initial_temperature=initial_temperature,
+            final_temperature=final_temperature, anneal_steps=anneal_steps,
+            dtype=dtype if isinstance(dtype, torch.dtype) else _dtype_from_json(dtype), zero_init=zero_init,
+        )
+        self.source_dim, self.target_dim = source_dim, target_dim
+        self.source_num_heads, self.target_num_heads = source_num_heads, target_num_heads
+        self.initial_temperature, self.final_temperature = initial_temperature, final_temperature
+        self.anneal_steps = anneal_steps
+        a, b = source_num_heads * source_dim, target_num_heads * target_dim
+        for kind in ("key", "value"):
+            setattr(self, f"{kind}_gate_logit", nn.Parameter(torch.zeros(())))
+            setattr(self, f"{kind}_in", nn.Linear(a + b, hidden_dim))
+            setattr(self, f"{kind}_mlp1", ResidualMLP(hidden_dim, intermediate_dim, 1, dropout))
+            setattr(self, f"{kind}_scalar_mlp2", ResidualMLP(hidden_dim, hidden_dim, 1, dropout))
+            setattr(self, f"{kind}_scalar_head", nn.Linear(hidden_dim, target_num_heads))
+            setattr(self, f"{kind}_proj_mlp2", ResidualMLP(hidden_dim, intermediate_dim, num_layers - 2, dropout))
+            setattr(self, f"{kind}_proj_out", nn.Linear(hidden_dim, b))
+            if zero_init:
+                nn.init.zeros_(getattr(self, f"{kind}_proj_out").weight)
+                nn.init.zeros_(getattr(self, f"{kind}_proj_out").bias)
+        self.register_buffer("gate_temperature", torch.tensor(float(initial_temperature)), persistent=True)
+
+    def gate(self, kind: str) -> torch.Tensor:
+        """Hard gate at inference (1 if logit > 0); Gumbel-sigmoid with the current temperature in training."""
+        logit = getattr(self, f"{kind}_gate_logit")
+        if not self.training:
+            return (logit > 0).to(logit.dtype)
+        u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+        gumbel = torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid((logit + gumbel) / self.gate_temperature)
+
+    def set_anneal_step(self, step: int) -> None:
+        """Exponential anneal of the Gumbel temperature from initial to final over anneal_steps."""
+        frac = min(step / max(self.anneal_steps, 1), 1.0)
+        t = self.initial_temperature * (self.final_temperature / self.initial_temperature) ** frac
+        self.gate_temperature.fill_(t)
+
+    def _project(self, kind: str, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """source (B, Hs, N, Ds), target (B, Ht, N, Dt) -> fused target (B, Ht, N, Dt)."""
+        B, Ht, N, Dt = target.shape
+        dtype = getattr(self, f"{kind}_in").weight.dtype
+        # 1-2. flatten heads head-major and concatenate, sharer (target model) first
+        s = source.permute(0, 2, 1, 3).reshape(B, N, -1)  # (B, N, a)
+        t = target.permute(0, 2, 1, 3).reshape(B, N, -1)  # (B, N, b)
+        x = torch.cat([s, t], dim=-1).to(dtype)  # (B, N, a+b)
+        # 3. shared trunk
+        h = getattr(self, f"{kind}_mlp1")(getattr(self, f"{kind}_in")(x))  # (B, N, H)
+        # 4. projection
+        p = getattr(self, f"{kind}_proj_out")(getattr(self, f"{kind}_proj_mlp2")(h))  # (B, N, b)
+        p = p.view(B, N, Ht, Dt).permute(0, 2, 1, 3)  # (B, Ht, N, Dt)
+        # 5. per (token, head) weight
+        w = torch.sigmoid(getattr(self, f"{kind}_scalar_head")(getattr(self, f"{kind}_scalar_mlp2")(h)))  # (B, N, Ht)
+        w = w.permute(0, 2, 1).unsqueeze(-1)  # (B, Ht, N, 1)
+        # 6-7. gated residual, summed in float32
+        g = self.gate(kind)
+        return target.float() + (g * w * p).float()
+
+    def forward(self, source_k, source_v, target_k, target_v) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._project("key", source_k, target_k).to(target_k.dtype)
+        v = self._project("value", source_v, target_v).to(target_v.dtype)
+        return k, v
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The KV layout of one model: what a fuser must fit."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> "KVShape":
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+
+    def describe(self) -> str:
+        return f"{self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}"
+
+
+def last_aligned_map(draft_layers: int, target_layers: int) -> dict[int, int]:
+    """C2C's "last_aligned" map: draft layer t reads target layer clamp(S - T + t, 0, S - 1)."""
+    S, T = target_layers, draft_layers
+    return {t: min(max(S - T + t, 0), S - 1) for t in range(T)}
+
+
+class C2CFuser(nn.Module):
+    """All projectors of one draft/target pair plus the layer map (draft layer -> (target layer, projector))."""
+
+    def __init__(self, projectors: list[C2CProjector], layer_map: dict[int, tuple[int, int]]):
+        super().__init__()
+        self.projectors = nn.ModuleList(projectors)
+        self.layer_map = dict(sorted(layer_map.items()))
+
+    @classmethod
+    def create(cls, draft: KVShape, target: KVShape, **projector_args) -> "C2CFuser":
+        """A new, randomly initialised fuser for a pair, one projector per draft layer, last-aligned map."""
+        projectors = [
+            C2CProjector(target.head_dim, draft.head_dim, target.num_kv_heads, draft.num_kv_heads, **projector_args)
+            for _ in range(draft.num_layers)
+        ]
+        layer_map = {t: (s, t) for t, s in last_aligned_map(draft.num_layers, target.num_layers).items()}
+        return cls(projectors, layer_map)
+
+    def check_fits(self, draft: KVShape, target: KVShape) -> None:
+        """Raise FuserError naming both shapes when this fuser cannot serve the pair."""
+        problems = []
+        for t, (s, idx) in self.layer_map.items():
+            if not 0 <= t < draft.num_layers:
+                problems.append(f"maps draft layer {t} but the draft has {draft.num_layers} layers")
+            if not 0 <= s < target.num_layers:
+                problems.append(f"reads target layer {s} but the target has {target.num_layers} layers")
+            if not 0 <= idx < len(self.projectors):
+                problems.append(f"uses projector {idx} but only {len(self.projectors)} exist")
+        for i, p in enumerate(self.projectors):
+            want = (target.num_kv_heads, target.head_dim, draft.num_kv_heads, draft.head_dim)
+            got = (p.source_num_heads, p.source_dim, p.target_num_heads, p.target_dim)
+            if got != want:
+                problems.append(
+                    f"projector {i} maps {got[0]} heads x {got[1]} -> {got[2]} heads x {got[3]}, "
+                    f"the models need {want[0]} x {want[1]} -> {want[2]} x {want[3]}"
+                )
+                break
+        if problems:
+            raise FuserError(
+                f"fuser does not fit the models (draft: {draft.describe()}; target: {target.describe()}): "
+                + "; ".join(problems[:3])
+                + ". Use a fuser trained for this draft/target pair, or --fuser_checkpoint none."
+            )
+
+    def fuse_layer(self, draft_layer: int, target_kv, draft_kv) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fused (K, V) for one draft layer, or None when the map leaves that layer alone."""
+        if draft_layer not in self.layer_map:
+            return None
+        _, idx = self.layer_map[draft_layer]
+        proj = self.projectors[idx]
+        device = proj.key_in.weight.device
+        sk, sv = (x.to(device, non_blocking=True) for x in target_kv)
+        return proj(sk, sv, *draft_kv)
+
+
+# ---------------------------------------------------------------- official layout on disk
+
+
+def _projector_json(p: C2CProjector) -> dict:
+    args = dict(p.init_args)
+    args["dtype"] = {"__type__": "torch.dtype", "value": str(args["dtype"]).removeprefix("torch.")}
+    return {"class": PROJECTOR_CLASS, "init_args": args}
+
+
+def save_fuser(fuser: C2CFuser, folder: str | os.PathLike, config: dict | None = None) -> Path:
+    """Write `folder/final/` in the official layout (and `folder/config.json` when given)."""
+    final = Path(folder) / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(fuser.projectors):
+        state = {k: v.detach().to("cpu", p.init_args["dtype"]).clone() for k, v in p.state_dict().items()}
+        torch.save(state, final / f"projector_{i}.pt")
+        (final / f"projector_{i}.json").write_text(json.dumps(_projector_json(p), indent=2))
+    layer_map = {"0": {"1": {str(t): [[s, idx]] for t, (s, idx) in fuser.layer_map.items()}}}
+    (final / "projector_config.json").write_text(json.dumps(layer_map, indent=2))
+    if config is not None:
+        (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    return final
+
+
+def find_final_dir(folder: str | os.PathLike) -> Path | None:
+    """The folder holding projector files: `folder/final/` or `folder` itself; None if neither."""
+    folder = Path(folder)
+    for candidate in (folder / "final", folder):
+        if (candidate / "projector_0.json").is_file():
+            return candidate
+    return None
+
+
+def _read_layer_map(final: Path, num_projectors: int) -> dict[int, tuple[int, int]] | None:
+    path = final / "projector_config.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    try:
+        pairs = raw["0"]["1"]
+        return {int(t): (int(v[0][0]), int(v[0][1])) for t, v in pairs.items()}
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise FuserError(f"{path}: expected {{'0': {{'1': {{'<draft_layer>': [[target_layer, projector]]}}}}}}, got {raw!r:.200}") from e
+
+
+def load_fuser(folder: str | os.PathLike, draft: KVShape, target: KVShape, device=None, dtype=None) -> C2CFuser:
+    """Load a fuser folder in the official layout, strictly, and check that it fits the models.
+
+    Without `projector_config.json` the map is computed ("last_aligned", projector i for draft layer i).
+    """
+    final = find_final_dir(folder)
+    if final is None:
+        raise FuserError(f"{folder}: no projector_0.json in it or in its final/ subfolder (not a C2C fuser folder)")
+    projectors = []
+    i = 0
+    while (final / f"projector_{i}.json").is_file():
+        meta = json.loads((final / f"projector_{i}.json").read_text())
+        if meta.get("class", PROJECTOR_CLASS) != PROJECTOR_CLASS:
+            raise FuserError(f"{final}/projector_{i}.json: class {meta.get('class')!r}, only {PROJECTOR_CLASS} is supported")
+        with torch.device("meta"):
+            proj = C2CProjector(**meta.get("init_args", {}))
+        weights = final / f"projector_{i}.pt"
+        if not weights.is_file():
+            raise FuserError(f"{weights} is missing (every projector_{{i}}.json needs its .pt)")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            proj.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise FuserError(f"{weights}: state dict does not match C2CProjector{meta.get('init_args')}: {e}") from e
+        projectors.append(proj)
+        i += 1
+    layer_map = _read_layer_map(final, len(projectors))
+    if layer_map is None:
+        layer_map = {t: (s, t) for t, s in last_aligned_map(draft.num_layers, target.num_layers).items()}
+    fuser = C2CFuser(projectors, layer_map)
+    fuser.check_fits(draft, target)
+    fuser.to(device=device, dtype=dtype or projectors[0].init_args["dtype"])
+    return fuser.eval().requires_grad_(False)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

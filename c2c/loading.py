@@ -1,0 +1,183 @@
+"""Loading models, tokenizers and fusers; choosing device and dtype; checking the pair fits.
+
+Hub ids and local paths both work (anything `from_pretrained` accepts). Every failure the user can
+fix becomes a `UserInputError` naming the problem and the fix; checks that are cheap (configs,
+device) run before any large download.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserInputError
+from .fuser import C2CFuser, FuserError, KVShape, find_final_dir, load_fuser
+
+FUSER_HUB_REPO = "nics-efc/C2C_Fuser"
+DEFAULT_FUSER = "qwen3_0.6b+qwen3_14b_Fuser"
+LOCAL_FUSER_DIR = Path("output") / "fusers"
+CPU_PARAM_LIMIT = 3e9  # above this, a CPU run needs an explicit --device cpu
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda was asked for but no CUDA GPU is visible (check nvidia-smi, or pass --device cpu)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserInputError(f"--device must be auto, cuda, cuda:N or cpu, got {name!r}")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> bfloat16 on GPUs that support it (float16 otherwise), float32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise UserInputError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def load_config(name: str, role: str):
+    """The model's config (a few KB): fetched first so that mistakes surface before a large download."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(
+            f"cannot load the {role} model {name!r}: {first} "
+            "(check the Hub id or local path, your network, and HF_TOKEN for gated models)"
+        ) from None
+
+
+def estimate_parameters(config) -> float:
+    """Rough parameter count from a decoder config (embeddings + attention + MLP per layer)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attn = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return embeddings + c.num_hidden_layers * (attn + mlp)
+
+
+def check_device_fits(target_config, target_name: str, device: torch.device, device_arg: str) -> None:
+    """A large target on CPU only when --device cpu was asked for explicitly."""
+    params = estimate_parameters(target_config)
+    if device.type == "cpu" and device_arg != "cpu" and params > CPU_PARAM_LIMIT:
+        raise UserInputError(
+            f"no CUDA GPU found, and the target {target_name} has ~{params / 1e9:.1f}B parameters "
+            f"(~{params * 2 / 1e9:.0f} GB in bf16): run on a GPU machine, or pass --device cpu to force a very slow CPU run"
+        )
+
+
+def check_pair(draft_config, target_config, draft_name: str, target_name: str) -> None:
+    """Draft and target must share the vocabulary the acceptance rule compares."""
+    dv, tv = draft_config.get_text_config().vocab_size, target_config.get_text_config().vocab_size
+    if dv != tv:
+        raise UserInputError(
+            f"draft {draft_name} has vocab_size {dv} but target {target_name} has {tv}: "
+            "speculative decoding needs models that share a tokenizer (e.g. two Qwen3 models)"
+        )
+
+
+def load_model(name: str, role: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
+    """An eval-mode causal LM on `device` (or spread by accelerate's `device_map`)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if device_map:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"cannot load the {role} model {name!r}: {first}") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"cannot load the tokenizer of {name!r}: {first}") from None
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every end-of-sequence id: generation_config's (an int or a list, as Qwen3's) and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+@dataclass(frozen=True)
+class FuserChoice:
+    """Where a fuser comes from, or why fusion is off."""
+
+    path: Path | None
+    reason: str | None  # None when a fuser was found
+
+
+def resolve_fuser(name: str | None, explicit: bool, search_dir: Path = LOCAL_FUSER_DIR) -> FuserChoice:
+    """Find a fuser folder: an existing path, then `output/fusers/<name>`, then the Hub (one pair only).
+
+    `name` "none" turns fusion off. The default name not being found anywhere is a warning (fusion
+    off, with the reason recorded); a name the user gave explicitly and that can't be found is an error.
+    """
+    if name is None or name.lower() == "none":
+        return FuserChoice(None, "fusion disabled (--fuser_checkpoint none)")
+    for candidate in (Path(name).expanduser(), search_dir / name):
+        if candidate.exists():
+            if find_final_dir(candidate) is None:
+                raise FuserError(f"{candidate} exists but holds no projector files (expected final/projector_0.json)")
+            return FuserChoice(candidate, None)
+    hub_error = _download_from_hub(name)
+    if isinstance(hub_error, Path):
+        return FuserChoice(hub_error, None)
+    if explicit:
+        raise FuserError(
+            f"fuser {name!r} not found: not a local path, not in {search_dir}/, and not on the Hub repo "
+            f"{FUSER_HUB_REPO} ({hub_error}). Pass an existing fuser folder, or --fuser_checkpoint none"
+        )
+    return FuserChoice(
+        None,
+        f"no fuser {name!r} found locally or on {FUSER_HUB_REPO} ({hub_error}); no public C2C fuser exists "
+        "for Qwen3-14B: train one with `python -m c2c.train_fuser` into output/fusers/, or use "
+        "--teacher_model Qwen/Qwen3-4B --fuser_checkpoint qwen3_0.6b+qwen3_4b_Fuser",
+    )
+
+
+def _download_from_hub(name: str) -> Path | str:
+    """The local folder of one pair from the Hub repo, or a short reason it is not available."""
+    if "/" in name or os.sep in name:
+        return "a path, not a Hub pair name"
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(repo_id=FUSER_HUB_REPO, allow_patterns=[f"{name}/*"])
+    except (OSError, ValueError) as e:  # offline, no network, unknown repo: all OSError subclasses
+        return f"Hub not reachable: {type(e).__name__}"
+    folder = Path(root) / name
+    return folder if find_final_dir(folder) is not None else "no such pair on the Hub"
+
+
+def load_fuser_for(choice: FuserChoice, draft, target, device: torch.device, dtype: torch.dtype) -> C2CFuser | None:
+    if choice.path is None:
+        return None
+    return load_fuser(choice.path, KVShape.of(draft.config), KVShape.of(target.config), device=device, dtype=dtype)

@@ -1,0 +1,154 @@
+"""Figures reported per run, per comparison and over all prompts.
+
+Definitions (see README, "Metrics"):
+- acceptance_rate = accepted draft tokens / drafted tokens (alpha).
+- average_accepted_length = tokens emitted / target forward passes (prefill included), so plain
+  decoding scores exactly 1.0.
+- theoretical_speedup = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma*c + 1)) (Leviathan et al.),
+  with c = mean draft step time / mean target verify time, both measured in this run.
+"""
+
+from __future__ import annotations
+
+from statistics import median
+
+from .engine import GenerationResult
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Leviathan et al. 2023, eq. for expected wall-clock improvement over target-only decoding."""
+    return expected_tokens_per_round(alpha, gamma) / (gamma * c + 1)
+
+
+def standard_metrics(result: GenerationResult, text: str) -> dict:
+    n = len(result.output_ids)
+    return {
+        "text": text,
+        "output_ids": result.output_ids,
+        "latency": result.latency,
+        "num_tokens": n,
+        "tokens_per_second": _safe_div(n, result.latency),
+        "time_to_first_token": result.time_to_first_token,
+        "target_calls": result.counters.target_calls,
+    }
+
+
+def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict:
+    c = result.counters
+    n = len(result.output_ids)
+    t = c.times
+    draft_time = t.get("draft", 0.0) + t.get("draft_prefill", 0.0)
+    target_time = t.get("target", 0.0) + t.get("target_prefill", 0.0)
+    fusion_time = t.get("fusion", 0.0)
+    # per-step cost ratio c from decode steps only (prefill excluded)
+    draft_step = _safe_div(t.get("draft", 0.0), c.draft_calls - 1)
+    verify_step = _safe_div(t.get("target", 0.0), c.rounds)
+    alpha = _safe_div(c.total_accepted, c.total_drafted)
+    cost_ratio = _safe_div(draft_step, verify_step) if draft_step and verify_step else None
+    theory = theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio is not None else None
+    return {
+        "text": text,
+        "output_ids": result.output_ids,
+        "latency": result.latency,
+        "num_tokens": n,
+        "tokens_per_second": _safe_div(n, result.latency),
+        "time_to_first_token": result.time_to_first_token,
+        "acceptance_rate": alpha,
+        "average_accepted_length": _safe_div(n, c.target_calls),
+        "draft_calls": c.draft_calls,
+        "target_calls": c.target_calls,
+        "rounds": c.rounds,
+        "total_drafted": c.total_drafted,
+        "total_accepted": c.total_accepted,
+        "draft_time": draft_time,
+        "target_time": target_time,
+        "fusion_time": fusion_time,
+        "overhead_time": max(result.latency - draft_time - target_time - fusion_time, 0.0),
+        "fused_tokens": c.fused_tokens,
+        "draft_step_time": draft_step,
+        "target_verify_time": verify_step,
+        "cost_ratio_c": cost_ratio,
+        "theoretical_speedup": theory,
+        "accepted_per_position": [_safe_div(a, d) for a, d in zip(c.accepted_at, c.drafted_at)],
+        "tokens_per_round_histogram": {str(k): c.tokens_per_round.get(k, 0) for k in range(1, gamma + 2)},
+    }
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (a length difference counts), or None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def comparison(standard: dict, speculative: dict) -> dict:
+    return {
+        "latency_speedup": _safe_div(standard["latency"], speculative["latency"]),
+        "throughput_speedup": _safe_div(speculative["tokens_per_second"] or 0, standard["tokens_per_second"] or 0),
+        "outputs_match": standard["output_ids"] == speculative["output_ids"],
+        "first_divergence": first_divergence(standard["output_ids"], speculative["output_ids"]),
+    }
+
+
+def summary(prompts: list[dict]) -> dict:
+    """The same figures over all prompts: totals, token-weighted rates and medians of ratios."""
+    spec = [p["speculative"] for p in prompts if p.get("speculative")]
+    std = [p["standard"] for p in prompts if p.get("standard")]
+    comps = [p["comparison"] for p in prompts if p.get("comparison")]
+    out: dict = {"num_prompts": len(prompts)}
+    if std:
+        tokens, latency = sum(s["num_tokens"] for s in std), sum(s["latency"] for s in std)
+        out["standard"] = {
+            "num_tokens": tokens,
+            "latency": latency,
+            "tokens_per_second": _safe_div(tokens, latency),
+            "time_to_first_token": median(s["time_to_first_token"] for s in std),
+        }
+    if spec:
+        tokens, latency = sum(s["num_tokens"] for s in spec), sum(s["latency"] for s in spec)
+        drafted, accepted = sum(s["total_drafted"] for s in spec), sum(s["total_accepted"] for s in spec)
+        target_calls = sum(s["target_calls"] for s in spec)
+        out["speculative"] = {
+            "num_tokens": tokens,
+            "latency": latency,
+            "tokens_per_second": _safe_div(tokens, latency),
+            "time_to_first_token": median(s["time_to_first_token"] for s in spec),
+            "acceptance_rate": _safe_div(accepted, drafted),
+            "average_accepted_length": _safe_div(tokens, target_calls),
+            "draft_calls": sum(s["draft_calls"] for s in spec),
+            "target_calls": target_calls,
+            "total_drafted": drafted,
+            "total_accepted": accepted,
+            "draft_time": sum(s["draft_time"] for s in spec),
+            "target_time": sum(s["target_time"] for s in spec),
+            "fusion_time": sum(s["fusion_time"] for s in spec),
+            "fused_tokens": sum(s["fused_tokens"] for s in spec),
+            "theoretical_speedup": _median_of(s["theoretical_speedup"] for s in spec),
+        }
+    if comps:
+        out["comparison"] = {
+            "latency_speedup": _safe_div(out["standard"]["latency"], out["speculative"]["latency"]),
+            "throughput_speedup": _safe_div(
+                out["speculative"]["tokens_per_second"] or 0, out["standard"]["tokens_per_second"] or 0
+            ),
+            "median_latency_speedup": _median_of(c["latency_speedup"] for c in comps),
+            "outputs_match": all(c["outputs_match"] for c in comps),
+            "prompts_matching": sum(c["outputs_match"] for c in comps),
+        }
+    return out
+
+
+def _median_of(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return median(values) if values else None

@@ -1,0 +1,132 @@
+"""The printed report: configuration header, per-prompt blocks (standard, speculative, comparison)
+and a summary over all prompts. Labels in Chinese (as in the seed's output) or English.
+
+It formats the dictionaries `metrics` builds; it computes nothing itself.
+"""
+
+from __future__ import annotations
+
+LABELS = {
+    "zh": {
+        "title": "Qwen3-14B 推测解码演示 (C2C Fuser: 目标模型 KV 缓存融合进草稿模型)",
+        "draft": "草稿模型", "target": "目标模型", "fuser": "融合器", "fusion": "融合",
+        "prefill": "预填充", "decode": "解码", "on": "开", "off": "关", "device": "设备",
+        "sampling": "采样", "greedy": "贪心 (temperature=0)", "prompts": "提示数",
+        "loading": "正在加载模型...", "loaded": "模型加载完成", "warmup": "预热 (不计时)...",
+        "prompt": "提示", "standard": "标准生成 (仅目标模型)", "speculative": "推测解码",
+        "comparison": "对比", "output": "输出", "latency": "延迟", "tokens": "词元数",
+        "throughput": "吞吐", "ttft": "首词元时间", "acceptance": "接受率",
+        "avg_len": "平均接受长度", "draft_calls": "草稿调用", "target_calls": "目标调用",
+        "time_split": "时间分解", "draft_t": "草稿", "target_t": "目标", "fusion_t": "融合",
+        "other_t": "其他", "theory": "理论加速比", "per_position": "各位置接受率",
+        "latency_speedup": "延迟加速比", "throughput_speedup": "吞吐加速比",
+        "match": "输出与目标模型一致", "yes": "是", "no": "否", "diverge": "首个不同位置",
+        "summary": "汇总", "saved": "结果已保存到", "fused": "融合词元",
+    },
+    "en": {
+        "title": "Qwen3-14B speculative decoding demo (C2C Fuser: target KV cache fused into the draft)",
+        "draft": "Draft model", "target": "Target model", "fuser": "Fuser", "fusion": "Fusion",
+        "prefill": "prefill", "decode": "decode", "on": "on", "off": "off", "device": "Device",
+        "sampling": "Sampling", "greedy": "greedy (temperature=0)", "prompts": "Prompts",
+        "loading": "Loading models...", "loaded": "Models loaded", "warmup": "Warm-up (not timed)...",
+        "prompt": "Prompt", "standard": "Standard generation (target only)", "speculative": "Speculative decoding",
+        "comparison": "Comparison", "output": "Output", "latency": "Latency", "tokens": "Tokens",
+        "throughput": "Throughput", "ttft": "Time to first token", "acceptance": "Acceptance rate",
+        "avg_len": "Average accepted length", "draft_calls": "Draft calls", "target_calls": "Target calls",
+        "time_split": "Time split", "draft_t": "draft", "target_t": "target", "fusion_t": "fusion",
+        "other_t": "other", "theory": "Theoretical speedup", "per_position": "Acceptance per position",
+        "latency_speedup": "Latency speedup", "throughput_speedup": "Throughput speedup",
+        "match": "Output identical to target", "yes": "yes", "no": "no", "diverge": "first divergence at",
+        "summary": "Summary", "saved": "Results saved to", "fused": "fused tokens",
+    },
+}
+
+RULE = "=" * 72
+THIN = "-" * 72
+
+
+def _f(x, fmt: str = ".3f", suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}{suffix}"
+
+
+class Report:
+    def __init__(self, lang: str = "zh", write=print):
+        self.L, self.write = LABELS[lang], write
+
+    def header(self, config: dict, num_prompts: int) -> None:
+        L, f = self.L, config["fusion"]
+        sampling = L["greedy"] if config["temperature"] == 0 else (
+            f"temperature={config['temperature']}, top_p={config['top_p']}, top_k={config['top_k']}, seed={config['seed']}"
+        )
+        fusion = (
+            f"{L['prefill']} {L['on'] if f['prefill'] else L['off']}, {L['decode']} {L['on'] if f['decode'] else L['off']}"
+            if f["enabled"] else f"{L['off']} ({f['reason']})"
+        )
+        lines = [
+            RULE, L["title"], RULE,
+            f"{L['draft']}: {config['draft_model']}",
+            f"{L['target']}: {config['target_model']}",
+            f"{L['fuser']}: {config['fuser_checkpoint']}  |  {L['fusion']}: {fusion}",
+            f"gamma: {config['gamma']}  |  max_new_tokens: {config['max_new_tokens']}  |  {L['sampling']}: {sampling}",
+            f"{L['device']}: {config['device']} ({config['dtype']})  |  {L['prompts']}: {num_prompts}",
+            RULE,
+        ]
+        self.write("\n".join(lines))
+
+    def prompt(self, index: int, total: int, prompt: str) -> None:
+        self.write(f"\n[{index}/{total}] {self.L['prompt']}: {prompt}\n{THIN}")
+
+    def standard(self, m: dict) -> None:
+        L = self.L
+        self.write(
+            f"--- {L['standard']} ---\n{L['output']}: {m['text']}\n"
+            f"{L['latency']}: {m['latency']:.3f} s | {L['tokens']}: {m['num_tokens']} | "
+            f"{L['throughput']}: {_f(m['tokens_per_second'], '.2f')} tok/s | {L['ttft']}: {m['time_to_first_token']:.3f} s"
+        )
+
+    def speculative(self, m: dict) -> None:
+        L = self.L
+        per_pos = " ".join(_f(a, ".0%") for a in m["accepted_per_position"])
+        self.write(
+            f"--- {L['speculative']} ---\n{L['output']}: {m['text']}\n"
+            f"{L['latency']}: {m['latency']:.3f} s | {L['tokens']}: {m['num_tokens']} | "
+            f"{L['throughput']}: {_f(m['tokens_per_second'], '.2f')} tok/s | {L['ttft']}: {m['time_to_first_token']:.3f} s\n"
+            f"{L['acceptance']}: {_f(m['acceptance_rate'], '.1%')} | {L['avg_len']}: {_f(m['average_accepted_length'], '.2f')} | "
+            f"{L['draft_calls']}: {m['draft_calls']} | {L['target_calls']}: {m['target_calls']} | {L['fused']}: {m['fused_tokens']}\n"
+            f"{L['time_split']}: {L['draft_t']} {m['draft_time']:.3f} s, {L['target_t']} {m['target_time']:.3f} s, "
+            f"{L['fusion_t']} {m['fusion_time']:.3f} s, {L['other_t']} {m['overhead_time']:.3f} s\n"
+            f"{L['per_position']}: {per_pos}\n"
+            f"{L['theory']}: {_f(m['theoretical_speedup'], '.2f', 'x')} "
+            f"(alpha={_f(m['acceptance_rate'], '.3f')}, c={_f(m['cost_ratio_c'], '.3f')}, gamma={len(m['accepted_per_position'])})"
+        )
+
+    def comparison(self, c: dict) -> None:
+        L = self.L
+        match = L["yes"] if c["outputs_match"] else f"{L['no']} ({L['diverge']} {c['first_divergence']})"
+        self.write(
+            f"--- {L['comparison']} ---\n"
+            f"{L['latency_speedup']}: {_f(c['latency_speedup'], '.2f', 'x')} | "
+            f"{L['throughput_speedup']}: {_f(c['throughput_speedup'], '.2f', 'x')} | {L['match']}: {match}"
+        )
+
+    def summary(self, s: dict) -> None:
+        L = self.L
+        lines = [f"\n{RULE}", f"{L['summary']} ({s['num_prompts']} {L['prompts']})", RULE]
+        if "standard" in s:
+            st = s["standard"]
+            lines.append(f"{L['standard']}: {st['num_tokens']} {L['tokens']}, {st['latency']:.2f} s, {_f(st['tokens_per_second'], '.2f')} tok/s")
+        if "speculative" in s:
+            sp = s["speculative"]
+            lines.append(
+                f"{L['speculative']}: {sp['num_tokens']} {L['tokens']}, {sp['latency']:.2f} s, {_f(sp['tokens_per_second'], '.2f')} tok/s | "
+                f"{L['acceptance']}: {_f(sp['acceptance_rate'], '.1%')} | {L['avg_len']}: {_f(sp['average_accepted_length'], '.2f')} | "
+                f"{L['theory']}: {_f(sp['theoretical_speedup'], '.2f', 'x')}"
+            )
+        if "comparison" in s:
+            c = s["comparison"]
+            lines.append(
+                f"{L['latency_speedup']}: {_f(c['latency_speedup'], '.2f', 'x')} | {L['throughput_speedup']}: "
+                f"{_f(c['throughput_speedup'], '.2f', 'x')} | {L['match']}: {c['prompts_matching']}/{s['num_prompts']}"
+            )
+        lines.append(RULE)
+        self.write("\n".join(lines))

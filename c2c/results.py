@@ -1,0 +1,60 @@
+"""Results files: written atomically (temporary file, then a hard link to the final name), never
+overwriting an existing file, so a crash or a second run can't leave a half-written or clobbered JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device_name": name,
+        "platform": platform.platform(),
+    }
+
+
+def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "results") -> Path:
+    """Write `<output_dir>/<prefix>_YYYYmmdd_HHMMSS.json` (suffix _1, _2... if taken). Returns the path."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    fd, tmp = tempfile.mkstemp(prefix=f".{prefix}_", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        for i in range(1000):
+            final = folder / (f"{prefix}_{stamp}.json" if i == 0 else f"{prefix}_{stamp}_{i}.json")
+            try:
+                os.link(tmp, final)  # fails if the name exists: never overwrites
+                return final
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free results file name in {folder}")
+    finally:
+        os.unlink(tmp)
+
+
+def command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    args = sys.argv if argv is None else [sys.argv[0], *argv]
+    return " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *args])

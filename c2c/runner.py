@@ -1,0 +1,182 @@
+"""From a frozen configuration to results: load everything, warm up, run each prompt both ways.
+
+Entry scripts (the demo, the benchmark) build a `RunConfig` from their flags and call `prepare`
+and `run_prompt` with it; nothing here parses arguments or reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import metrics
+from .engine import SpecConfig, SpeculativeDecoder, standard_generate
+from .errors import UserInputError
+from .fuser import C2CFuser, KVShape
+from .loading import (
+    DEFAULT_FUSER,
+    check_device_fits,
+    check_pair,
+    eos_token_ids,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_fuser,
+)
+from .fuser import load_fuser
+from .prompts import encode_prompt
+from .sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    draft_model: str = "Qwen/Qwen3-0.6B"
+    target_model: str = "Qwen/Qwen3-14B"
+    fuser_checkpoint: str = DEFAULT_FUSER
+    fuser_explicit: bool = False  # the user named the fuser: not finding it is an error
+    gamma: int = 4
+    max_new_tokens: int = 256
+    prefill_fusion: bool = True
+    decode_fusion: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    enable_thinking: bool = False
+
+    @property
+    def spec(self) -> SpecConfig:
+        return SpecConfig(self.gamma, self.max_new_tokens, self.prefill_fusion, self.decode_fusion)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Session:
+    """Everything loaded for a run."""
+
+    config: RunConfig
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object
+    target: object
+    draft: object
+    fuser: C2CFuser | None
+    fusion: dict  # {enabled, prefill, decode, reason}
+    eos_ids: set[int]
+
+
+def validate(cfg: RunConfig) -> None:
+    """Configuration errors, before anything is loaded."""
+    try:
+        cfg.spec, cfg.sampling
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+
+
+def prepare(cfg: RunConfig, log=print) -> Session:
+    """Check cheap things first (device, configs, fuser shapes), then load the models."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    target_config = load_config(cfg.target_model, "target")
+    draft_config = load_config(cfg.draft_model, "draft")
+    check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
+    check_device_fits(target_config, cfg.target_model, device, cfg.device)
+
+    fusion_wanted = cfg.prefill_fusion or cfg.decode_fusion
+    if not fusion_wanted:
+        choice_path, reason = None, "fusion disabled (--no_prefill_fusion --no_decode_fusion)"
+    else:
+        choice = resolve_fuser(cfg.fuser_checkpoint, cfg.fuser_explicit)
+        choice_path, reason = choice.path, choice.reason
+        if choice_path is None and cfg.fuser_explicit is False and cfg.fuser_checkpoint.lower() != "none":
+            log(f"WARNING: {reason}")
+    fuser = None
+    if choice_path is not None:
+        fuser = load_fuser(choice_path, KVShape.of(draft_config), KVShape.of(target_config), device=device, dtype=dtype)
+
+    tokenizer = load_tokenizer(cfg.target_model)
+    target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)
+    draft = load_model(cfg.draft_model, "draft", dtype, device)
+    fusion = {
+        "enabled": fuser is not None,
+        "prefill": fuser is not None and cfg.prefill_fusion,
+        "decode": fuser is not None and cfg.decode_fusion,
+        "reason": reason,
+        "path": str(choice_path) if choice_path else None,
+    }
+    return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer))
+
+
+def _generator(session: Session) -> torch.Generator:
+    return torch.Generator(device=session.device).manual_seed(session.config.seed)
+
+
+def decoder(session: Session, spec: SpecConfig | None = None) -> SpeculativeDecoder:
+    cfg = session.config
+    return SpeculativeDecoder(
+        session.target, session.draft, spec or cfg.spec, cfg.sampling, session.eos_ids,
+        fuser=session.fuser, generator=_generator(session),
+    )
+
+
+def encode(session: Session, prompt: str) -> list[int]:
+    return encode_prompt(session.tokenizer, prompt, session.config.enable_thinking)
+
+
+@torch.inference_mode()
+def warmup(session: Session, prompt: str, run_standard: bool, tokens: int = 8) -> None:
+    """A short untimed run of each loop so that lazy initialisation stays out of the timings."""
+    ids = encode(session, prompt)
+    cfg = session.config
+    if run_standard:
+        standard_generate(session.target, ids, tokens, cfg.sampling, session.eos_ids, _generator(session))
+    decoder(session, SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion)).generate(ids)
+
+
+@torch.inference_mode()
+def run_prompt(session: Session, prompt: str, run_standard: bool) -> dict:
+    """One prompt: the standard run (unless skipped), the speculative run and their comparison."""
+    cfg, tok = session.config, session.tokenizer
+    ids = encode(session, prompt)
+    entry = {"prompt": prompt, "prompt_tokens": len(ids), "standard": None, "speculative": None, "comparison": None}
+    if run_standard:
+        result = standard_generate(session.target, ids, cfg.max_new_tokens, cfg.sampling, session.eos_ids, _generator(session))
+        entry["standard"] = metrics.standard_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True))
+    result = decoder(session).generate(ids)
+    entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma)
+    if entry["standard"] is not None:
+        entry["comparison"] = metrics.comparison(entry["standard"], entry["speculative"])
+    return entry
+
+
+def config_record(session: Session, prompts_file: str, command: str) -> dict:
+    cfg = session.config
+    return {
+        "draft_model": cfg.draft_model,
+        "target_model": cfg.target_model,
+        "fuser_checkpoint": cfg.fuser_checkpoint,
+        "fusion": session.fusion,
+        "gamma": cfg.gamma,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "seed": cfg.seed,
+        "dtype": str(session.dtype).removeprefix("torch."),
+        "device": str(session.device),
+        "device_map": cfg.device_map,
+        "enable_thinking": cfg.enable_thinking,
+        "prompts_file": prompts_file,
+        "command": command,
+        "eos_token_ids": sorted(session.eos_ids),
+    }

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Speculative decoding demo: Qwen3-0.6B drafts, Qwen3-14B verifies, a C2C Fuser feeds the
+target's KV cache into the draft.
+
+For each prompt it runs the target alone (standard), then speculative decoding, prints both and
+their comparison, and ends with a summary; `--save_results` writes everything to a JSON file.
+Run `python qwen3_14b_speculative_demo.py --help` for the flags; see README.md for the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from c2c.errors import UserInputError
+from c2c.loading import DEFAULT_FUSER
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PROMPTS = HERE / "example_prompts.txt"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="UTF-8 file, one prompt per line (# lines skipped)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per prompt (at most)")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculation round")
+    p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft model (C2C's base/receiver): Hub id or path")
+    p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target model (C2C's teacher/sharer): Hub id or path")
+    p.add_argument(
+        "--fuser_checkpoint", default=None,
+        help=f"fuser folder, name under output/fusers/, or pair on the Hub (nics-efc/C2C_Fuser); 'none' disables "
+        f"fusion (default: {DEFAULT_FUSER}, run without fusion with a warning when not found)",
+    )
+    p.add_argument("--skip_standard", action="store_true", help="skip the target-only run (no comparison)")
+    p.add_argument("--no_prefill_fusion", action="store_true", help="do not fuse the prompt's K/V")
+    p.add_argument("--no_decode_fusion", action="store_true", help="do not fuse accepted tokens' K/V")
+    p.add_argument("--save_results", action="store_true", help="write <output_dir>/results_YYYYmmdd_HHMMSS.json")
+    p.add_argument("--output_dir", default="output/qwen3_speculative", help="where --save_results writes")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (a large target on CPU needs explicit cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device_map", default=None, help="accelerate device_map for the target (e.g. auto to split across GPUs)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (output distribution = target's)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--top_k", type=int, default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--enable_thinking", action="store_true", help="Qwen3 chat template thinking mode (off by default)")
+    p.add_argument("--lang", default="zh", choices=["zh", "en"], help="report labels")
+    p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
+    return p
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from tqdm import tqdm
+
+    from c2c import metrics, runner
+    from c2c.prompts import read_prompts
+    from c2c.report import Report
+    from c2c.results import command_line, environment, save_json_atomic
+
+    cfg = runner.RunConfig(
+        draft_model=args.base_model,
+        target_model=args.teacher_model,
+        fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER,
+        fuser_explicit=args.fuser_checkpoint is not None,
+        gamma=args.gamma,
+        max_new_tokens=args.max_new_tokens,
+        prefill_fusion=not args.no_prefill_fusion,
+        decode_fusion=not args.no_decode_fusion,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        enable_thinking=args.enable_thinking,
+    )
+    runner.validate(cfg)
+    prompts = read_prompts(args.prompts)
+    report = Report(args.lang, write=tqdm.write)
+    report.write(report.L["loading"])
+    session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
+    config = runner.config_record(session, str(args.prompts), command_line(argv))
+    report.header(config, len(prompts))
+    run_standard = not args.skip_standard
+    if not args.no_warmup:
+        report.write(report.L["warmup"])
+        runner.warmup(session, prompts[0], run_standard)
+    entries = []
+    for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr), 1):
+        entry = runner.run_prompt(session, prompt, run_standard)
+        entries.append(entry)
+        report.prompt(i, len(prompts), prompt)
+        if entry["standard"]:
+            report.standard(entry["standard"])
+        report.speculative(entry["speculative"])
+        if entry["comparison"]:
+            report.comparison(entry["comparison"])
+    summary = metrics.summary(entries)
+    report.summary(summary)
+    if args.save_results:
+        results = {"config": config, "environment": environment(session.device), "prompts": entries, "summary": summary}
+        path = save_json_atomic(results, args.output_dir)
+        report.write(f"{report.L['saved']}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

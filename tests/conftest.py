@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: Hub lookups fail fast
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def pair():
+    return tiny.build_pair()
+
+
+@pytest.fixture(scope="session")
+def target(pair):
+    return pair[0]
+
+
+@pytest.fixture(scope="session")
+def draft(pair):
+    return pair[1]
+
+
+@pytest.fixture(scope="session")
+def fuser(pair):
+    return tiny.open_fuser(*pair)
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory, pair, fuser):
+    """The tiny pair, its tokenizer and fuser saved as a user would have them on disk."""
+    from c2c.fuser import save_fuser
+
+    root = tmp_path_factory.mktemp("models")
+    tok = tiny.build_tokenizer()
+    for name, model in zip(("target", "draft"), pair):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    save_fuser(fuser, root / "fuser")
+    return root

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserInputError
-from .fuser import C2CFuser, FuserError, KVShape, find_final_dir, load_fuser
+from .fuser import FuserError, find_final_dir
 
 FUSER_HUB_REPO = "nics-efc/C2C_Fuser"
 DEFAULT_FUSER = "qwen3_0.6b+qwen3_14b_Fuser"
@@ -175,9 +175,3 @@ def _download_from_hub(name: str) -> Path | str:
         return f"Hub not reachable: {type(e).__name__}"
     folder = Path(root) / name
     return folder if find_final_dir(folder) is not None else "no such pair on the Hub"
-
-
-def load_fuser_for(choice: FuserChoice, draft, target, device: torch.device, dtype: torch.dtype) -> C2CFuser | None:
-    if choice.path is None:
-        return None
-    return load_fuser(choice.path, KVShape.of(draft.config), KVShape.of(target.config), device=device, dtype=dtype)

@@ -13,7 +13,7 @@ import torch
 from . import metrics
 from .engine import SpecConfig, SpeculativeDecoder, standard_generate
 from .errors import UserInputError
-from .fuser import C2CFuser, KVShape
+from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
     DEFAULT_FUSER,
     check_device_fits,
@@ -26,7 +26,6 @@ from .loading import (
     resolve_dtype,
     resolve_fuser,
 )
-from .fuser import load_fuser
 from .prompts import encode_prompt
 from .sampling import SamplingConfig
 
@@ -89,8 +88,8 @@ def prepare(cfg: RunConfig, log=print) -> Session:
     dtype = resolve_dtype(cfg.dtype, device)
     target_config = load_config(cfg.target_model, "target")
     draft_config = load_config(cfg.draft_model, "draft")
-    check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
     check_device_fits(target_config, cfg.target_model, device, cfg.device)
+    check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
 
     fusion_wanted = cfg.prefill_fusion or cfg.decode_fusion
     if not fusion_wanted:

@@ -72,7 +72,7 @@ def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tu
     target_tokens = target_logits.argmax(-1)  # (gamma+1,)
     gamma = draft_tokens.shape[0]
     n = (draft_tokens == target_tokens[:gamma]).long().cumprod(0).sum()  # 0-d
-    return n, target_tokens[n]
+    return n, target_tokens.index_select(0, n.view(1)).squeeze(0)  # index_select: no implicit .item()
 
 
 def accept_sampled(
@@ -92,7 +92,9 @@ def accept_sampled(
     accepted = r * q_x < p_x  # r < p/q without dividing by q
     n = accepted.long().cumprod(0).sum()  # 0-d
     residual = torch.cat([(p[:gamma] - q).clamp_min(0), p[gamma:]], dim=0)  # (gamma+1, V)
-    row = residual[n]  # (V,) indexed on the device: no sync
+    at_n = n.view(1)
+    row = residual.index_select(0, at_n).squeeze(0)  # (V,) selected on the device: no sync
     mass = row.sum()
-    row = torch.where(mass > 0, row / mass.clamp_min(1e-30), p[n])  # p == q exactly: fall back to p
+    fallback = p.index_select(0, at_n).squeeze(0)  # p == q exactly leaves no residual mass
+    row = torch.where(mass > 0, row / mass.clamp_min(1e-30), fallback)
     return n, sample(row, generator)

@@ -79,3 +79,9 @@ def write_kv(cache: DynamicCache, layer: int, start: int, keys: torch.Tensor, va
     end = start + keys.shape[-2]
     entry.keys[:, :, start:end, :] = keys.to(entry.keys.dtype)
     entry.values[:, :, start:end, :] = values.to(entry.values.dtype)
+
+
+def replace_kv(cache: DynamicCache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Swap one layer's whole K and V for new tensors (training: keeps the autograd graph, no in-place write)."""
+    entry = cache.layers[layer]
+    entry.keys, entry.values = keys, values

@@ -257,20 +257,26 @@ class C2CFuser(nn.Module):
 # ---------------------------------------------------------------- official layout on disk
 
 
-def _projector_json(p: C2CProjector) -> dict:
+def _projector_json(p: C2CProjector, dtype: torch.dtype) -> dict:
     args = dict(p.init_args)
-    args["dtype"] = {"__type__": "torch.dtype", "value": str(args["dtype"]).removeprefix("torch.")}
+    args["dtype"] = {"__type__": "torch.dtype", "value": str(dtype).removeprefix("torch.")}
     return {"class": PROJECTOR_CLASS, "init_args": args}
 
 
-def save_fuser(fuser: C2CFuser, folder: str | os.PathLike, config: dict | None = None) -> Path:
-    """Write `folder/final/` in the official layout (and `folder/config.json` when given)."""
+def save_fuser(
+    fuser: C2CFuser, folder: str | os.PathLike, config: dict | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `folder/final/` in the official layout (and `folder/config.json` when given).
+
+    Tensors are stored in `dtype` (default: each projector's own init dtype; released fusers use bf16).
+    """
     final = Path(folder) / "final"
     final.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(fuser.projectors):
-        state = {k: v.detach().to("cpu", p.init_args["dtype"]).clone() for k, v in p.state_dict().items()}
+        save_dtype = dtype or p.init_args["dtype"]
+        state = {k: v.detach().to("cpu", save_dtype).clone() for k, v in p.state_dict().items()}
         torch.save(state, final / f"projector_{i}.pt")
-        (final / f"projector_{i}.json").write_text(json.dumps(_projector_json(p), indent=2))
+        (final / f"projector_{i}.json").write_text(json.dumps(_projector_json(p, save_dtype), indent=2))
     layer_map = {"0": {"1": {str(t): [[s, idx]] for t, (s, idx) in fuser.layer_map.items()}}}
     (final / "projector_config.json").write_text(json.dumps(layer_map, indent=2))
     if config is not None:

@@ -1,0 +1,94 @@
+"""Command line of the fuser trainer: `python -m c2c.train_fuser --help`.
+
+Trains C2C projectors for any draft/target pair (Hub ids or local folders), both models frozen,
+and writes the official C2C layout (`<output_dir>/final/`) plus `<output_dir>/config.json`.
+Example (the recipe for Qwen3-0.6B <- Qwen3-14B is in README.md):
+
+    python -m c2c.train_fuser --base_model Qwen/Qwen3-0.6B --teacher_model Qwen/Qwen3-14B \\
+        --data corpus.jsonl --output_dir output/fusers/qwen3_0.6b+qwen3_14b_Fuser --steps 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+import torch
+
+from .errors import UserInputError
+from .training import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m c2c.train_fuser", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base_model", required=True, help="draft (C2C receiver): Hub id or folder")
+    p.add_argument("--teacher_model", required=True, help="target (C2C sharer): Hub id or folder")
+    p.add_argument("--data", required=True, help="plain text file, or JSONL with a 'text' or 'prompt' field per line")
+    p.add_argument("--output_dir", required=True, help="fuser folder to write (final/, config.json, checkpoints/)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    defaults = TrainConfig("", "", "", "")
+    skip = {"draft_model", "target_model", "data", "output_dir"}
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        value = getattr(defaults, f.name)
+        kind = type(value) if value is not None else int
+        p.add_argument(f"--{f.name}", type=kind, default=value)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from . import training
+    from .loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    texts = training.read_texts(cfg.data)
+    tokenizer = load_tokenizer(cfg.target_model)
+    target = load_model(cfg.target_model, "target", dtype, device)
+    draft = load_model(cfg.draft_model, "draft", dtype, device)
+    eos = eos_token_ids(target, tokenizer)
+    if cfg.generate_from_target:
+        print(f"generating {cfg.generate_from_target} target tokens after each of {len(texts)} prompts", file=sys.stderr)
+        texts = training.target_generations(target, tokenizer, texts, cfg.generate_from_target, eos)
+    streams = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    windows = training.make_windows(streams, cfg.seq_len, tokenizer.eos_token_id)
+    train_windows, heldout = training.split_heldout(windows, cfg.heldout_fraction)
+    print(f"{len(train_windows)} training windows, {len(heldout)} held out, {cfg.seq_len} tokens each", file=sys.stderr)
+    trainer = training.FuserTrainer(cfg, target, draft, train_windows, heldout, device)
+    if args.resume:
+        latest = training.latest_checkpoint(cfg.output_dir)
+        if latest is None:
+            print(f"no checkpoint in {cfg.output_dir}/checkpoints: starting from step 0", file=sys.stderr)
+        else:
+            trainer.load_checkpoint(latest)
+            print(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
+    result = trainer.train(progress=not args.no_progress)
+    save_dtype = (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
+    extra = {"windows": {"train": len(train_windows), "heldout": len(heldout)}, "history": result["history"],
+             "train_seconds": result["seconds"]}
+    final = training.save_fuser(trainer.fuser, Path(cfg.output_dir), config=training.run_config(cfg, extra), dtype=save_dtype)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"saved {final} | held-out top-1 agreement fused {last.get('agreement_fused', float('nan')):.3f} "
+          f"vs unfused {last.get('agreement_unfused', float('nan')):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,7 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_thinking", action="store_true", help="Qwen3 chat template thinking mode (off by default)")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="report labels")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--preset", default=None, choices=["tiny"],
+                   help="tiny: the shipped offline Qwen3-architecture pair and fuser (CPU, float32); other flags still override")
     return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse twice: a preset changes the defaults, flags given explicitly still win."""
+    from c2c.presets import preset_defaults
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**preset_defaults(args.preset))
+        args = parser.parse_args(argv)
+    return args
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -115,8 +129,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return run(args, argv)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)

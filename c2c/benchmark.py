@@ -1,0 +1,185 @@
+"""Side-by-side benchmark of generation modes on the same prompts, max_new_tokens and gamma.
+
+Modes:
+  target               our target-only loop (the reference for outputs and speedups)
+  hf_generate          transformers `generate`, greedy
+  hf_assisted          `generate(assistant_model=draft)`, num_assistant_tokens=gamma, constant schedule,
+                       no confidence cut-off (the same gamma as ours)
+  hf_assisted_default  `generate(assistant_model=draft)` with transformers' own assistant defaults
+  speculative          ours, no fusion
+  speculative_fused    ours, prefill and decode fusion (needs a fuser)
+  speculative_prefill, speculative_decode   one fusion kind only (needs a fuser)
+
+Every run starts with fresh caches. Greedy only: outputs are compared with the target's ids.
+This module measures; `speculative_benchmark.py` parses flags and writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from statistics import median
+
+import torch
+
+from . import metrics
+from .engine import GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
+from .runner import Session
+
+GAMMA_FREE = ("target", "hf_generate", "hf_assisted_default")
+FUSED = {"speculative_fused": (True, True), "speculative_prefill": (True, False), "speculative_decode": (False, True)}
+ALL_MODES = ("target", "hf_generate", "hf_assisted", "hf_assisted_default", "speculative", *FUSED)
+
+
+@dataclass
+class Run:
+    output_ids: list[int]
+    latency: float
+    ttft: float | None
+    counters: object | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hf(session: Session, ids: list[int], max_new_tokens: int, assistant: dict | None) -> Run:
+    """transformers generate, greedy; `assistant` holds the draft's assistant settings or None."""
+    target, draft = session.target, session.draft
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  eos_token_id=sorted(session.eos_ids), pad_token_id=sorted(session.eos_ids)[0])
+    if assistant is not None:
+        for key, value in assistant.items():  # HF reads these from the assistant's generation_config, persistently
+            setattr(draft.generation_config, key, value)
+        kwargs["assistant_model"] = draft
+    x = torch.tensor([ids], device=session.device)
+    _sync(session.device)
+    t0 = time.perf_counter()
+    out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+    _sync(session.device)
+    return Run(out[0, len(ids):].tolist(), time.perf_counter() - t0, None)
+
+
+def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
+    if mode == "hf_assisted":
+        return {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
+    if mode == "hf_assisted_default":
+        from transformers import GenerationConfig
+
+        defaults = GenerationConfig()._get_default_generation_params()
+        return {k: defaults[k] for k in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")}
+    return None
+
+
+def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int) -> Run:
+    cfg = session.config
+    with torch.inference_mode():
+        if mode == "target":
+            r: GenerationResult = standard_generate(session.target, ids, max_new_tokens, cfg.sampling, session.eos_ids)
+            return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
+        if mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
+            return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
+        prefill, decode = FUSED.get(mode, (False, False))
+        fuser = session.fuser if mode in FUSED else None
+        spec = SpecConfig(gamma, max_new_tokens, prefill, decode)
+        r = SpeculativeDecoder(session.target, session.draft, spec, cfg.sampling, session.eos_ids, fuser=fuser).generate(ids)
+        return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
+
+
+def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], dict[str, str]]:
+    """The modes that can run, and why the others are skipped."""
+    skipped = {m: "no fuser (pass --fuser_checkpoint)" for m in requested if m in FUSED and not has_fuser}
+    return [m for m in requested if m not in skipped], skipped
+
+
+def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
+            repeats: int, warmup: int, tick=lambda: None) -> dict:
+    """Median over repeats of each repeat's totals over all prompts; statistics from the first repeat."""
+    for _ in range(warmup):
+        run_once(session, mode, prompts[0], gamma, min(max_new_tokens, 16))
+    repeat_totals, runs_first, ttfts = [], [], []
+    for rep in range(repeats):
+        latency, tokens = 0.0, 0
+        for ids in prompts:
+            run = run_once(session, mode, ids, gamma, max_new_tokens)
+            latency += run.latency
+            tokens += len(run.output_ids)
+            if run.ttft is not None:
+                ttfts.append(run.ttft)
+            if rep == 0:
+                runs_first.append(run)
+            tick()
+        repeat_totals.append((latency, tokens))
+    latencies = [lat for lat, _ in repeat_totals]
+    tps = [tok / lat for lat, tok in repeat_totals]
+    row = {
+        "mode": mode,
+        "gamma": None if mode in GAMMA_FREE else gamma,
+        "latency": median(latencies),
+        "tokens_per_second": median(tps),
+        "latencies": latencies,
+        "num_tokens": repeat_totals[0][1],
+        "time_to_first_token": median(ttfts) if ttfts else None,
+        "output_ids": [r.output_ids for r in runs_first],
+    }
+    if mode.startswith("speculative"):
+        row |= speculative_statistics([r.counters for r in runs_first], [len(r.output_ids) for r in runs_first], gamma)
+    return row
+
+
+def speculative_statistics(counters: list, tokens: list[int], gamma: int) -> dict:
+    """Acceptance, per-position acceptance, per-round time split and the Leviathan prediction over all prompts."""
+    total = lambda name: sum(getattr(c, name) for c in counters)  # noqa: E731
+    phase = lambda name: sum(c.times.get(name, 0.0) for c in counters)  # noqa: E731
+    drafted, accepted, rounds = total("total_drafted"), total("total_accepted"), total("rounds")
+    draft_calls = total("draft_calls") - len(counters)  # decode steps, prefills excluded
+    alpha = accepted / drafted if drafted else None
+    draft_step = phase("draft") / draft_calls if draft_calls else None
+    verify_step = phase("target") / rounds if rounds else None
+    c = draft_step / verify_step if draft_step and verify_step else None
+    all_time = sum(sum(x.times.values()) for x in counters)
+    split = {name: phase(name) / rounds if rounds else None for name in ("draft", "target", "fusion", "overhead")}
+    drafted_at = [sum(x.drafted_at[k] for x in counters) for k in range(gamma)]
+    accepted_at = [sum(x.accepted_at[k] for x in counters) for k in range(gamma)]
+    return {
+        "acceptance_rate": alpha,
+        "average_accepted_length": sum(tokens) / total("target_calls"),
+        "rounds": rounds,
+        "accepted_per_position": [a / d if d else None for a, d in zip(accepted_at, drafted_at)],
+        "round_time_split": split,  # seconds per round: draft, target verify, fusion, engine overhead
+        "overhead_fraction": phase("overhead") / all_time if all_time else None,
+        "prefill_time": (phase("target_prefill") + phase("draft_prefill")) / len(counters),
+        "cost_ratio_c": c,
+        "predicted_speedup": metrics.theoretical_speedup(alpha, gamma, c) if alpha is not None and c else None,
+        "fused_tokens": total("fused_tokens"),
+    }
+
+
+def compare_to_target(rows: list[dict]) -> None:
+    """Add outputs_match_target, first_divergence and measured speedup over `target` to every row."""
+    reference = next((r for r in rows if r["mode"] == "target"), None)
+    for row in rows:
+        if reference is None:
+            row["outputs_match_target"], row["first_divergence"], row["speedup_vs_target"] = None, None, None
+            continue
+        divergences = [metrics.first_divergence(a, b) for a, b in zip(reference["output_ids"], row["output_ids"])]
+        first = next((d for d in divergences if d is not None), None)
+        row["outputs_match_target"] = all(d is None for d in divergences)
+        row["first_divergence"] = first
+        row["speedup_vs_target"] = row["tokens_per_second"] / reference["tokens_per_second"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| mode | gamma | tokens/s | latency (s) | speedup vs target | accepted length | acceptance | "
+            "predicted | overhead | outputs match |")
+    lines = [head, "|" + "---|" * 10]
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {fmt(r['gamma'], 'd')} | {r['tokens_per_second']:.1f} | {r['latency']:.3f} | "
+            f"{fmt(r.get('speedup_vs_target'), '.2f')} | {fmt(r.get('average_accepted_length'), '.2f')} | "
+            f"{fmt(r.get('acceptance_rate'), '.3f')} | {fmt(r.get('predicted_speedup'), '.2f')} | "
+            f"{fmt(r.get('overhead_fraction'), '.1%')} | {r.get('outputs_match_target')} |"
+        )
+    return "\n".join(lines)

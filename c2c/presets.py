@@ -1,0 +1,38 @@
+"""Named presets: flag defaults for models shipped in the repository.
+
+`tiny`: a Qwen3-architecture target (~2.2M parameters) and draft (~0.23M), their tokenizer and a
+C2C fuser, trained on Shakespeare by `presets/build_tiny.py`; runs offline on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserInputError
+
+PRESET_ROOT = Path(__file__).resolve().parent.parent / "presets"
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "base_model": str(PRESET_ROOT / "tiny" / "draft"),
+        "teacher_model": str(PRESET_ROOT / "tiny" / "target"),
+        "fuser_checkpoint": str(PRESET_ROOT / "tiny" / "fuser"),
+        "prompts": str(PRESET_ROOT / "tiny" / "prompts.txt"),
+        "device": "cpu",
+        "dtype": "float32",
+        "max_new_tokens": 128,
+    },
+}
+
+
+def preset_defaults(name: str | None) -> dict:
+    """The flag defaults of a preset ({} for None); a preset whose files are missing is an error."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise UserInputError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    values = PRESETS[name]
+    missing = [v for k, v in values.items() if k in ("base_model", "teacher_model", "fuser_checkpoint") and not Path(v).exists()]
+    if missing:
+        raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/build_{name}.py")
+    return dict(values)

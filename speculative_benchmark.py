@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Benchmark: our speculative decoding (with and without C2C fusion) beside the target alone and
+Hugging Face `generate` / assisted generation, over a gamma sweep, in one process.
+
+Writes `<output_dir>/benchmark_YYYYmmdd_HHMMSS.json`, a markdown table and PNG plots; the last
+stdout line is one compact JSON object. Greedy decoding only (outputs are checked against the target).
+
+    python speculative_benchmark.py --preset tiny
+    python speculative_benchmark.py --gammas 2 4 6 --modes target hf_assisted speculative --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from c2c.benchmark import ALL_MODES, GAMMA_FREE
+from c2c.errors import UserInputError
+from c2c.loading import DEFAULT_FUSER
+
+HERE = Path(__file__).resolve().parent
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=None, choices=["tiny"], help="the shipped offline tiny pair and fuser")
+    p.add_argument("--prompts", default=str(HERE / "example_prompts.txt"))
+    p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft")
+    p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target")
+    p.add_argument("--fuser_checkpoint", default=None, help=f"as in the demo (default {DEFAULT_FUSER}); fused modes need one")
+    p.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6, 8])
+    p.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES))
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode and gamma")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--num_prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--output_dir", default="output/benchmark")
+    p.add_argument("--no_plots", action="store_true")
+    return p
+
+
+def parse_args(argv):
+    from c2c.presets import preset_defaults
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**{k: v for k, v in preset_defaults(args.preset).items() if k != "max_new_tokens"})
+        args = parser.parse_args(argv)
+    return args
+
+
+def run(args, argv) -> int:
+    from tqdm import tqdm
+
+    from c2c import benchmark, runner
+    from c2c.plots import plot_all
+    from c2c.prompts import read_prompts
+    from c2c.results import command_line, environment, save_json_atomic
+
+    if min(args.gammas) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.warmup < 0:
+        raise UserInputError("--gammas and --max_new_tokens must be >= 1, --repeats >= 1, --warmup >= 0")
+    prompts = read_prompts(args.prompts)[: args.num_prompts]
+    cfg = runner.RunConfig(
+        draft_model=args.base_model, target_model=args.teacher_model,
+        fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER, fuser_explicit=args.fuser_checkpoint is not None,
+        gamma=args.gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+    )
+    session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
+    ids = [runner.encode(session, p) for p in prompts]
+    modes, skipped = benchmark.available_modes(args.modes, session.fuser is not None)
+    plan = [(m, g) for m in modes for g in ([args.gammas[0]] if m in GAMMA_FREE else args.gammas)]
+    bar = tqdm(total=len(plan) * len(ids) * args.repeats, desc="benchmark", unit="run", file=sys.stderr)
+    rows = []
+    for mode, gamma in plan:
+        bar.set_postfix(mode=mode, gamma=gamma)
+        rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update))
+    bar.close()
+    benchmark.compare_to_target(rows)
+    table = benchmark.markdown_table(rows)
+    print(table)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    out = Path(args.output_dir)
+    plots = [] if args.no_plots else plot_all(rows, out / f"plots_{stamp}")
+    results = {
+        "config": runner.config_record(session, args.prompts, command_line(argv)) | {
+            "gammas": args.gammas, "modes": modes, "skipped_modes": skipped, "repeats": args.repeats,
+            "warmup": args.warmup, "num_prompts": len(prompts),
+            "hf_assisted_settings": {m: benchmark.hf_assistant_settings(m, "gamma") for m in ("hf_assisted", "hf_assisted_default")},
+        },
+        "environment": environment(session.device),
+        "rows": rows,
+        "table": table,
+        "plots": [str(p) for p in plots],
+    }
+    path = save_json_atomic(results, out, prefix="benchmark")
+    (path.with_suffix(".md")).write_text(table + "\n", encoding="utf-8")
+    print(f"results: {path}", file=sys.stderr)
+    keys = ("mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
+    print(json.dumps({"results": [{k: r.get(k) for k in keys} for r in rows], "output_dir": str(out)}, separators=(",", ":")))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv), argv)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

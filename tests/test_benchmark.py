@@ -1,0 +1,70 @@
+"""The benchmark harness on tiny saved models: every mode runs, outputs match, files and last line."""
+
+import json
+
+import pytest
+
+import speculative_benchmark as bench
+from c2c.benchmark import ALL_MODES
+
+ROW_KEYS = {"mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target"}
+
+
+@pytest.fixture(scope="module")
+def bench_run(saved_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    prompts = out / "prompts.txt"
+    prompts.write_text("What is 1 + 1?\n请解释量子计算的基本原理。\n", encoding="utf-8")
+    args = ["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
+            "--fuser_checkpoint", str(saved_models / "fuser"), "--prompts", str(prompts), "--device", "cpu",
+            "--gammas", "2", "3", "--repeats", "2", "--warmup", "1", "--max_new_tokens", "12", "--output_dir", str(out)]
+    return args, out
+
+
+def test_every_mode_runs_and_matches_the_target(bench_run, capsys):
+    args, out = bench_run
+    assert bench.main(args) == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(stdout[-1])
+    assert last["output_dir"] == str(out)
+    rows = last["results"]
+    assert {r["mode"] for r in rows} == set(ALL_MODES)
+    assert all(set(r) == ROW_KEYS for r in rows)
+    assert all(r["outputs_match_target"] is True for r in rows)
+    assert {(r["mode"], r["gamma"]) for r in rows if r["mode"] == "speculative"} == {("speculative", 2), ("speculative", 3)}
+    for r in rows:
+        if r["mode"].startswith("speculative"):
+            assert 0 <= r["acceptance_rate"] <= 1 and r["average_accepted_length"] >= 1
+
+    [path] = out.glob("benchmark_*.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert {"config", "environment", "rows", "table", "plots"} <= set(data)
+    assert data["config"]["command"] and data["environment"]["torch"]
+    spec = next(r for r in data["rows"] if r["mode"] == "speculative_fused" and r["gamma"] == 3)
+    assert len(spec["accepted_per_position"]) == 3
+    assert set(spec["round_time_split"]) == {"draft", "target", "fusion", "overhead"} and spec["fused_tokens"] > 0
+    assert spec["predicted_speedup"] is not None and len(spec["latencies"]) == 2
+    assert path.with_suffix(".md").read_text().startswith("| mode |")
+    pngs = [p for p in data["plots"]]
+    assert len(pngs) == 3
+    for p in pngs:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fused_modes_are_skipped_without_a_fuser(bench_run, tmp_path, capsys):
+    args, _ = bench_run
+    args = list(args)
+    args[args.index("--fuser_checkpoint") + 1] = "none"
+    args[args.index("--output_dir") + 1] = str(tmp_path)
+    args += ["--modes", "target", "speculative", "speculative_fused", "--no_plots", "--repeats", "1"]
+    assert bench.main(args) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert [r["mode"] for r in rows] == ["target", "speculative", "speculative"]
+    data = json.loads(next(tmp_path.glob("benchmark_*.json")).read_text())
+    assert "speculative_fused" in data["config"]["skipped_modes"]
+
+
+def test_bad_arguments_exit_2(bench_run, capsys):
+    args, _ = bench_run
+    assert bench.main(args + ["--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The fuser trainer: learning, checkpoints, resume, data formats, and its command line."""
+
+import json
+
+import pytest
+import torch
+
+from c2c import train_fuser, training
+from c2c.fuser import KVShape, load_fuser
+
+
+def config(tmp_path, **kw):
+    args = dict(draft_model="d", target_model="t", data="synthetic", output_dir=str(tmp_path / "fuser"), steps=40,
+                batch_size=4, seq_len=32, gamma=3, hidden_dim=32, intermediate_dim=32, lr=3e-3, warmup_steps=2,
+                eval_every=1000, eval_batches=2, save_every=1000, dropout=0.0, initial_gate_logit=1.0, seed=0)
+    return training.TrainConfig(**(args | kw))
+
+
+@pytest.fixture(scope="module")
+def windows(target):
+    """Windows of the target's own greedy text: structured data the fuser can learn from."""
+    from c2c.engine import standard_generate
+    from c2c.sampling import SamplingConfig
+
+    streams = []
+    with torch.inference_mode():
+        for start in range(12):
+            streams.append(standard_generate(target, [start * 7 % 300, 5], 64, SamplingConfig(), set()).output_ids)
+    return training.make_windows(streams, 32, None)
+
+
+def new_trainer(cfg, target, draft, windows):
+    return training.FuserTrainer(cfg, target, draft, windows, windows[:8], torch.device("cpu"), log=lambda *_: None)
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path, target, draft, windows):
+    trainer = new_trainer(config(tmp_path), target, draft, windows)
+    before = trainer.evaluate()["heldout_loss"]
+    for _ in range(40):
+        trainer.train_step()
+    after = trainer.evaluate()
+    assert after["heldout_loss"] < 0.9 * before
+    assert 0.0 <= after["agreement_fused"] <= 1.0 and after["gates"] == 4
+
+
+def test_only_the_projectors_learn(tmp_path, target, draft, windows):
+    target_before = {k: v.clone() for k, v in target.state_dict().items()}
+    trainer = new_trainer(config(tmp_path), target, draft, windows)
+    proj_before = [p.detach().clone() for p in trainer.fuser.parameters()]
+    trainer.train_step()
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in target_before.items())
+    assert any(not torch.equal(a, b) for a, b in zip(proj_before, trainer.fuser.parameters()))
+
+
+def test_checkpoint_round_trip_and_resume_continue_exactly(tmp_path, target, draft, windows):
+    cfg = config(tmp_path, steps=6)
+    straight = new_trainer(cfg, target, draft, windows)
+    for _ in range(6):
+        straight.train_step()
+
+    first = new_trainer(cfg, target, draft, windows)
+    for _ in range(3):
+        first.train_step()
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = new_trainer(cfg, target, draft, windows)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.step == 3
+    for (name, a), b in zip(first.fuser.state_dict().items(), resumed.fuser.state_dict().values()):
+        assert torch.equal(a, b), name
+    for _ in range(3):
+        resumed.train_step()
+    for (name, a), b in zip(straight.fuser.state_dict().items(), resumed.fuser.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_read_texts_plain_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world", encoding="utf-8")
+    assert training.read_texts(tmp_path / "a.txt") == ["hello world"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"prompt": "two"}\n', encoding="utf-8")
+    assert training.read_texts(tmp_path / "b.jsonl") == ["one", "two"]
+    (tmp_path / "c.jsonl").write_text('{"nope": 1}\n', encoding="utf-8")
+    with pytest.raises(training.UserInputError, match="c.jsonl:1"):
+        training.read_texts(tmp_path / "c.jsonl")
+    with pytest.raises(training.UserInputError, match="not found"):
+        training.read_texts(tmp_path / "missing.txt")
+
+
+def test_command_line_writes_the_official_layout_and_resumes(saved_models, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 300), encoding="utf-8")
+    out = tmp_path / "fuser"
+    common = ["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
+              "--data", str(data), "--output_dir", str(out), "--batch_size", "2", "--seq_len", "24",
+              "--hidden_dim", "16", "--intermediate_dim", "16", "--eval_every", "2", "--save_every", "2",
+              "--device", "cpu", "--no_progress"]
+    assert train_fuser.main(common + ["--steps", "3"]) == 0
+    assert (out / "checkpoints" / "step_000002" / "trainer_state.pt").is_file()
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model"] == {"base_model": str(saved_models / "draft"), "teacher_model": str(saved_models / "target")}
+    assert config_json["training"]["steps"] == 3 and config_json["history"]
+    from transformers import AutoConfig
+
+    fuser = load_fuser(out, KVShape.of(AutoConfig.from_pretrained(saved_models / "draft")),
+                       KVShape.of(AutoConfig.from_pretrained(saved_models / "target")))
+    assert len(fuser.projectors) == 2
+    assert train_fuser.main(common + ["--steps", "5", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["history"][-1]["step"] == 5
+
+
+def test_command_line_bad_input_exits_2(saved_models, tmp_path, capsys):
+    code = train_fuser.main(["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
+                             "--data", str(tmp_path / "none.txt"), "--output_dir", str(tmp_path / "o")])
+    assert code == 2 and "training data not found" in capsys.readouterr().err

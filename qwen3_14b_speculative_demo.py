@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_thinking", action="store_true", help="Qwen3 chat template thinking mode (off by default)")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="report labels")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV caches + torch.compile'd draft step and verify step (CUDA graphs on GPU); compile time is reported apart")
     p.add_argument("--preset", default=None, choices=["tiny"],
                    help="tiny: the shipped offline Qwen3-architecture pair and fuser (CPU, float32); other flags still override")
     return p
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         dtype=args.dtype,
         device_map=args.device_map,
         enable_thinking=args.enable_thinking,
+        compile=args.compile,
     )
     runner.validate(cfg)
     prompts = read_prompts(args.prompts)
@@ -106,9 +109,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     config = runner.config_record(session, str(args.prompts), command_line(argv))
     report.header(config, len(prompts))
     run_standard = not args.skip_standard
-    if not args.no_warmup:
+    warmup_seconds = None
+    if not args.no_warmup or args.compile:
         report.write(report.L["warmup"])
-        runner.warmup(session, prompts[0], run_standard)
+        warmup_seconds = runner.warmup(session, prompts[0], run_standard)
+        report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if args.compile else ""))
     entries = []
     for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr), 1):
         entry = runner.run_prompt(session, prompt, run_standard)
@@ -122,7 +127,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     summary = metrics.summary(entries)
     report.summary(summary)
     if args.save_results:
-        results = {"config": config, "environment": environment(session.device), "prompts": entries, "summary": summary}
+        results = {"config": config, "environment": environment(session.device), "prompts": entries, "summary": summary,
+                   "warmup_seconds": warmup_seconds}
         path = save_json_atomic(results, args.output_dir)
         report.write(f"{report.L['saved']}: {path}")
     return 0

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--output_dir", default="output/benchmark")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--compile", action="store_true", help="our modes use static caches and compiled steps (CUDA graphs on GPU)")
+    p.add_argument("--synthetic", default=None, choices=["qwen3", "tiny"],
+                   help="time the parts on random-init real-shape models (no download); see c2c/synthetic.py")
+    p.add_argument("--context", type=int, default=128, help="--synthetic: cached positions before the timed steps")
+    p.add_argument("--iters", type=int, default=20, help="--synthetic: timed iterations per step (median)")
     return p
 
 
@@ -60,8 +65,34 @@ def parse_args(argv):
     return args
 
 
+def run_synthetic(args, argv) -> int:
+    from c2c import synthetic
+    from c2c.loading import resolve_device, resolve_dtype
+    from c2c.results import command_line, environment, save_json_atomic
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.synthetic == "qwen3" and device.type != "cuda" and args.device != "cpu":
+        raise UserInputError("--synthetic qwen3 builds a 14B model: it needs a GPU (or an explicit --device cpu)")
+    timings = synthetic.run(args.synthetic, device, dtype, args.gammas, context=args.context, iters=args.iters,
+                            compile_steps=args.compile, new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+    results = {"config": {"command": command_line(argv), "synthetic": args.synthetic, "gammas": args.gammas,
+                          "compile": args.compile}, "environment": environment(device), "timings": timings}
+    path = save_json_atomic(results, args.output_dir, prefix="synthetic")
+    print(f"results: {path}", file=sys.stderr)
+    pred = timings["prediction"]
+    summary = {"steps_ms": {k: round(v["ms"], 4) for k, v in timings["steps"].items()},
+               "predicted_vs_hf_generate": {a: round(pred[a]["best_vs_hf_generate"], 3) for a in ("0.6", "0.7", "0.8")},
+               "best_gamma": {a: pred[a]["best_gamma"] for a in ("0.6", "0.7", "0.8")}, "output_dir": args.output_dir}
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
 def run(args, argv) -> int:
     from tqdm import tqdm
+
+    if args.synthetic:
+        return run_synthetic(args, argv)
 
     from c2c import benchmark, runner
     from c2c.plots import plot_all
@@ -75,6 +106,7 @@ def run(args, argv) -> int:
         draft_model=args.base_model, target_model=args.teacher_model,
         fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER, fuser_explicit=args.fuser_checkpoint is not None,
         gamma=args.gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+        compile=args.compile,
     )
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     ids = [runner.encode(session, p) for p in prompts]

@@ -76,14 +76,16 @@ def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_to
     cfg = session.config
     with torch.inference_mode():
         if mode == "target":
-            r: GenerationResult = standard_generate(session.target, ids, max_new_tokens, cfg.sampling, session.eos_ids)
+            r: GenerationResult = standard_generate(session.target, ids, max_new_tokens, cfg.sampling, session.eos_ids,
+                                                    compiled=session.compiled)
             return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
         if mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
             return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
         prefill, decode = FUSED.get(mode, (False, False))
         fuser = session.fuser if mode in FUSED else None
         spec = SpecConfig(gamma, max_new_tokens, prefill, decode)
-        r = SpeculativeDecoder(session.target, session.draft, spec, cfg.sampling, session.eos_ids, fuser=fuser).generate(ids)
+        r = SpeculativeDecoder(session.target, session.draft, spec, cfg.sampling, session.eos_ids, fuser=fuser,
+                               compiled=session.compiled).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -96,8 +98,8 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the first repeat."""
-    for _ in range(warmup):
-        run_once(session, mode, prompts[0], gamma, min(max_new_tokens, 16))
+    for _ in range(warmup):  # long enough for a full-size round (every compiled shape)
+        run_once(session, mode, prompts[0], gamma, min(max_new_tokens, max(16, 2 * (gamma + 1))))
     repeat_totals, runs_first, ttfts = [], [], []
     for rep in range(repeats):
         latency, tokens = 0.0, 0

@@ -3,8 +3,13 @@
 transformers 5.x moves fast: the forward keyword went from `past_key_values` to `cache` (5.2x),
 and `DynamicCache.crop` changed its meaning (absolute length -> tokens to remove). Everything the
 engine and the fuser need from a cache goes through the few functions here, so an API change is a
-one-file fix. The functions rely only on `DynamicCache(config=...)`, `cache.layers[i].keys/values`
-(tensors shaped (B, H_kv, T, D)) and `get_seq_length()`, which every supported version has.
+one-file fix. The functions rely only on `DynamicCache(config=...)`, `StaticCache(config=..., max_cache_len=...)`,
+`cache.layers[i].keys/values` (tensors shaped (B, H_kv, T, D)), `get_seq_length()` and, for static
+caches, each layer's `cumulative_length` tensor (the next write position), which 5.17 to 5.24 share.
+
+Static caches are preallocated and indexed by position: rolling back only moves the write
+position (on the device, no sync); the stale entries beyond it are masked by causality and
+overwritten by the next round. They keep tensor addresses fixed, which CUDA graphs need.
 """
 
 from __future__ import annotations
@@ -13,12 +18,21 @@ import inspect
 from functools import lru_cache
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 
-def new_cache(model) -> DynamicCache:
-    """A fresh, empty cache for `model` (never reuse one across prompts or repeats)."""
+def new_cache(model, max_length: int | None = None) -> DynamicCache | StaticCache:
+    """A fresh, empty cache for `model` (never reuse one across prompts or repeats).
+
+    With `max_length`, a static cache of that many positions; otherwise a dynamic one.
+    """
+    if max_length is not None:
+        return StaticCache(config=model.config, max_cache_len=max_length)
     return DynamicCache(config=model.config)
+
+
+def is_static(cache) -> bool:
+    return isinstance(cache, StaticCache)
 
 
 @lru_cache(maxsize=None)
@@ -27,16 +41,17 @@ def _cache_keyword(forward_cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def forward(model, input_ids: torch.Tensor, cache: DynamicCache, start: int, logits_to_keep: int = 0):
+def forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: int = 0, call=None):
     """Run `model` on `input_ids` (1, N) at positions start..start+N-1, appending to `cache`.
 
     Returns logits (1, N or logits_to_keep, V). The caller passes `start` (the cache length it
-    tracks on the host) so no device value is read here.
+    tracks on the host) so no device value is read here. `call` replaces `model(...)` (a compiled
+    version of it).
     """
     n = input_ids.shape[-1]
     position_ids = torch.arange(start, start + n, device=input_ids.device).unsqueeze(0)  # (1, N)
     kwargs = {_cache_keyword(type(model)): cache}
-    out = model(
+    out = (model if call is None else call)(
         input_ids=input_ids,
         position_ids=position_ids,
         use_cache=True,
@@ -46,21 +61,27 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache, start: int, log
     return out.logits
 
 
-def length(cache: DynamicCache) -> int:
-    """Number of positions held (the same in every layer for the models we support)."""
-    return cache.get_seq_length()
+def length(cache) -> int:
+    """Number of positions held (the same in every layer). Reads the device for static caches: tests only."""
+    return int(cache.get_seq_length())
 
 
 def num_layers(cache: DynamicCache) -> int:
     return len(cache.layers)
 
 
-def crop(cache: DynamicCache, new_length: int) -> None:
+def crop(cache, new_length: int) -> None:
     """Roll the cache back to its first `new_length` positions (no recomputation).
 
-    Slices the layer tensors directly instead of calling `DynamicCache.crop`, whose argument
-    changed meaning inside 5.x. The slice is a view; the next append copies it anyway.
+    Dynamic caches: slices the layer tensors directly instead of calling `DynamicCache.crop`, whose
+    argument changed meaning inside 5.x (the slice is a view; the next append copies it anyway).
+    Static caches: moves the write position back, in place on the device.
     """
+    if is_static(cache):
+        for layer in cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(new_length)
+        return
     for layer in cache.layers:
         if layer.keys is not None and layer.keys.shape[-2] > new_length:
             layer.keys = layer.keys[:, :, :new_length, :]

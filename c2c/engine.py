@@ -80,6 +80,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class CompiledSteps:
+    """`torch.compile`d model calls for the fixed-shape steps (draft one-token step, target
+    (gamma+1)-token verify, target one-token step), built once per model and reused across runs.
+
+    Used together with static caches: on CUDA the default mode "reduce-overhead" captures CUDA
+    graphs, which need the fixed tensor addresses static caches give. The first call of each shape
+    compiles (seconds to minutes); callers time that apart, in their warm-up.
+    """
+
+    def __init__(self, mode: str | None = "auto", backend: str = "inductor"):
+        self.mode, self.backend = mode, backend
+        self._compiled: dict[int, object] = {}
+        # Every model and shape shares transformers' forward code object, so each (model, shape) pair is
+        # one recompile; the default limit (8) would silently fall back to eager in a gamma sweep.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+
+    def __call__(self, model):
+        key = id(model)
+        if key not in self._compiled:
+            mode = self.mode
+            if mode == "auto":
+                mode = "reduce-overhead" if model_device(model).type == "cuda" else None
+            self._compiled[key] = torch.compile(model, mode=mode, backend=self.backend, dynamic=False)
+        return self._compiled[key]
+
+    @staticmethod
+    def step_begin(device: torch.device) -> None:
+        """Tell CUDA graph trees that the previous step's outputs are consumed (may be overwritten)."""
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+
+
 class PhaseClock:
     """Attributes the time between consecutive laps to named phases.
 
@@ -126,15 +160,20 @@ def standard_generate(
     sampling: SamplingConfig,
     eos_ids: set[int],
     generator: torch.Generator | None = None,
+    compiled: CompiledSteps | None = None,
 ) -> GenerationResult:
-    """Target-only decoding, one token per forward: the reference the speculative output must match."""
+    """Target-only decoding, one token per forward: the reference the speculative output must match.
+
+    With `compiled`, a static cache and a compiled one-token step (the fast path's baseline).
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = model_device(target)
     counters = Counters()
+    step = compiled(target) if compiled else None
     _sync(device)
     t0 = time.perf_counter()
-    cache = kv.new_cache(target)
+    cache = kv.new_cache(target, len(prompt_ids) + max_new_tokens + 1 if compiled else None)
     prompt = torch.tensor([prompt_ids], device=device)  # (1, n0)
     logits = kv.forward(target, prompt, cache, 0, logits_to_keep=1)  # (1, 1, V)
     token, _ = next_token(logits[0, -1].to(device), sampling, generator)
@@ -142,7 +181,9 @@ def standard_generate(
     ttft = time.perf_counter() - t0
     position = len(prompt_ids)
     while out[-1] not in eos_ids and len(out) < max_new_tokens:
-        logits = kv.forward(target, token.view(1, 1), cache, position, logits_to_keep=1)
+        if step is not None:
+            CompiledSteps.step_begin(device)
+        logits = kv.forward(target, token.view(1, 1), cache, position, logits_to_keep=1, call=step)
         position += 1
         token, _ = next_token(logits[0, -1].to(device), sampling, generator)
         out.append(token.item())  # sync: one per token, as in any plain decoding loop
@@ -181,11 +222,19 @@ class SpeculativeDecoder:
         fuser: C2CFuser | None = None,
         generator: torch.Generator | None = None,
         on_round: Callable[[RoundInfo], None] | None = None,
+        compiled: CompiledSteps | None = None,
+        force_accept: bool = False,
     ):
+        """`compiled`: static caches and compiled fixed-shape steps (same output ids as eager).
+        `force_accept`: timing only (engine overhead with every draft accepted); the output is then
+        NOT the target's, so nothing user-facing sets it."""
         self.target, self.draft, self.spec, self.sampling = target, draft, spec, sampling
         self.eos_ids, self.fuser, self.generator, self.on_round = eos_ids, fuser, generator, on_round
         self.device = model_device(draft)  # sampling and acceptance happen here
         self.target_device = model_device(target)
+        self.compiled, self.force_accept = compiled, force_accept
+        self.draft_step = compiled(draft) if compiled else None
+        self.verify_step = compiled(target) if compiled else None
 
     # ---------------------------------------------------------------- the round's steps
 
@@ -193,7 +242,10 @@ class SpeculativeDecoder:
         """g autoregressive draft tokens. feed (1, k): tokens the draft has not seen yet."""
         tokens, qs = [], []
         for _ in range(g):
-            logits = kv.forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1)  # (1, 1, V)
+            call = self.draft_step if feed.shape[-1] == 1 else None  # the 2-token catch-up stays eager
+            if call is not None:
+                CompiledSteps.step_begin(self.device)
+            logits = kv.forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1, call=call)  # (1, 1, V)
             start += feed.shape[-1]
             token, q = next_token(logits[0, -1], self.sampling, self.generator)
             tokens.append(token)
@@ -201,17 +253,23 @@ class SpeculativeDecoder:
             feed = token.view(1, 1)
         self.counters.draft_calls += g
         drafted = torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long, device=self.device)  # (g,)
-        return drafted, (torch.stack(qs) if qs and qs[0] is not None else None), start
+        return drafted, (torch.stack(qs) if qs and qs[0] is not None else None)
 
     def _verify(self, pending: torch.Tensor, drafted: torch.Tensor, start: int) -> torch.Tensor:
         """One target forward over [pending, d_1..d_g] -> logits (g+1, V) on the sampling device."""
         block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)
-        logits = kv.forward(self.target, block, self.target_cache, start)  # (1, g+1, V)
+        call = self.verify_step if drafted.shape[0] == self.spec.gamma else None  # shorter last rounds stay eager
+        if call is not None:
+            CompiledSteps.step_begin(self.target_device)
+        logits = kv.forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
         self.counters.target_calls += 1
         return logits[0].to(self.device)
 
     def _accept(self, drafted, q, target_logits):
         """Returns (n, token) as 0-d device tensors."""
+        if self.force_accept:  # timing only: every draft accepted, the bonus from the target
+            g = drafted.shape[0]
+            return torch.tensor(g, device=self.device), target_logits[g].argmax(-1)
         if self.sampling.greedy:
             return accept_greedy(drafted, target_logits)
         p = probabilities(target_logits, self.sampling)  # (g+1, V)
@@ -235,7 +293,8 @@ class SpeculativeDecoder:
         _sync(self.device)
         t_start = time.perf_counter()
         clock = PhaseClock(self.device)
-        self.target_cache, self.draft_cache = kv.new_cache(self.target), kv.new_cache(self.draft)
+        capacity = n0 + spec.max_new_tokens + spec.gamma + 2 if self.compiled else None
+        self.target_cache, self.draft_cache = kv.new_cache(self.target, capacity), kv.new_cache(self.draft, capacity)
 
         # Prefill: the target gives the first token; the draft fills its cache; prefill fusion.
         prompt = torch.tensor([prompt_ids], device=self.target_device)  # (1, n0)
@@ -258,7 +317,7 @@ class SpeculativeDecoder:
         while out[-1] not in self.eos_ids and len(out) < spec.max_new_tokens:
             g = min(spec.gamma, spec.max_new_tokens - len(out) - 1)
             # 1. draft
-            drafted, q, new_draft_len = self._draft(feed, draft_len, g)
+            drafted, q = self._draft(feed, draft_len, g)
             clock.lap("draft")
             # 2. verify
             target_logits = self._verify(pending, drafted, committed - 1)

@@ -36,6 +36,9 @@ def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "r
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     fd, tmp = tempfile.mkstemp(prefix=f".{prefix}_", suffix=".json.tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; results are ordinary files
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=2)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .engine import SpecConfig, SpeculativeDecoder, standard_generate
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
@@ -48,6 +48,7 @@ class RunConfig:
     dtype: str = "auto"
     device_map: str | None = None
     enable_thinking: bool = False
+    compile: bool = False  # static caches + torch.compile'd fixed-shape steps
 
     @property
     def spec(self) -> SpecConfig:
@@ -71,6 +72,7 @@ class Session:
     fuser: C2CFuser | None
     fusion: dict  # {enabled, prefill, decode, reason}
     eos_ids: set[int]
+    compiled: CompiledSteps | None = None
 
 
 def validate(cfg: RunConfig) -> None:
@@ -113,7 +115,8 @@ def prepare(cfg: RunConfig, log=print) -> Session:
         "reason": reason,
         "path": str(choice_path) if choice_path else None,
     }
-    return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer))
+    compiled = CompiledSteps() if cfg.compile else None
+    return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer), compiled)
 
 
 def _generator(session: Session) -> torch.Generator:
@@ -124,7 +127,7 @@ def decoder(session: Session, spec: SpecConfig | None = None) -> SpeculativeDeco
     cfg = session.config
     return SpeculativeDecoder(
         session.target, session.draft, spec or cfg.spec, cfg.sampling, session.eos_ids,
-        fuser=session.fuser, generator=_generator(session),
+        fuser=session.fuser, generator=_generator(session), compiled=session.compiled,
     )
 
 
@@ -133,13 +136,25 @@ def encode(session: Session, prompt: str) -> list[int]:
 
 
 @torch.inference_mode()
-def warmup(session: Session, prompt: str, run_standard: bool, tokens: int = 8) -> None:
-    """A short untimed run of each loop so that lazy initialisation stays out of the timings."""
+def warmup(session: Session, prompt: str, run_standard: bool, tokens: int = 8) -> float:
+    """A short untimed run of each loop so that lazy initialisation (and compilation) stays out of
+    the timings. Returns its seconds (with --compile: mostly compile time)."""
+    import time
+
+    started = time.perf_counter()
     ids = encode(session, prompt)
     cfg = session.config
+    tokens = max(tokens, 2 * (cfg.gamma + 1))  # at least one full-size round, so every compiled shape is built
     if run_standard:
-        standard_generate(session.target, ids, tokens, cfg.sampling, session.eos_ids, _generator(session))
+        standard(session, ids, tokens)
     decoder(session, SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion)).generate(ids)
+    return time.perf_counter() - started
+
+
+def standard(session: Session, ids: list[int], max_new_tokens: int):
+    cfg = session.config
+    return standard_generate(session.target, ids, max_new_tokens, cfg.sampling, session.eos_ids, _generator(session),
+                             compiled=session.compiled)
 
 
 @torch.inference_mode()
@@ -149,7 +164,7 @@ def run_prompt(session: Session, prompt: str, run_standard: bool) -> dict:
     ids = encode(session, prompt)
     entry = {"prompt": prompt, "prompt_tokens": len(ids), "standard": None, "speculative": None, "comparison": None}
     if run_standard:
-        result = standard_generate(session.target, ids, cfg.max_new_tokens, cfg.sampling, session.eos_ids, _generator(session))
+        result = standard(session, ids, cfg.max_new_tokens)
         entry["standard"] = metrics.standard_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True))
     result = decoder(session).generate(ids)
     entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma)
@@ -175,6 +190,7 @@ def config_record(session: Session, prompts_file: str, command: str) -> dict:
         "device": str(session.device),
         "device_map": cfg.device_map,
         "enable_thinking": cfg.enable_thinking,
+        "compile": cfg.compile,
         "prompts_file": prompts_file,
         "command": command,
         "eos_token_ids": sorted(session.eos_ids),

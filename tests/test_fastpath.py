@@ -1,0 +1,109 @@
+"""The fast path: static caches and compiled steps give the same ids; the synthetic timing mode runs."""
+
+import json
+
+import pytest
+import torch
+
+import speculative_benchmark as bench
+from c2c import cache as kv
+from c2c import synthetic
+from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.sampling import SamplingConfig
+
+PROMPT = [5, 9, 33, 100, 7, 61, 2, 44, 3]
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    with torch.inference_mode():
+        return standard_generate(target, PROMPT, 40, SamplingConfig(), set()).output_ids
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """Dynamo tracing with the eager backend: the compiled plumbing without C++ code generation."""
+    return CompiledSteps(backend="eager")
+
+
+def test_static_cache_rolls_back_by_moving_the_write_position(target):
+    cache = kv.new_cache(target, 32)
+    with torch.inference_mode():
+        full = kv.forward(target, torch.tensor([PROMPT]), cache, 0)
+        kv.crop(cache, 4)
+        assert kv.length(cache) == 4
+        again = kv.forward(target, torch.tensor([PROMPT[4:]]), cache, 4)
+    assert torch.allclose(full[:, 4:], again, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_path_gives_the_eager_ids(target, draft, fuser, reference, traced, gamma, fused):
+    rounds = []
+    with torch.inference_mode():
+        standard = standard_generate(target, PROMPT, 40, SamplingConfig(), set(), compiled=traced).output_ids
+        result = SpeculativeDecoder(target, draft, SpecConfig(gamma, 40), SamplingConfig(), set(),
+                                    fuser=fuser if fused else None, compiled=traced, on_round=rounds.append).generate(PROMPT)
+    assert standard == reference and result.output_ids == reference
+    assert all(r.target_cache == r.committed - 1 for r in rounds)  # the write position follows the committed length
+
+
+def test_compiled_sampling_repeats_the_eager_run(target, draft, fuser, traced):
+    sampling = SamplingConfig(temperature=0.8, top_k=40)
+
+    def run(compiled):
+        gen = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return SpeculativeDecoder(target, draft, SpecConfig(3, 30), sampling, set(), fuser=fuser, generator=gen,
+                                      compiled=compiled).generate(PROMPT).output_ids
+
+    assert run(traced) == run(None)
+
+
+def test_inductor_compiled_path_gives_the_eager_ids(target, draft, reference):
+    """The real default backend (C++ code generation on CPU, CUDA graphs on GPU), from a clean dynamo state."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledSteps()
+    with torch.inference_mode():
+        result = SpeculativeDecoder(target, draft, SpecConfig(4, 40), SamplingConfig(), set(), compiled=compiled).generate(PROMPT)
+    assert result.output_ids == reference
+    assert counters["stats"]["unique_graphs"] >= 2  # the draft step and the verify step really were compiled
+
+
+def test_forced_acceptance_is_timing_only_and_accepts_everything(target, draft):
+    with torch.inference_mode():
+        result = SpeculativeDecoder(target, draft, SpecConfig(4, 21), SamplingConfig(), set(), force_accept=True).generate(PROMPT)
+    c = result.counters
+    assert c.total_accepted == c.total_drafted == 16 and c.tokens_per_round == {5: 4}  # 1 + 4 rounds x (4 + 1)
+
+
+def test_synthetic_mode_times_every_part_at_tiny_sizes():
+    out = synthetic.run("tiny", torch.device("cpu"), torch.float32, [2, 3], iters=2, warmup=1, compile_steps=False,
+                        new_tokens=12, log=lambda *_: None)
+    for key in ("target_step_eager", "draft_step_eager", "target_verify_3_eager", "target_verify_4_eager", "fusion_4_tokens"):
+        assert out["steps"][key]["seconds"] > 0
+    assert out["steps"]["target_step_eager"]["floor_ms"] is None  # no bandwidth figure for a CPU
+    assert set(out["rounds_forced_accept"][3]) >= {"draft", "target", "fusion", "overhead"}
+    pred = out["prediction"]["0.7"]
+    assert pred["best_gamma"] in (2, 3) and pred["best_vs_hf_generate"] > 0
+    assert out["weight_bytes"]["target"] > out["weight_bytes"]["draft"]
+
+
+def test_synthetic_command_line_writes_json_and_a_last_line(tmp_path, capsys):
+    args = ["--synthetic", "tiny", "--device", "cpu", "--gammas", "2", "--iters", "2", "--max_new_tokens", "8",
+            "--output_dir", str(tmp_path), "--compile"]
+    assert bench.main(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "draft_step_compiled" in last["steps_ms"] and last["best_gamma"]["0.7"] == 2
+    data = json.loads(next(tmp_path.glob("synthetic_*.json")).read_text())
+    assert data["timings"]["compile_seconds"] > 0 and data["config"]["compile"] is True
+
+
+def test_synthetic_qwen3_without_a_gpu_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main(["--synthetic", "qwen3"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err

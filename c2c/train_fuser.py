@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in skip:
             continue
         value = getattr(defaults, f.name)
-        kind = type(value) if value is not None else int
-        p.add_argument(f"--{f.name}", type=kind, default=value)
+        if isinstance(value, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument(f"--{f.name}", type=type(value) if value is not None else int, default=value)
     return p
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     dropout: float = 0.1
     anneal_steps: int | None = None  # default: steps
     initial_gate_logit: float = 0.0
+    zero_init: bool = False  # start with zero projections (fusion starts as the identity)
     heldout_fraction: float = 0.05
     eval_every: int = 100
     eval_batches: int = 4
@@ -181,7 +182,7 @@ class FuserTrainer:
         self.fuser = C2CFuser.create(
             draft_shape, target_shape, hidden_dim=cfg.hidden_dim, intermediate_dim=cfg.intermediate_dim,
             num_layers=cfg.num_layers, dropout=cfg.dropout, anneal_steps=cfg.anneal_steps or cfg.steps,
-            dtype=torch.float32,
+            dtype=torch.float32, zero_init=cfg.zero_init,
         ).to(device)
         for p in self.fuser.projectors:
             p.key_gate_logit.data.fill_(cfg.initial_gate_logit)

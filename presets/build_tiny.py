@@ -174,8 +174,16 @@ def agreement(target, draft, data, seq_len=128, n=16) -> float:
 def openings(held_blocks: list[str], count: int, seed: int) -> list[str]:
     """Prompts: the first line of held-out speeches (not too short), chosen by a seeded draw."""
     rng = random.Random(seed)
-    firsts = [b.split("\n", 1)[0] for b in held_blocks if 30 <= len(b.split("\n", 1)[0]) <= 80]
+    firsts = sorted({b.split("\n", 1)[0] for b in held_blocks if 30 <= len(b.split("\n", 1)[0]) <= 80})
     return rng.sample(firsts, count)
+
+
+def write_prompt_files(out: Path, held_blocks: list[str], seed: int) -> None:
+    """prompts.txt (7, the demo's) and eval_prompts.txt (40 others, for measurements), all held out."""
+    chosen = openings(held_blocks, 47, seed)
+    header = "# Openings of speeches from held-out plays (" + ", ".join(HELDOUT_PLAYS) + "): never trained on.\n"
+    (out / "prompts.txt").write_text(header + "\n".join(chosen[:7]) + "\n", encoding="utf-8")
+    (out / "eval_prompts.txt").write_text(header + "\n".join(chosen[7:]) + "\n", encoding="utf-8")
 
 
 def main() -> int:
@@ -187,6 +195,7 @@ def main() -> int:
     p.add_argument("--fuser_steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only_prompts", action="store_true", help="rewrite prompts.txt and eval_prompts.txt only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -194,6 +203,9 @@ def main() -> int:
     t0 = time.perf_counter()
 
     train_blocks, held_blocks = load_splits(fetch_corpus(args.corpus_dir))
+    if args.only_prompts:
+        write_prompt_files(out, held_blocks, args.seed)
+        return 0
     print(f"corpus: {len(train_blocks)} training speeches, {len(held_blocks)} held out ({', '.join(HELDOUT_PLAYS)})")
     tokenizer = build_tokenizer(train_blocks)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
@@ -236,10 +248,7 @@ def main() -> int:
     training.save_fuser(trainer.fuser, fuser_dir, config=training.run_config(cfg, extra), dtype=torch.float32)
 
     (out / "heldout.txt").write_text("\n\n".join(held_blocks) + "\n", encoding="utf-8")
-    prompts = openings(held_blocks, 7, args.seed)
-    (out / "prompts.txt").write_text(
-        "# Openings of speeches from held-out plays (" + ", ".join(HELDOUT_PLAYS) + "): never trained on.\n"
-        + "\n".join(prompts) + "\n", encoding="utf-8")
+    write_prompt_files(out, held_blocks, args.seed)
     info = {"seconds": round(time.perf_counter() - t0), "torch": torch.__version__, "args": vars(args) | {"corpus_dir": None},
             "draft_target_top1_heldout": top1, "tokens": {"train": len(train_ids), "heldout": len(held_ids)},
             "parameters": {"target": sum(p.numel() for p in target.parameters()),

@@ -97,20 +97,20 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None) -> dict:
-    """Median over repeats of each repeat's totals over all prompts; statistics from the first repeat."""
+    """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
+    (the first may still include lazy initialisation or compilation the warm-up did not reach)."""
     for _ in range(warmup):  # long enough for a full-size round (every compiled shape)
         run_once(session, mode, prompts[0], gamma, min(max_new_tokens, max(16, 2 * (gamma + 1))))
-    repeat_totals, runs_first, ttfts = [], [], []
+    repeat_totals, ttfts = [], []
     for rep in range(repeats):
-        latency, tokens = 0.0, 0
+        latency, tokens, runs_last = 0.0, 0, []
         for ids in prompts:
             run = run_once(session, mode, ids, gamma, max_new_tokens)
             latency += run.latency
             tokens += len(run.output_ids)
             if run.ttft is not None:
                 ttfts.append(run.ttft)
-            if rep == 0:
-                runs_first.append(run)
+            runs_last.append(run)
             tick()
         repeat_totals.append((latency, tokens))
     latencies = [lat for lat, _ in repeat_totals]
@@ -123,10 +123,10 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
         "latencies": latencies,
         "num_tokens": repeat_totals[0][1],
         "time_to_first_token": median(ttfts) if ttfts else None,
-        "output_ids": [r.output_ids for r in runs_first],
+        "output_ids": [r.output_ids for r in runs_last],
     }
     if mode.startswith("speculative"):
-        row |= speculative_statistics([r.counters for r in runs_first], [len(r.output_ids) for r in runs_first], gamma)
+        row |= speculative_statistics([r.counters for r in runs_last], [len(r.output_ids) for r in runs_last], gamma)
     return row
 
 

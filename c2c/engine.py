@@ -148,6 +148,12 @@ class PhaseClock:
             counters.calls[phase] = counters.calls.get(phase, 0) + 1
 
 
+def static_capacity(positions: int, bucket: int = 256) -> int:
+    """Static cache length rounded up to a multiple of `bucket`: the cache's shape is part of the
+    compiled graph, so prompts of different lengths must share a few sizes, not recompile each."""
+    return bucket * -(-positions // bucket)
+
+
 def model_device(model) -> torch.device:
     """Where the model's input ids must go (its embedding's device; models may be split)."""
     return model.get_input_embeddings().weight.device
@@ -173,7 +179,7 @@ def standard_generate(
     step = compiled(target) if compiled else None
     _sync(device)
     t0 = time.perf_counter()
-    cache = kv.new_cache(target, len(prompt_ids) + max_new_tokens + 1 if compiled else None)
+    cache = kv.new_cache(target, static_capacity(len(prompt_ids) + max_new_tokens + 1) if compiled else None)
     prompt = torch.tensor([prompt_ids], device=device)  # (1, n0)
     logits = kv.forward(target, prompt, cache, 0, logits_to_keep=1)  # (1, 1, V)
     token, _ = next_token(logits[0, -1].to(device), sampling, generator)
@@ -293,7 +299,7 @@ class SpeculativeDecoder:
         _sync(self.device)
         t_start = time.perf_counter()
         clock = PhaseClock(self.device)
-        capacity = n0 + spec.max_new_tokens + spec.gamma + 2 if self.compiled else None
+        capacity = static_capacity(n0 + spec.max_new_tokens + spec.gamma + 2) if self.compiled else None
         self.target_cache, self.draft_cache = kv.new_cache(self.target, capacity), kv.new_cache(self.draft, capacity)
 
         # Prefill: the target gives the first token; the draft fills its cache; prefill fusion.

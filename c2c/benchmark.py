@@ -102,7 +102,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     for _ in range(warmup):  # long enough for a full-size round (every compiled shape)
         run_once(session, mode, prompts[0], gamma, min(max_new_tokens, max(16, 2 * (gamma + 1))))
     repeat_totals, ttfts = [], []
-    for rep in range(repeats):
+    for _ in range(repeats):
         latency, tokens, runs_last = 0.0, 0, []
         for ids in prompts:
             run = run_once(session, mode, ids, gamma, max_new_tokens)

@@ -111,7 +111,7 @@ class Report:
 
     def summary(self, s: dict) -> None:
         L = self.L
-        lines = [f"\n{RULE}", f"{L['summary']} ({s['num_prompts']} {L['prompts']})", RULE]
+        lines = [f"\n{RULE}", f"{L['summary']} ({L['prompts']}: {s['num_prompts']})", RULE]
         if "standard" in s:
             st = s["standard"]
             lines.append(f"{L['standard']}: {st['num_tokens']} {L['tokens']}, {st['latency']:.2f} s, {_f(st['tokens_per_second'], '.2f')} tok/s")

@@ -78,7 +78,7 @@ class Session:
 def validate(cfg: RunConfig) -> None:
     """Configuration errors, before anything is loaded."""
     try:
-        cfg.spec, cfg.sampling
+        _ = cfg.spec, cfg.sampling  # their constructors check the values
     except ValueError as e:
         raise UserInputError(str(e)) from None
 

@@ -140,7 +140,6 @@ def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, wa
 
 def _overhead_per_round(pair: SyntheticPair, gamma: int, context: int, new_tokens: int, compiled) -> dict:
     """Forced-accept runs: per-round seconds of each phase, the engine's own overhead among them."""
-    device = model_device(pair.draft)
     prompt = torch.randint(0, pair.target.config.vocab_size, (context,), device="cpu").tolist()
     spec = SpecConfig(gamma, new_tokens, True, True)
     make = lambda: SpeculativeDecoder(pair.target, pair.draft, spec, SamplingConfig(), set(), fuser=pair.fuser,  # noqa: E731

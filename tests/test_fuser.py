@@ -1,7 +1,6 @@
 """C2CProjector compatibility with the released checkpoints, the official layout, and fuser resolution."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

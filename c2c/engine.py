@@ -198,6 +198,15 @@ def standard_generate(
     return GenerationResult(out, time.perf_counter() - t0, ttft, counters)
 
 
+def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
+    """The target's top-1 minus top-2 logit after prompt + output_prefix: how near a tie the next
+    token was (a greedy divergence in bf16 is a rounding flip only where this is small)."""
+    ids = torch.tensor([prompt_ids + output_prefix], device=model_device(target))
+    logits = kv.forward(target, ids, kv.new_cache(target), 0, logits_to_keep=1)[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return (top[0] - top[1]).item()
+
+
 def fuse_positions(fuser: C2CFuser, target_cache, draft_cache, start: int, end: int) -> int:
     """Overwrite the draft's K/V at positions [start, end) with the fuser's output, layer by layer."""
     if end <= start:

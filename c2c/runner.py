@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate, top2_margin
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
@@ -169,7 +169,11 @@ def run_prompt(session: Session, prompt: str, run_standard: bool) -> dict:
     result = decoder(session).generate(ids)
     entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma)
     if entry["standard"] is not None:
-        entry["comparison"] = metrics.comparison(entry["standard"], entry["speculative"])
+        comparison = metrics.comparison(entry["standard"], entry["speculative"])
+        k = comparison["first_divergence"]
+        if k is not None and cfg.temperature == 0:  # greedy outputs differ: say how close the tie was
+            comparison["divergence_top2_margin"] = top2_margin(session.target, ids, entry["standard"]["output_ids"][:k])
+        entry["comparison"] = comparison
     return entry
 
 

@@ -168,3 +168,26 @@ def test_shell_wrapper_runs_the_demo_with_passed_arguments(saved_models, tmp_pat
     data = json.loads(results_in(out)[0].read_text(encoding="utf-8"))
     assert len(data["prompts"]) == 7 and data["prompts"][0]["prompt"] == "请解释量子计算的基本原理。"
     assert "推测解码" in proc.stdout  # Chinese labels by default
+
+
+def test_a_divergence_is_reported_not_hidden(saved_models, prompts_file, tmp_path, monkeypatch):
+    """If the speculative output ever differs (bf16 near-ties on GPUs), the JSON says where and how close."""
+    from c2c.engine import SpeculativeDecoder
+
+    real_generate = SpeculativeDecoder.generate
+
+    def flipped(self, prompt_ids):
+        result = real_generate(self, prompt_ids)
+        result.output_ids[2] = (result.output_ids[2] + 1) % 300
+        return result
+
+    monkeypatch.setattr(SpeculativeDecoder, "generate", flipped)
+    out = tmp_path / "out"
+    assert demo.main(args_for(saved_models, prompts_file, out, "--fuser_checkpoint", "none")) == 0
+    data = json.loads(results_in(out)[0].read_text(encoding="utf-8"))
+    for entry in data["prompts"]:
+        comp = entry["comparison"]
+        assert comp["outputs_match"] is False and comp["first_divergence"] == 2
+        assert comp["divergence_top2_margin"] >= 0
+    assert data["summary"]["comparison"]["outputs_match"] is False
+    assert data["summary"]["comparison"]["prompts_matching"] == 0

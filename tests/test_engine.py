@@ -150,3 +150,14 @@ def test_bad_spec_config_is_rejected():
         SpecConfig(gamma=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SpecConfig(max_new_tokens=-1)
+
+
+def test_top2_margin_is_the_gap_between_the_two_best_logits(target):
+    from c2c.engine import top2_margin
+
+    prompt, prefix = PROMPTS["short"], reference(target, PROMPTS["short"], 5)[:3]
+    with torch.inference_mode():
+        logits = target(input_ids=torch.tensor([prompt + prefix])).logits[0, -1]
+        margin = top2_margin(target, prompt, prefix)
+    top = torch.topk(logits, 2).values
+    assert margin == pytest.approx((top[0] - top[1]).item(), abs=1e-5) and margin >= 0

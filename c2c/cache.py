@@ -106,3 +106,19 @@ def replace_kv(cache: DynamicCache, layer: int, keys: torch.Tensor, values: torc
     """Swap one layer's whole K and V for new tensors (training: keeps the autograd graph, no in-place write)."""
     entry = cache.layers[layer]
     entry.keys, entry.values = keys, values
+
+
+def read_kv_at(cache, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one layer at the given positions (W,) of a static cache, each (B, H_kv, W, D).
+
+    Positions come as a device tensor, so a compiled caller keeps fixed shapes whatever they are.
+    """
+    entry = cache.layers[layer]
+    return entry.keys.index_select(2, positions), entry.values.index_select(2, positions)
+
+
+def write_kv_at(cache, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Overwrite one layer's K and V in place at the given positions (W,) of a static cache."""
+    entry = cache.layers[layer]
+    entry.keys.index_copy_(2, positions, keys.to(entry.keys.dtype))
+    entry.values.index_copy_(2, positions, values.to(entry.values.dtype))

@@ -98,6 +98,14 @@ class CompiledSteps:
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), 64))
 
+    def function(self, fn, device: torch.device):
+        """A compiled plain function working on `device` (e.g. the fixed-window fusion step), built once."""
+        key = id(fn)
+        if key not in self._compiled:
+            mode = self.mode if self.mode != "auto" else ("reduce-overhead" if device.type == "cuda" else None)
+            self._compiled[key] = torch.compile(fn, mode=mode, backend=self.backend, dynamic=False)
+        return self._compiled[key]
+
     def __call__(self, model):
         key = id(model)
         if key not in self._compiled:
@@ -224,6 +232,17 @@ def fuse_positions(fuser: C2CFuser, target_cache, draft_cache, start: int, end: 
     return end - start
 
 
+def fuse_window(fuser: C2CFuser, target_cache, draft_cache, positions: torch.Tensor, keep: torch.Tensor) -> None:
+    """Decode fusion with fixed shapes, for static caches and compilation: fuse the draft's K/V at
+    `positions` (W,) but write back only where `keep` (W,) is true (the newly committed positions;
+    the rest of the window is already fused and keeps its values)."""
+    mask = keep.view(1, 1, -1, 1)
+    for layer, (target_layer, _) in fuser.layer_map.items():
+        old_k, old_v = kv.read_kv_at(draft_cache, layer, positions)  # (B, Hd, W, Dd)
+        new_k, new_v = fuser.fuse_layer(layer, kv.read_kv_at(target_cache, target_layer, positions), (old_k, old_v))
+        kv.write_kv_at(draft_cache, layer, positions, torch.where(mask, new_k, old_k), torch.where(mask, new_v, old_v))
+
+
 class SpeculativeDecoder:
     """Speculative decoding of one prompt: draft proposes, target verifies, fuser feeds the draft."""
 
@@ -250,6 +269,7 @@ class SpeculativeDecoder:
         self.compiled, self.force_accept = compiled, force_accept
         self.draft_step = compiled(draft) if compiled else None
         self.verify_step = compiled(target) if compiled else None
+        self.fuse_step = compiled.function(fuse_window, self.device) if compiled and fuser is not None else None
 
     # ---------------------------------------------------------------- the round's steps
 
@@ -294,6 +314,18 @@ class SpeculativeDecoder:
 
     def _fuse(self, start: int, end: int) -> None:
         self.counters.fused_tokens += fuse_positions(self.fuser, self.target_cache, self.draft_cache, start, end)
+
+    def _fuse_decode(self, start: int, end: int) -> None:
+        """Decode fusion of positions [start, end): a compiled fixed window of gamma+1 positions when
+        compiling (at most that many become committed per round), the plain slices otherwise."""
+        width = self.spec.gamma + 1
+        if self.fuse_step is None or end - start > width:
+            return self._fuse(start, end)
+        positions = (torch.arange(end - width, end, device=self.device)).clamp_min(0)  # (W,)
+        keep = positions >= start  # clamped duplicates of position 0 are never kept
+        CompiledSteps.step_begin(self.device)
+        self.fuse_step(self.fuser, self.target_cache, self.draft_cache, positions, keep)
+        self.counters.fused_tokens += end - start
 
     # ---------------------------------------------------------------- the loop
 
@@ -362,7 +394,7 @@ class SpeculativeDecoder:
             clock.lap("overhead")
             # 6. decode fusion of the newly committed positions both caches hold
             if fusing and spec.decode_fusion and draft_len > decode_fused_upto:
-                self._fuse(decode_fused_upto, draft_len)
+                self._fuse_decode(decode_fused_upto, draft_len)
                 decode_fused_upto = draft_len
                 clock.lap("fusion")
             if self.on_round is not None:

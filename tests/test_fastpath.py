@@ -60,7 +60,7 @@ def test_compiled_sampling_repeats_the_eager_run(target, draft, fuser, traced):
     assert run(traced) == run(None)
 
 
-def test_inductor_compiled_path_gives_the_eager_ids(target, draft, reference):
+def test_inductor_compiled_path_gives_the_eager_ids(target, draft, fuser, reference):
     """The real default backend (C++ code generation on CPU, CUDA graphs on GPU), from a clean dynamo state."""
     from torch._dynamo.utils import counters
 
@@ -68,9 +68,10 @@ def test_inductor_compiled_path_gives_the_eager_ids(target, draft, reference):
     counters.clear()
     compiled = CompiledSteps()
     with torch.inference_mode():
-        result = SpeculativeDecoder(target, draft, SpecConfig(4, 40), SamplingConfig(), set(), compiled=compiled).generate(PROMPT)
+        result = SpeculativeDecoder(target, draft, SpecConfig(4, 40), SamplingConfig(), set(), fuser=fuser,
+                                    compiled=compiled).generate(PROMPT)
     assert result.output_ids == reference
-    assert counters["stats"]["unique_graphs"] >= 2  # the draft step and the verify step really were compiled
+    assert counters["stats"]["unique_graphs"] >= 3  # draft step, verify step and fusion window really were compiled
 
 
 def test_forced_acceptance_is_timing_only_and_accepts_everything(target, draft):
@@ -107,3 +108,25 @@ def test_synthetic_qwen3_without_a_gpu_is_a_clear_error(capsys):
         pytest.skip("this machine has a GPU")
     assert bench.main(["--synthetic", "qwen3"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_fixed_window_fusion_equals_slice_fusion(target, draft, fuser):
+    """The compiled path's decode fusion (fixed window, masked write-back) writes what the slices do."""
+    from c2c.engine import fuse_positions, fuse_window
+
+    ids = torch.tensor([PROMPT])
+    caches = []
+    with torch.inference_mode():
+        for _ in range(2):
+            t_cache, d_cache = kv.new_cache(target, 32), kv.new_cache(draft, 32)
+            kv.forward(target, ids, t_cache, 0)
+            kv.forward(draft, ids, d_cache, 0)
+            caches.append((t_cache, d_cache))
+        fuse_positions(fuser, *caches[0], 6, 9)
+        positions = torch.arange(9 - 5, 9)  # window of gamma+1 = 5 ending at 9; only 6..8 are new
+        fuse_window(fuser, *caches[1], positions, positions >= 6)
+        for layer in range(2):
+            a, b = kv.read_kv(caches[0][1], layer, 0, 9), kv.read_kv(caches[1][1], layer, 0, 9)
+            assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
+            unfused = kv.read_kv(caches[0][1], layer, 0, 6)[0]
+            assert torch.equal(unfused, kv.read_kv(caches[1][1], layer, 0, 6)[0])

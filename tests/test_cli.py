@@ -191,3 +191,14 @@ def test_a_divergence_is_reported_not_hidden(saved_models, prompts_file, tmp_pat
         assert comp["divergence_top2_margin"] >= 0
     assert data["summary"]["comparison"]["outputs_match"] is False
     assert data["summary"]["comparison"]["prompts_matching"] == 0
+
+
+def test_shell_wrapper_leaves_the_prompts_to_a_preset(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    out = tmp_path / "out"
+    cmd = [str(ROOT / "run_qwen3_14b_speculative.sh"), "--preset", "tiny", "--max_new_tokens", "4",
+           "--save_results", "--output_dir", str(out), "--skip_standard"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(results_in(out)[0].read_text(encoding="utf-8"))
+    assert data["config"]["prompts_file"].endswith("presets/tiny/prompts.txt")

@@ -99,7 +99,7 @@ def prepare(cfg: RunConfig, log=print) -> Session:
     else:
         choice = resolve_fuser(cfg.fuser_checkpoint, cfg.fuser_explicit)
         choice_path, reason = choice.path, choice.reason
-        if choice_path is None and cfg.fuser_explicit is False and cfg.fuser_checkpoint.lower() != "none":
+        if choice_path is None and not cfg.fuser_explicit:  # the default name, not found: run without fusion
             log(f"WARNING: {reason}")
     fuser = None
     if choice_path is not None:

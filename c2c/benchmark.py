@@ -23,7 +23,7 @@ from statistics import median
 import torch
 
 from . import metrics
-from .engine import GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
+from .engine import GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate, sync_device
 from .runner import Session
 
 GAMMA_FREE = ("target", "hf_generate", "hf_assisted_default")
@@ -39,11 +39,6 @@ class Run:
     counters: object | None = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _hf(session: Session, ids: list[int], max_new_tokens: int, assistant: dict | None) -> Run:
     """transformers generate, greedy; `assistant` holds the draft's assistant settings or None."""
     target, draft = session.target, session.draft
@@ -54,10 +49,10 @@ def _hf(session: Session, ids: list[int], max_new_tokens: int, assistant: dict |
             setattr(draft.generation_config, key, value)
         kwargs["assistant_model"] = draft
     x = torch.tensor([ids], device=session.device)
-    _sync(session.device)
+    sync_device(session.device)
     t0 = time.perf_counter()
     out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
-    _sync(session.device)
+    sync_device(session.device)
     return Run(out[0, len(ids):].tolist(), time.perf_counter() - t0, None)
 
 

@@ -75,7 +75,7 @@ class RoundInfo:
     accepted: int
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -100,19 +100,19 @@ class CompiledSteps:
 
     def function(self, fn, device: torch.device):
         """A compiled plain function working on `device` (e.g. the fixed-window fusion step), built once."""
-        key = id(fn)
-        if key not in self._compiled:
-            mode = self.mode if self.mode != "auto" else ("reduce-overhead" if device.type == "cuda" else None)
-            self._compiled[key] = torch.compile(fn, mode=mode, backend=self.backend, dynamic=False)
-        return self._compiled[key]
+        return self._compile(fn, device)
 
     def __call__(self, model):
-        key = id(model)
+        """The compiled model call, built once per model."""
+        return self._compile(model, model_device(model))
+
+    def _compile(self, target, device: torch.device):
+        key = id(target)
         if key not in self._compiled:
             mode = self.mode
-            if mode == "auto":
-                mode = "reduce-overhead" if model_device(model).type == "cuda" else None
-            self._compiled[key] = torch.compile(model, mode=mode, backend=self.backend, dynamic=False)
+            if mode == "auto":  # CUDA graphs on GPUs; on CPUs plain inductor code generation
+                mode = "reduce-overhead" if device.type == "cuda" else None
+            self._compiled[key] = torch.compile(target, mode=mode, backend=self.backend, dynamic=False)
         return self._compiled[key]
 
     @staticmethod
@@ -185,7 +185,7 @@ def standard_generate(
     device = model_device(target)
     counters = Counters()
     step = compiled(target) if compiled else None
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     cache = kv.new_cache(target, static_capacity(len(prompt_ids) + max_new_tokens + 1) if compiled else None)
     prompt = torch.tensor([prompt_ids], device=device)  # (1, n0)
@@ -201,7 +201,7 @@ def standard_generate(
         position += 1
         token, _ = next_token(logits[0, -1].to(device), sampling, generator)
         out.append(token.item())  # sync: one per token, as in any plain decoding loop
-    _sync(device)
+    sync_device(device)
     counters.target_calls = len(out)
     return GenerationResult(out, time.perf_counter() - t0, ttft, counters)
 
@@ -337,7 +337,7 @@ class SpeculativeDecoder:
         n0 = len(prompt_ids)
         if n0 < 1:
             raise ValueError("the prompt must hold at least one token")
-        _sync(self.device)
+        sync_device(self.device)
         t_start = time.perf_counter()
         clock = PhaseClock(self.device)
         capacity = static_capacity(n0 + spec.max_new_tokens + spec.gamma + 2) if self.compiled else None
@@ -399,7 +399,7 @@ class SpeculativeDecoder:
                 clock.lap("fusion")
             if self.on_round is not None:
                 self.on_round(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), g, n))
-        _sync(self.device)
+        sync_device(self.device)
         latency = time.perf_counter() - t_start
         clock.totals(c)
         return GenerationResult(out, latency, ttft, c)

@@ -45,6 +45,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_config(name: str, role: str):
     """The model's config (a few KB): fetched first so that mistakes surface before a large download."""
     from transformers import AutoConfig
@@ -52,9 +57,8 @@ def load_config(name: str, role: str):
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(
-            f"cannot load the {role} model {name!r}: {first} "
+            f"cannot load the {role} model {name!r}: {_first_line(e)} "
             "(check the Hub id or local path, your network, and HF_TOKEN for gated models)"
         ) from None
 
@@ -99,8 +103,7 @@ def load_model(name: str, role: str, dtype: torch.dtype, device: torch.device, d
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"cannot load the {role} model {name!r}: {first}") from None
+        raise UserInputError(f"cannot load the {role} model {name!r}: {_first_line(e)}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -110,8 +113,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"cannot load the tokenizer of {name!r}: {first}") from None
+        raise UserInputError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from None
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

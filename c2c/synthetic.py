@@ -18,7 +18,7 @@ from statistics import median
 import torch
 
 from . import cache as kv
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, sync_device
 from .fuser import C2CFuser, KVShape
 from .metrics import expected_tokens_per_round
 from .sampling import SamplingConfig
@@ -96,12 +96,10 @@ def time_it(fn, device: torch.device, iters: int, warmup: int) -> float:
         fn()
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return median(times)
 

@@ -103,6 +103,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     )
     runner.validate(cfg)
     prompts = read_prompts(args.prompts)
+    if args.save_results:  # find out now, not after the run, that results can't be written
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserInputError(f"cannot create --output_dir {args.output_dir}: {e.strerror}") from None
     report = Report(args.lang, write=tqdm.write)
     report.write(report.L["loading"])
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))

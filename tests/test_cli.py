@@ -106,12 +106,13 @@ def bad_input_cases(saved_models, tmp_path):
         "unknown fuser": (["--fuser_checkpoint", "no_such_pair_Fuser"], "not found"),
         "bad dtype": (["--dtype", "int8"], "invalid choice"),
         "bad top_p": (["--temperature", "1", "--top_p", "0"], "top_p must be in"),
+        "unwritable output dir": (["--output_dir", str(empty / "sub")], "cannot create --output_dir"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing prompt file", "empty prompt file", "gamma 0", "negative max_new_tokens", "missing model path",
-    "wrong fuser", "unknown fuser", "bad dtype", "bad top_p",
+    "wrong fuser", "unknown fuser", "bad dtype", "bad top_p", "unwritable output dir",
 ])
 def test_bad_input_exits_2_with_one_line_and_no_results(saved_models, prompts_file, tmp_path, capsys, case):
     extra, message = bad_input_cases(saved_models, tmp_path)[case]

@@ -23,7 +23,8 @@ from statistics import median
 import torch
 
 from . import metrics
-from .engine import GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate, sync_device
+from . import runner
+from .engine import Counters, GenerationResult, SpecConfig, sync_device
 from .runner import Session
 
 GAMMA_FREE = ("target", "hf_generate", "hf_assisted_default")
@@ -68,19 +69,15 @@ def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
 
 
 def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int) -> Run:
-    cfg = session.config
+    """One fresh run of `mode`; `speculative` is the fused modes' decoder with both fusion kinds off."""
     with torch.inference_mode():
         if mode == "target":
-            r: GenerationResult = standard_generate(session.target, ids, max_new_tokens, cfg.sampling, session.eos_ids,
-                                                    compiled=session.compiled)
-            return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
-        if mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
+            r: GenerationResult = runner.standard(session, ids, max_new_tokens)
+        elif mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
             return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
-        prefill, decode = FUSED.get(mode, (False, False))
-        fuser = session.fuser if mode in FUSED else None
-        spec = SpecConfig(gamma, max_new_tokens, prefill, decode)
-        r = SpeculativeDecoder(session.target, session.draft, spec, cfg.sampling, session.eos_ids, fuser=fuser,
-                               compiled=session.compiled).generate(ids)
+        else:
+            prefill, decode = FUSED.get(mode, (False, False))
+            r = runner.decoder(session, SpecConfig(gamma, max_new_tokens, prefill, decode)).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -127,29 +124,21 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
 
 def speculative_statistics(counters: list, tokens: list[int], gamma: int) -> dict:
     """Acceptance, per-position acceptance, per-round time split and the Leviathan prediction over all prompts."""
-    total = lambda name: sum(getattr(c, name) for c in counters)  # noqa: E731
-    phase = lambda name: sum(c.times.get(name, 0.0) for c in counters)  # noqa: E731
-    drafted, accepted, rounds = total("total_drafted"), total("total_accepted"), total("rounds")
-    draft_calls = total("draft_calls") - len(counters)  # decode steps, prefills excluded
-    alpha = accepted / drafted if drafted else None
-    draft_step = phase("draft") / draft_calls if draft_calls else None
-    verify_step = phase("target") / rounds if rounds else None
-    c = draft_step / verify_step if draft_step and verify_step else None
-    all_time = sum(sum(x.times.values()) for x in counters)
-    split = {name: phase(name) / rounds if rounds else None for name in ("draft", "target", "fusion", "overhead")}
-    drafted_at = [sum(x.drafted_at[k] for x in counters) for k in range(gamma)]
-    accepted_at = [sum(x.accepted_at[k] for x in counters) for k in range(gamma)]
+    c = Counters.merged(counters)
+    stats = metrics.round_statistics(c, gamma)
+    phase = lambda name: c.times.get(name, 0.0)  # noqa: E731
+    all_time = sum(c.times.values())
     return {
-        "acceptance_rate": alpha,
-        "average_accepted_length": sum(tokens) / total("target_calls"),
-        "rounds": rounds,
-        "accepted_per_position": [a / d if d else None for a, d in zip(accepted_at, drafted_at)],
-        "round_time_split": split,  # seconds per round: draft, target verify, fusion, engine overhead
+        "acceptance_rate": stats["acceptance_rate"],
+        "average_accepted_length": sum(tokens) / c.target_calls,
+        "rounds": c.rounds,
+        "accepted_per_position": stats["accepted_per_position"],
+        "round_time_split": {name: phase(name) / c.rounds if c.rounds else None for name in ("draft", "target", "fusion", "overhead")},
         "overhead_fraction": phase("overhead") / all_time if all_time else None,
-        "prefill_time": (phase("target_prefill") + phase("draft_prefill")) / len(counters),
-        "cost_ratio_c": c,
-        "predicted_speedup": metrics.theoretical_speedup(alpha, gamma, c) if alpha is not None and c else None,
-        "fused_tokens": total("fused_tokens"),
+        "prefill_time": (phase("target_prefill") + phase("draft_prefill")) / c.runs,
+        "cost_ratio_c": stats["cost_ratio_c"],
+        "predicted_speedup": stats["theoretical_speedup"],
+        "fused_tokens": c.fused_tokens,
     }
 
 

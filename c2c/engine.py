@@ -54,6 +54,22 @@ class Counters:
     tokens_per_round: dict[int, int] = field(default_factory=dict)  # tokens a round produced -> rounds
     times: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     calls: dict[str, int] = field(default_factory=dict)  # phase -> timed spans
+    runs: int = 1  # generations summed into these counters (one prefill each)
+
+    @classmethod
+    def merged(cls, items: list["Counters"]) -> "Counters":
+        """The sum of several runs' counters (e.g. all prompts of a benchmark repeat)."""
+        total = cls(runs=0)
+        for c in items:
+            for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "fused_tokens", "runs"):
+                setattr(total, name, getattr(total, name) + getattr(c, name))
+            width = max(len(total.drafted_at), len(c.drafted_at))
+            total.drafted_at = [sum(x[k] for x in (total.drafted_at, c.drafted_at) if k < len(x)) for k in range(width)]
+            total.accepted_at = [sum(x[k] for x in (total.accepted_at, c.accepted_at) if k < len(x)) for k in range(width)]
+            for mine, theirs in ((total.tokens_per_round, c.tokens_per_round), (total.times, c.times), (total.calls, c.calls)):
+                for key, value in theirs.items():
+                    mine[key] = mine.get(key, 0) + value
+        return total
 
 
 @dataclass
@@ -120,6 +136,13 @@ class CompiledSteps:
         """Tell CUDA graph trees that the previous step's outputs are consumed (may be overwritten)."""
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
+
+
+def step_forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: int = 0, call=None):
+    """`cache.forward`, first telling CUDA graph trees that a new step begins when `call` is a compiled step."""
+    if call is not None:
+        CompiledSteps.step_begin(input_ids.device)
+    return kv.forward(model, input_ids, cache, start, logits_to_keep=logits_to_keep, call=call)
 
 
 class PhaseClock:
@@ -195,9 +218,7 @@ def standard_generate(
     ttft = time.perf_counter() - t0
     position = len(prompt_ids)
     while out[-1] not in eos_ids and len(out) < max_new_tokens:
-        if step is not None:
-            CompiledSteps.step_begin(device)
-        logits = kv.forward(target, token.view(1, 1), cache, position, logits_to_keep=1, call=step)
+        logits = step_forward(target, token.view(1, 1), cache, position, logits_to_keep=1, call=step)
         position += 1
         token, _ = next_token(logits[0, -1].to(device), sampling, generator)
         out.append(token.item())  # sync: one per token, as in any plain decoding loop
@@ -278,9 +299,7 @@ class SpeculativeDecoder:
         tokens, qs = [], []
         for _ in range(g):
             call = self.draft_step if feed.shape[-1] == 1 else None  # the 2-token catch-up stays eager
-            if call is not None:
-                CompiledSteps.step_begin(self.device)
-            logits = kv.forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1, call=call)  # (1, 1, V)
+            logits = step_forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1, call=call)  # (1, 1, V)
             start += feed.shape[-1]
             token, q = next_token(logits[0, -1], self.sampling, self.generator)
             tokens.append(token)
@@ -294,9 +313,7 @@ class SpeculativeDecoder:
         """One target forward over [pending, d_1..d_g] -> logits (g+1, V) on the sampling device."""
         block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)
         call = self.verify_step if drafted.shape[0] == self.spec.gamma else None  # shorter last rounds stay eager
-        if call is not None:
-            CompiledSteps.step_begin(self.target_device)
-        logits = kv.forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
+        logits = step_forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
         self.counters.target_calls += 1
         return logits[0].to(self.device)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from statistics import median
 
-from .engine import GenerationResult
+from .engine import Counters, GenerationResult
 
 
 def _safe_div(a: float, b: float) -> float | None:
@@ -43,6 +43,24 @@ def standard_metrics(result: GenerationResult, text: str) -> dict:
     }
 
 
+def round_statistics(c: Counters, gamma: int) -> dict:
+    """alpha, per-step costs (decode steps only, prefills excluded), c, the Leviathan prediction and
+    per-position acceptance, from one run's counters or several merged."""
+    t = c.times
+    draft_step = _safe_div(t.get("draft", 0.0), c.draft_calls - c.runs)
+    verify_step = _safe_div(t.get("target", 0.0), c.rounds)
+    alpha = _safe_div(c.total_accepted, c.total_drafted)
+    cost_ratio = _safe_div(draft_step, verify_step) if draft_step and verify_step else None
+    return {
+        "acceptance_rate": alpha,
+        "draft_step_time": draft_step,
+        "target_verify_time": verify_step,
+        "cost_ratio_c": cost_ratio,
+        "theoretical_speedup": theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio else None,
+        "accepted_per_position": [_safe_div(a, d) for a, d in zip(c.accepted_at, c.drafted_at)],
+    }
+
+
 def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict:
     c = result.counters
     n = len(result.output_ids)
@@ -50,12 +68,7 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict
     draft_time = t.get("draft", 0.0) + t.get("draft_prefill", 0.0)
     target_time = t.get("target", 0.0) + t.get("target_prefill", 0.0)
     fusion_time = t.get("fusion", 0.0)
-    # per-step cost ratio c from decode steps only (prefill excluded)
-    draft_step = _safe_div(t.get("draft", 0.0), c.draft_calls - 1)
-    verify_step = _safe_div(t.get("target", 0.0), c.rounds)
-    alpha = _safe_div(c.total_accepted, c.total_drafted)
-    cost_ratio = _safe_div(draft_step, verify_step) if draft_step and verify_step else None
-    theory = theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio is not None else None
+    stats = round_statistics(c, gamma)
     return {
         "text": text,
         "output_ids": result.output_ids,
@@ -63,7 +76,7 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict
         "num_tokens": n,
         "tokens_per_second": _safe_div(n, result.latency),
         "time_to_first_token": result.time_to_first_token,
-        "acceptance_rate": alpha,
+        "acceptance_rate": stats["acceptance_rate"],
         "average_accepted_length": _safe_div(n, c.target_calls),
         "draft_calls": c.draft_calls,
         "target_calls": c.target_calls,
@@ -75,11 +88,11 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict
         "fusion_time": fusion_time,
         "overhead_time": max(result.latency - draft_time - target_time - fusion_time, 0.0),
         "fused_tokens": c.fused_tokens,
-        "draft_step_time": draft_step,
-        "target_verify_time": verify_step,
-        "cost_ratio_c": cost_ratio,
-        "theoretical_speedup": theory,
-        "accepted_per_position": [_safe_div(a, d) for a, d in zip(c.accepted_at, c.drafted_at)],
+        "draft_step_time": stats["draft_step_time"],
+        "target_verify_time": stats["target_verify_time"],
+        "cost_ratio_c": stats["cost_ratio_c"],
+        "theoretical_speedup": stats["theoretical_speedup"],
+        "accepted_per_position": stats["accepted_per_position"],
         "tokens_per_round_histogram": {str(k): c.tokens_per_round.get(k, 0) for k in range(1, gamma + 2)},
     }
 

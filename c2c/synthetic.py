@@ -18,7 +18,7 @@ from statistics import median
 import torch
 
 from . import cache as kv
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, sync_device
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, step_forward, sync_device
 from .fuser import C2CFuser, KVShape
 from .metrics import expected_tokens_per_round
 from .sampling import SamplingConfig
@@ -116,9 +116,7 @@ def _step_timer(model, tokens: int, context: int, compiled: CompiledSteps | None
         kv.forward(model, prompt, cache, 0, logits_to_keep=1)
 
         def step():
-            if call is not None:
-                CompiledSteps.step_begin(device)
-            kv.forward(model, block, cache, context, logits_to_keep=0 if tokens > 1 else 1, call=call)
+            step_forward(model, block, cache, context, logits_to_keep=0 if tokens > 1 else 1, call=call)
             kv.crop(cache, context)
 
         return time_it(step, device, iters, warmup)

@@ -174,8 +174,8 @@ def loss_fn(target_logits: torch.Tensor, draft_logits: torch.Tensor, objective: 
 class FuserTrainer:
     """Owns the fuser, optimizer, schedule and RNG state; `train()` runs to cfg.steps, resumable."""
 
-    def __init__(self, cfg: TrainConfig, target, draft, windows: torch.Tensor, heldout: torch.Tensor, device, log=print):
-        self.cfg, self.target, self.draft, self.device, self.log = cfg, target, draft, device, log
+    def __init__(self, cfg: TrainConfig, target, draft, windows: torch.Tensor, heldout: torch.Tensor, device):
+        self.cfg, self.target, self.draft, self.device = cfg, target, draft, device
         self.windows, self.heldout = windows, heldout
         torch.manual_seed(cfg.seed)
         draft_shape, target_shape = KVShape.of(draft.config), KVShape.of(target.config)

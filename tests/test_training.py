@@ -30,7 +30,7 @@ def windows(target):
 
 
 def new_trainer(cfg, target, draft, windows):
-    return training.FuserTrainer(cfg, target, draft, windows, windows[:8], torch.device("cpu"), log=lambda *_: None)
+    return training.FuserTrainer(cfg, target, draft, windows, windows[:8], torch.device("cpu"))
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path, target, draft, windows):

@@ -13,18 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from c2c.cli import OneLineParser, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = HERE / "example_prompts.txt"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem (exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,18 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=["tiny"],
                    help="tiny: the shipped offline Qwen3-architecture pair and fuser (CPU, float32); other flags still override")
     return p
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse twice: a preset changes the defaults, flags given explicitly still win."""
-    from c2c.presets import preset_defaults
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**preset_defaults(args.preset))
-        args = parser.parse_args(argv)
-    return args
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -140,12 +122,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        return run(args, argv)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(parse_with_preset(build_parser(), argv), argv))
 
 
 if __name__ == "__main__":

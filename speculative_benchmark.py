@@ -18,15 +18,11 @@ import time
 from pathlib import Path
 
 from c2c.benchmark import ALL_MODES, GAMMA_FREE
+from c2c.cli import OneLineParser, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 
 HERE = Path(__file__).resolve().parent
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,17 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=128, help="--synthetic: cached positions before the timed steps")
     p.add_argument("--iters", type=int, default=20, help="--synthetic: timed iterations per step (median)")
     return p
-
-
-def parse_args(argv):
-    from c2c.presets import preset_defaults
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**{k: v for k, v in preset_defaults(args.preset).items() if k != "max_new_tokens"})
-        args = parser.parse_args(argv)
-    return args
 
 
 def run_synthetic(args, argv) -> int:
@@ -144,11 +129,7 @@ def run(args, argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(parse_args(argv), argv)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(parse_with_preset(build_parser(), argv, exclude=("max_new_tokens",)), argv))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from dataclasses import fields
 
 import torch
 
-from .errors import UserInputError
+from .cli import OneLineParser, run_main
 from .training import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m c2c.train_fuser", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m c2c.train_fuser", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base_model", required=True, help="draft (C2C receiver): Hub id or folder")
     p.add_argument("--teacher_model", required=True, help="target (C2C sharer): Hub id or folder")
@@ -44,11 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, args)
 
 
 def run(args) -> int:

@@ -1,0 +1,37 @@
+"""Helpers for the entry scripts only (demo, benchmark, fuser trainer): one-line usage errors,
+presets applied as flag defaults, and user errors turned into one line and exit code 2.
+The library itself never parses arguments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserInputError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv: list[str] | None, exclude: tuple[str, ...] = ()):
+    """Parse twice: a `--preset` changes the defaults (minus `exclude`), flags given explicitly still win."""
+    from .presets import preset_defaults
+
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        parser.set_defaults(**{k: v for k, v in preset_defaults(args.preset).items() if k not in exclude})
+        args = parser.parse_args(argv)
+    return args
+
+
+def run_main(fn, *args) -> int:
+    """fn(*args), with a UserInputError reported as `error: ...` on stderr and exit code 2."""
+    try:
+        return fn(*args)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

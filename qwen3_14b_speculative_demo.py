@@ -16,6 +16,7 @@ from pathlib import Path
 from c2c.cli import OneLineParser, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
+from c2c.presets import PRESETS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = HERE / "example_prompts.txt"
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_standard", action="store_true", help="skip the target-only run (no comparison)")
     p.add_argument("--no_prefill_fusion", action="store_true", help="do not fuse the prompt's K/V")
     p.add_argument("--no_decode_fusion", action="store_true", help="do not fuse accepted tokens' K/V")
+    p.add_argument("--no_fuse_last_prompt", action="store_true",
+                   help="decode fusion starts after the prompt, leaving the last prompt position unfused as C2C does")
     p.add_argument("--save_results", action="store_true", help="write <output_dir>/results_YYYYmmdd_HHMMSS.json")
     p.add_argument("--output_dir", default="output/qwen3_speculative", help="where --save_results writes")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (a large target on CPU needs explicit cpu)")
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
     p.add_argument("--compile", action="store_true",
                    help="static KV caches + torch.compile'd draft step and verify step (CUDA graphs on GPU); compile time is reported apart")
-    p.add_argument("--preset", default=None, choices=["tiny"],
-                   help="tiny: the shipped offline Qwen3-architecture pair and fuser (CPU, float32); other flags still override")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="tiny (Shakespeare) or arith (addition, the fusion control): shipped offline Qwen3-architecture "
+                   "pairs and fusers (CPU, float32); other flags still override")
     return p
 
 
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         max_new_tokens=args.max_new_tokens,
         prefill_fusion=not args.no_prefill_fusion,
         decode_fusion=not args.no_decode_fusion,
+        fuse_last_prompt=not args.no_fuse_last_prompt,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,

@@ -21,13 +21,14 @@ from c2c.benchmark import ALL_MODES, GAMMA_FREE
 from c2c.cli import OneLineParser, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
+from c2c.presets import PRESETS
 
 HERE = Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default=None, choices=["tiny"], help="the shipped offline tiny pair and fuser")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="a shipped offline pair and fuser (tiny, arith)")
     p.add_argument("--prompts", default=str(HERE / "example_prompts.txt"))
     p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft")
     p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target")
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--output_dir", default="output/benchmark")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--no_fuse_last_prompt", action="store_true", help="fused modes leave the last prompt position unfused (as C2C)")
     p.add_argument("--compile", action="store_true", help="our modes use static caches and compiled steps (CUDA graphs on GPU)")
     p.add_argument("--synthetic", default=None, choices=["qwen3", "tiny"],
                    help="time the parts on random-init real-shape models (no download); see c2c/synthetic.py")
@@ -91,7 +93,7 @@ def run(args, argv) -> int:
         draft_model=args.base_model, target_model=args.teacher_model,
         fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER, fuser_explicit=args.fuser_checkpoint is not None,
         gamma=args.gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-        compile=args.compile,
+        compile=args.compile, fuse_last_prompt=not args.no_fuse_last_prompt,
     )
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     ids = [runner.encode(session, p) for p in prompts]

@@ -77,7 +77,8 @@ def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_to
             return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
         else:
             prefill, decode = FUSED.get(mode, (False, False))
-            r = runner.decoder(session, SpecConfig(gamma, max_new_tokens, prefill, decode)).generate(ids)
+            spec = SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt)
+            r = runner.decoder(session, spec).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 

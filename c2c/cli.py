@@ -5,6 +5,7 @@ The library itself never parses arguments."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserInputError
@@ -35,3 +36,15 @@ def run_main(fn, *args) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def apply_threads(requested: int) -> int:
+    """Set torch's CPU thread count: `requested`, or for 0 one per physical core (taken as half the
+    logical CPUs; oversubscribed shared cores make torch collapse). Returns the count in use."""
+    import torch
+
+    if requested < 0:
+        raise UserInputError(f"--threads must be >= 0 (0: one per physical core), got {requested}")
+    threads = requested or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    return threads

@@ -31,6 +31,7 @@ class SpecConfig:
     max_new_tokens: int = 256
     prefill_fusion: bool = True
     decode_fusion: bool = True
+    fuse_last_prompt: bool = True  # decode fusion also covers the last prompt position (C2C's prefill skips it)
 
     def __post_init__(self):
         if self.gamma < 1:
@@ -371,10 +372,15 @@ class SpeculativeDecoder:
         kv.forward(self.draft, prompt.to(self.device), self.draft_cache, 0, logits_to_keep=1)
         c.draft_calls += 1
         clock.lap("draft_prefill")
-        if fusing and spec.prefill_fusion:
-            self._fuse(0, n0 - 1)  # every prompt token but the last, as C2C does
+        # Prefill fusion: every prompt position but the last, as C2C does. The last one is committed
+        # and both caches hold it (the target has just worked out its answer there): decode fusion
+        # covers it now, before the first draft, unless fuse_last_prompt is off.
+        fuse_from = 0 if spec.prefill_fusion else n0 - 1
+        fuse_to = n0 if spec.decode_fusion and spec.fuse_last_prompt else n0 - 1
+        if fusing and fuse_to > fuse_from:
+            self._fuse(fuse_from, fuse_to)
             clock.lap("fusion")
-        decode_fused_upto = n0  # decode fusion covers generated positions only
+        decode_fused_upto = n0  # from here decode fusion covers generated positions
 
         committed, draft_len = n0 + 1, n0
         feed = pending.view(1, 1)  # tokens the draft has not seen: seq[draft_len:committed]

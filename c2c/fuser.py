@@ -134,12 +134,13 @@ class C2CProjector(nn.Module):
                 nn.init.zeros_(getattr(self, f"{kind}_proj_out").bias)
         self.register_buffer("gate_temperature", torch.tensor(float(initial_temperature)), persistent=True)
 
-    def gate(self, kind: str) -> torch.Tensor:
-        """Hard gate at inference (1 if logit > 0); Gumbel-sigmoid with the current temperature in training."""
+    def gate(self, kind: str, shape: torch.Size | tuple = ()) -> torch.Tensor:
+        """Hard gate at inference (1 if logit > 0, a scalar); in training a Gumbel-sigmoid with the
+        current temperature, its noise drawn per element of `shape` (batch, head, token, 1) as C2C does."""
         logit = getattr(self, f"{kind}_gate_logit")
         if not self.training:
             return (logit > 0).to(logit.dtype)
-        u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+        u = torch.rand(shape, device=logit.device, dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
         gumbel = torch.log(u) - torch.log1p(-u)
         return torch.sigmoid((logit + gumbel) / self.gate_temperature)
 
@@ -166,7 +167,7 @@ class C2CProjector(nn.Module):
         w = torch.sigmoid(getattr(self, f"{kind}_scalar_head")(getattr(self, f"{kind}_scalar_mlp2")(h)))  # (B, N, Ht)
         w = w.permute(0, 2, 1).unsqueeze(-1)  # (B, Ht, N, 1)
         # 6-7. gated residual, summed in float32
-        g = self.gate(kind)
+        g = self.gate(kind, w.shape)  # () at inference, (B, Ht, N, 1) in training
         return target.float() + (g * w * p).float()
 
     def forward(self, source_k, source_v, target_k, target_v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +243,13 @@ class C2CFuser(nn.Module):
                 + "; ".join(problems[:3])
                 + ". Use a fuser trained for this draft/target pair, or --fuser_checkpoint none."
             )
+
+    def open_gates(self) -> tuple[int, int]:
+        """(open, total) hard gates, K and V of every projector the map uses: an untrained or badly
+        trained fuser has none open and changes nothing (C2C's gate opens only above logit 0)."""
+        used = {idx for _, idx in self.layer_map.values()}
+        logits = [g for i in sorted(used) for g in (self.projectors[i].key_gate_logit, self.projectors[i].value_gate_logit)]
+        return sum(int(g > 0) for g in logits), len(logits)
 
     def fuse_layer(self, draft_layer: int, target_kv, draft_kv) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Fused (K, V) for one draft layer, or None when the map leaves that layer alone."""

@@ -2,6 +2,9 @@
 
 `tiny`: a Qwen3-architecture target (~2.2M parameters) and draft (~0.23M), their tokenizer and a
 C2C fuser, trained on Shakespeare by `presets/build_tiny.py`; runs offline on a CPU in seconds.
+`arith`: the fusion control, built by `presets/build_arith.py`: a target (~0.8M) that adds 3-digit
+numbers and continues mod-1000 addition chains, a 1-layer draft that can't carry on its own, and a
+fuser trained on the pair; prompts are `A+B=` or `AAA,BBB,` (held-out problems in its prompt files).
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ PRESETS: dict[str, dict] = {
         "device": "cpu",
         "dtype": "float32",
         "max_new_tokens": 128,
+    },
+    "arith": {
+        "base_model": str(PRESET_ROOT / "arith" / "draft"),
+        "teacher_model": str(PRESET_ROOT / "arith" / "target"),
+        "fuser_checkpoint": str(PRESET_ROOT / "arith" / "fuser"),
+        "prompts": str(PRESET_ROOT / "arith" / "prompts.txt"),
+        "device": "cpu",
+        "dtype": "float32",
+        "max_new_tokens": 40,
     },
 }
 

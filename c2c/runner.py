@@ -40,6 +40,7 @@ class RunConfig:
     max_new_tokens: int = 256
     prefill_fusion: bool = True
     decode_fusion: bool = True
+    fuse_last_prompt: bool = True  # decode fusion covers the last prompt position too
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -52,7 +53,7 @@ class RunConfig:
 
     @property
     def spec(self) -> SpecConfig:
-        return SpecConfig(self.gamma, self.max_new_tokens, self.prefill_fusion, self.decode_fusion)
+        return SpecConfig(self.gamma, self.max_new_tokens, self.prefill_fusion, self.decode_fusion, self.fuse_last_prompt)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -108,10 +109,16 @@ def prepare(cfg: RunConfig, log=print) -> Session:
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
+    open_gates = list(fuser.open_gates()) if fuser is not None else None
+    if open_gates is not None and open_gates[0] == 0:
+        log(f"WARNING: no gate of the fuser at {choice_path} is open (all {open_gates[1]} gate logits <= 0): "
+            "fusion changes nothing; the fuser is untrained or badly trained")
     fusion = {
         "enabled": fuser is not None,
         "prefill": fuser is not None and cfg.prefill_fusion,
         "decode": fuser is not None and cfg.decode_fusion,
+        "fuse_last_prompt": fuser is not None and cfg.decode_fusion and cfg.fuse_last_prompt,
+        "open_gates": open_gates,  # [open, total]: K and V gates of the projectors the layer map uses
         "reason": reason,
         "path": str(choice_path) if choice_path else None,
     }
@@ -147,7 +154,7 @@ def warmup(session: Session, prompt: str, run_standard: bool, tokens: int = 8) -
     tokens = max(tokens, 2 * (cfg.gamma + 1))  # at least one full-size round, so every compiled shape is built
     if run_standard:
         standard(session, ids, tokens)
-    decoder(session, SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion)).generate(ids)
+    decoder(session, SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion, cfg.fuse_last_prompt)).generate(ids)
     return time.perf_counter() - started
 
 

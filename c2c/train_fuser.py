@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import torch
 
-from .cli import OneLineParser, run_main
+from .cli import OneLineParser, apply_threads, run_main
 from .training import TrainConfig
 
 
@@ -55,6 +55,7 @@ def run(args) -> int:
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
+    threads = apply_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     texts = training.read_texts(cfg.data)
@@ -63,13 +64,21 @@ def run(args) -> int:
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     eos = eos_token_ids(target, tokenizer)
     if cfg.generate_from_target:
-        print(f"generating {cfg.generate_from_target} target tokens after each of {len(texts)} prompts", file=sys.stderr)
-        texts = training.target_generations(target, tokenizer, texts, cfg.generate_from_target, eos)
-    streams = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    windows = training.make_windows(streams, cfg.seq_len, tokenizer.eos_token_id)
-    train_windows, heldout = training.split_heldout(windows, cfg.heldout_fraction)
-    print(f"{len(train_windows)} training windows, {len(heldout)} held out, {cfg.seq_len} tokens each", file=sys.stderr)
-    trainer = training.FuserTrainer(cfg, target, draft, train_windows, heldout, device)
+        print(f"target answering {len(texts)} prompts (at most {cfg.generate_from_target} tokens each)", file=sys.stderr)
+        items = training.target_generations(target, tokenizer, texts, cfg.generate_from_target, eos)
+        train_items, held_items = training.split_heldout(items, cfg.heldout_fraction)
+        data = training.SplitData.from_answers(train_items, cfg.gamma)
+        heldout = training.SplitData.from_answers(held_items, cfg.gamma)
+        unit = "problems (suffixes inside the answers)"
+    else:
+        streams = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        windows = training.make_windows(streams, cfg.seq_len, tokenizer.eos_token_id)
+        train_windows, held_windows = training.split_heldout(list(windows), cfg.heldout_fraction)
+        data = training.SplitData.from_windows(torch.stack(train_windows), cfg.min_prefix, cfg.gamma)
+        heldout = training.SplitData.from_windows(torch.stack(held_windows), cfg.min_prefix, cfg.gamma)
+        unit = f"windows of {cfg.seq_len} tokens"
+    print(f"{data.rows} training and {heldout.rows} held-out {unit}; {threads} CPU thread(s)", file=sys.stderr)
+    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device)
     if args.resume:
         latest = training.latest_checkpoint(cfg.output_dir)
         if latest is None:
@@ -79,12 +88,15 @@ def run(args) -> int:
             print(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
     result = trainer.train(progress=not args.no_progress)
     save_dtype = (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
-    extra = {"windows": {"train": len(train_windows), "heldout": len(heldout)}, "history": result["history"],
+    extra = {"sequences": {"train": data.rows, "heldout": heldout.rows}, "history": result["history"],
              "train_seconds": result["seconds"]}
     final = training.save_fuser(trainer.fuser, Path(cfg.output_dir), config=training.run_config(cfg, extra), dtype=save_dtype)
-    last = result["history"][-1] if result["history"] else {}
-    print(f"saved {final} | held-out top-1 agreement fused {last.get('agreement_fused', float('nan')):.3f} "
-          f"vs unfused {last.get('agreement_unfused', float('nan')):.3f}")
+    last = result["history"][-1]
+    print(f"saved {final} | held-out top-1 agreement fused {last['agreement_fused']:.4f} vs unfused "
+          f"{last['agreement_unfused']:.4f} on {last['heldout_tokens']} suffix tokens (won {last['won']}, lost "
+          f"{last['lost']}); open gates {last['open_gates']}/{last['gates']}")
+    if last["open_gates"] == 0:
+        print("WARNING: no gate is open: this fuser changes nothing (every gate logit <= 0)", file=sys.stderr)
     return 0
 
 

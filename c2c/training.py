@@ -56,20 +56,23 @@ class TrainConfig:
     zero_init: bool = False  # start with zero projections (fusion starts as the identity)
     heldout_fraction: float = 0.05
     eval_every: int = 100
-    eval_batches: int = 4
+    eval_tokens: int = 2048  # held-out suffix tokens per evaluation (paired fused/unfused, won/lost counted)
     save_every: int = 200
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     save_dtype: str = "auto"  # auto: bfloat16 when the models run in bf16 (as released fusers), else float32
-    generate_from_target: int = 0  # >0: texts are prompts; the target writes this many tokens after each
+    generate_from_target: int = 0  # >0: texts are prompts; the target answers each (at most this many tokens)
+    threads: int = 0  # CPU threads for torch; 0: one per physical core (a guess: half the logical CPUs)
 
     def __post_init__(self):
         if self.objective not in ("kl", "ce"):
             raise UserInputError(f"--objective must be kl or ce, got {self.objective!r}")
+        if self.threads < 0:
+            raise UserInputError(f"--threads must be >= 0 (0: one per physical core), got {self.threads}")
         if self.seq_len < self.min_prefix + self.gamma + 1:
             raise UserInputError(f"--seq_len {self.seq_len} is too short for min_prefix {self.min_prefix} + gamma+1")
-        for name in ("steps", "batch_size", "gamma", "eval_every", "save_every"):
+        for name in ("steps", "batch_size", "gamma", "eval_every", "save_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -103,18 +106,49 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def target_generations(target, tokenizer, prompts: list[str], max_new_tokens: int, eos_ids: set[int]) -> list[str]:
-    """Each prompt followed by the target's own greedy continuation (training on what the draft will see)."""
-    from .engine import standard_generate
-    from .prompts import encode_prompt
-    from .sampling import SamplingConfig
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], batch_size: int = 256) -> list[list[int]]:
+    """Greedy continuations of many prompts, batched: prompts of equal length run together (no padding).
 
-    texts = []
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt)
-        out = standard_generate(target, ids, max_new_tokens, SamplingConfig(), eos_ids).output_ids
-        texts.append(tokenizer.decode(ids + out))
-    return texts
+    Each continuation ends at its first end-of-sequence token (included) or after max_new_tokens.
+    The reference for single prompts is `engine.standard_generate`; a test checks they agree.
+    """
+    device = next(model.parameters()).device
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for n, rows in by_length.items():
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first : first + batch_size]
+            cache = kv.new_cache(model)
+            x = torch.tensor([prompts[i] for i in chunk], device=device)  # (B, n)
+            tokens = []
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                start = 0 if step == 0 else n + step - 1  # the prompt first, then one token per step
+                x = kv.forward(model, x, cache, start, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
+                tokens.append(x)
+                done |= torch.isin(x, eos)
+                if bool(done.all()):  # sync: once per generated position
+                    break
+                x = x.view(-1, 1)
+            block = torch.stack(tokens, 1).tolist()  # (B, steps)
+            for i, row in zip(chunk, block):
+                ends = [k for k, t in enumerate(row) if t in eos_ids]
+                outputs[i] = row[: ends[0] + 1] if ends else row
+    return outputs
+
+
+@torch.no_grad()
+def target_generations(target, tokenizer, prompts: list[str], max_new_tokens: int, eos_ids: set[int]) -> list[tuple[list[int], int]]:
+    """Each prompt (chat template applied) followed by the target's own greedy continuation, as
+    (token ids, prompt length): training on what the draft will see, split points inside the answers."""
+    from .prompts import encode_prompt
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    answers = greedy_batch(target, encoded, max_new_tokens, eos_ids)
+    return [(ids + out, len(ids)) for ids, out in zip(encoded, answers)]
 
 
 def make_windows(token_streams: list[list[int]], seq_len: int, separator: int | None) -> torch.Tensor:
@@ -130,10 +164,75 @@ def make_windows(token_streams: list[list[int]], seq_len: int, separator: int | 
     return torch.tensor(flat[: n * seq_len]).view(n, seq_len)
 
 
-def split_heldout(windows: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last `fraction` of the windows (at least one) is held out: training never sees it."""
-    n_held = max(1, int(len(windows) * fraction))
-    return windows[:-n_held], windows[-n_held:]
+@dataclass
+class Group:
+    """Sequences of one length (k, L) whose prefix/suffix split obeys m_min <= m and m + s <= m_end."""
+
+    tokens: torch.Tensor  # (k, L)
+    m_min: int
+    m_end: int
+
+
+class SplitData:
+    """Where the training and held-out suffixes come from.
+
+    Plain text: fixed windows, any split after `min_prefix` tokens. Problems (prompt + the
+    target's answer): the prefix covers the whole prompt and the suffix lies inside the answer,
+    where drafting happens (the first answer token comes from the target's prefill, so the
+    draft's first guess is made at the first answer position, position n0).
+    """
+
+    def __init__(self, groups: list[Group], gamma: int):
+        self.groups = [g for g in groups if g.m_end - g.m_min >= 1 and len(g.tokens)]
+        if not self.groups:
+            raise UserInputError("training data hold no sequence long enough for a prefix and a suffix")
+        self.gamma = gamma
+        self.rows = sum(len(g.tokens) for g in self.groups)
+
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor, min_prefix: int, gamma: int) -> "SplitData":
+        return cls([Group(windows, min_prefix, windows.shape[1])], gamma)
+
+    @classmethod
+    def from_answers(cls, items: list[tuple[list[int], int]], gamma: int) -> "SplitData":
+        """items: (prompt + answer ids, prompt length n0); grouped by (length, n0) so batches need no padding."""
+        by_shape: dict[tuple[int, int], list[list[int]]] = {}
+        for ids, n0 in items:
+            by_shape.setdefault((len(ids), n0), []).append(ids)
+        return cls([Group(torch.tensor(rows), n0, length - 1) for (length, n0), rows in sorted(by_shape.items())], gamma)
+
+    def _split(self, group: Group, rng: random.Random) -> tuple[int, int]:
+        s = rng.randint(1, min(self.gamma + 1, group.m_end - group.m_min))
+        return rng.randint(group.m_min, group.m_end - s), s
+
+    def sample(self, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, int, int]:
+        """A training batch x (B, L) and its split (m, s); groups drawn in proportion to their size."""
+        group = rng.choices(self.groups, weights=[len(g.tokens) for g in self.groups])[0]
+        rows = [rng.randrange(len(group.tokens)) for _ in range(batch_size)]
+        m, s = self._split(group, rng)
+        return group.tokens[rows], m, s
+
+    def evaluation(self, tokens: int, batch_size: int, seed: int = 12345):
+        """Fixed held-out batches (x, m, s), the same at every evaluation, until `tokens` suffix
+        tokens are covered (rows are reused with new splits when there are too few)."""
+        rng, covered = random.Random(seed), 0
+        while covered < tokens:
+            for group in self.groups:
+                for first in range(0, len(group.tokens), batch_size):
+                    x = group.tokens[first : first + batch_size]
+                    m, s = self._split(group, rng)
+                    yield x, m, s
+                    covered += len(x) * s
+                    if covered >= tokens:
+                        return
+
+
+def split_heldout(items: list, fraction: float) -> tuple[list, list]:
+    """The last `fraction` of the items (at least one) is held out: training never sees it."""
+    n_held = max(1, int(len(items) * fraction))
+    if len(items) - n_held < 1:
+        raise UserInputError(f"training data too small: {len(items)} sequences leave none after the held-out share")
+    return items[:-n_held], items[-n_held:]
 
 
 # ---------------------------------------------------------------- the objective
@@ -174,9 +273,9 @@ def loss_fn(target_logits: torch.Tensor, draft_logits: torch.Tensor, objective: 
 class FuserTrainer:
     """Owns the fuser, optimizer, schedule and RNG state; `train()` runs to cfg.steps, resumable."""
 
-    def __init__(self, cfg: TrainConfig, target, draft, windows: torch.Tensor, heldout: torch.Tensor, device):
+    def __init__(self, cfg: TrainConfig, target, draft, data: SplitData, heldout: SplitData, device):
         self.cfg, self.target, self.draft, self.device = cfg, target, draft, device
-        self.windows, self.heldout = windows, heldout
+        self.data, self.heldout = data, heldout
         torch.manual_seed(cfg.seed)
         draft_shape, target_shape = KVShape.of(draft.config), KVShape.of(target.config)
         self.fuser = C2CFuser.create(
@@ -200,20 +299,13 @@ class FuserTrainer:
         progress = (step - warm) / max(1, self.cfg.steps - warm)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    def _split(self, rng: random.Random) -> tuple[int, int]:
-        s = rng.randint(1, self.cfg.gamma + 1)
-        m = rng.randint(self.cfg.min_prefix, self.cfg.seq_len - s)
-        return m, s
-
     def train_step(self) -> float:
         cfg = self.cfg
         self.fuser.train()
         for p in self.fuser.projectors:
             p.set_anneal_step(self.step)
-        rows = [self.rng.randrange(len(self.windows)) for _ in range(cfg.batch_size)]
-        x = self.windows[rows].to(self.device)  # (B, L)
-        m, s = self._split(self.rng)
-        target_logits, draft_logits = fused_suffix_logits(self.fuser, self.target, self.draft, x, m, s)
+        x, m, s = self.data.sample(self.rng, cfg.batch_size)
+        target_logits, draft_logits = fused_suffix_logits(self.fuser, self.target, self.draft, x.to(self.device), m, s)
         loss = loss_fn(target_logits, draft_logits, cfg.objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -225,26 +317,28 @@ class FuserTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out top-1 agreement of draft and target on suffix tokens, fused (hard gates) and unfused."""
+        """Held-out top-1 agreement of draft and target on the same suffix tokens, fused (hard gates)
+        and unfused, with the paired counts: won = right only when fused, lost = right only unfused."""
         self.fuser.eval()
-        rng = random.Random(12345)  # the same held-out splits at every evaluation
-        agree = {"fused": 0, "unfused": 0}
-        total, loss = 0, 0.0
-        for i in range(self.cfg.eval_batches):
-            rows = [(i * self.cfg.batch_size + j) % len(self.heldout) for j in range(self.cfg.batch_size)]
-            x = self.heldout[rows].to(self.device)
-            m, s = self._split(rng)
-            for name, fuse in (("fused", True), ("unfused", False)):
-                t_logits, d_logits = fused_suffix_logits(self.fuser, self.target, self.draft, x, m, s, fuse=fuse)
-                agree[name] += (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item()
-                if fuse:
-                    loss += loss_fn(t_logits, d_logits, self.cfg.objective).item()
-            total += x.shape[0] * s
-        open_gates = sum(int(p.key_gate_logit > 0) + int(p.value_gate_logit > 0) for p in self.fuser.projectors)
+        counts = {"fused": 0, "unfused": 0, "won": 0, "lost": 0}
+        total, loss, batches = 0, 0.0, 0
+        for x, m, s in self.heldout.evaluation(self.cfg.eval_tokens, self.cfg.batch_size):
+            x = x.to(self.device)
+            t_logits, fused = fused_suffix_logits(self.fuser, self.target, self.draft, x, m, s, fuse=True)
+            _, unfused = fused_suffix_logits(self.fuser, self.target, self.draft, x, m, s, fuse=False)
+            want = t_logits.argmax(-1)  # (B, s)
+            right_f, right_u = fused.argmax(-1) == want, unfused.argmax(-1) == want
+            counts["fused"] += int(right_f.sum())
+            counts["unfused"] += int(right_u.sum())
+            counts["won"] += int((right_f & ~right_u).sum())
+            counts["lost"] += int((right_u & ~right_f).sum())
+            loss += loss_fn(t_logits, fused, self.cfg.objective).item()
+            total, batches = total + want.numel(), batches + 1
+        open_gates, gates = self.fuser.open_gates()
         return {
-            "step": self.step, "heldout_loss": loss / self.cfg.eval_batches,
-            "agreement_fused": agree["fused"] / total, "agreement_unfused": agree["unfused"] / total,
-            "open_gates": open_gates, "gates": 2 * len(self.fuser.projectors),
+            "step": self.step, "heldout_loss": loss / batches, "heldout_tokens": total,
+            "agreement_fused": counts["fused"] / total, "agreement_unfused": counts["unfused"] / total,
+            "won": counts["won"], "lost": counts["lost"], "open_gates": open_gates, "gates": gates,
         }
 
     # ------------------------------------------------------------ checkpoints
@@ -292,6 +386,7 @@ class FuserTrainer:
                 figures = self.evaluate()
                 self.history.append(figures)
                 postfix["agree"] = f"{figures['agreement_fused']:.3f}/{figures['agreement_unfused']:.3f}"
+                postfix["won/lost"] = f"{figures['won']}/{figures['lost']}"
             if self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint(out / "checkpoints" / f"step_{self.step:06d}")
             bar.set_postfix(postfix)

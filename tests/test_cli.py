@@ -51,7 +51,8 @@ def test_cli_writes_every_result_key_and_outputs_match(saved_models, prompts_fil
     data = json.loads(path.read_text(encoding="utf-8"))
     assert set(data) >= {"config", "environment", "prompts", "summary"}
     assert set(data["config"]) >= CONFIG_KEYS
-    assert data["config"]["fusion"] == {"enabled": True, "prefill": True, "decode": True, "reason": None, "path": str(saved_models / "fuser")}
+    assert data["config"]["fusion"] == {"enabled": True, "prefill": True, "decode": True, "fuse_last_prompt": True,
+                                        "open_gates": [4, 4], "reason": None, "path": str(saved_models / "fuser")}
     assert set(data["environment"]) >= {"python", "torch", "transformers", "device_name"}
     assert len(data["prompts"]) == 2
     for entry in data["prompts"]:
@@ -64,6 +65,7 @@ def test_cli_writes_every_result_key_and_outputs_match(saved_models, prompts_fil
     assert data["summary"]["comparison"]["outputs_match"] is True
     printed = capsys.readouterr().out
     assert "Speculative decoding" in printed and "Summary" in printed and str(path) in printed
+    assert "open gates 4/4" in printed
 
 
 def test_default_fuser_missing_runs_without_fusion_and_records_why(saved_models, prompts_file, tmp_path, capsys):

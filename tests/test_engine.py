@@ -161,3 +161,21 @@ def test_top2_margin_is_the_gap_between_the_two_best_logits(target):
         margin = top2_margin(target, prompt, prefix)
     top = torch.topk(logits, 2).values
     assert margin == pytest.approx((top[0] - top[1]).item(), abs=1e-5) and margin >= 0
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_decode_fusion_covers_the_last_prompt_position_unless_turned_off(target, draft, fuser, prefill):
+    """C2C's prefill fusion leaves the last prompt token; our decode fusion fuses it before the first draft."""
+    prompt = PROMPTS["long"]
+    runs = {}
+    for last in (True, False):
+        spec = SpecConfig(3, 30, prefill, True, fuse_last_prompt=last)
+        seen = []
+        with torch.inference_mode():
+            decoder = SpeculativeDecoder(target, draft, spec, GREEDY, set(), fuser=fuser)
+            result = decoder.generate(prompt)
+            seen = decoder.draft_cache.layers[0].keys[0, :, len(prompt) - 1].clone()  # (H, D) at the last prompt position
+        assert result.output_ids == reference(target, prompt, 30)
+        runs[last] = (result.counters.fused_tokens, seen)
+    assert runs[True][0] == runs[False][0] + 1
+    assert not torch.equal(runs[True][1], runs[False][1])

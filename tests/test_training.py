@@ -12,7 +12,7 @@ from c2c.fuser import KVShape, load_fuser
 def config(tmp_path, **kw):
     args = dict(draft_model="d", target_model="t", data="synthetic", output_dir=str(tmp_path / "fuser"), steps=40,
                 batch_size=4, seq_len=32, gamma=3, hidden_dim=32, intermediate_dim=32, lr=3e-3, warmup_steps=2,
-                eval_every=1000, eval_batches=2, save_every=1000, dropout=0.0, initial_gate_logit=1.0, seed=0)
+                eval_every=1000, eval_tokens=64, save_every=1000, dropout=0.0, initial_gate_logit=1.0, seed=0)
     return training.TrainConfig(**(args | kw))
 
 
@@ -30,7 +30,9 @@ def windows(target):
 
 
 def new_trainer(cfg, target, draft, windows):
-    return training.FuserTrainer(cfg, target, draft, windows, windows[:8], torch.device("cpu"))
+    data = training.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
+    heldout = training.SplitData.from_windows(windows[:8], cfg.min_prefix, cfg.gamma)
+    return training.FuserTrainer(cfg, target, draft, data, heldout, torch.device("cpu"))
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path, target, draft, windows):
@@ -112,3 +114,46 @@ def test_command_line_bad_input_exits_2(saved_models, tmp_path, capsys):
     code = train_fuser.main(["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
                              "--data", str(tmp_path / "none.txt"), "--output_dir", str(tmp_path / "o")])
     assert code == 2 and "training data not found" in capsys.readouterr().err
+
+
+def test_greedy_batch_equals_the_reference_loop_per_prompt(target):
+    from c2c.engine import standard_generate
+    from c2c.sampling import SamplingConfig
+
+    prompts = [[5, 9, 33], [7, 7, 1], [100, 2], [11, 12, 13, 14, 15]]  # two of the same length share a batch
+    eos = {42, 57}
+    with torch.inference_mode():
+        want = [standard_generate(target, p, 12, SamplingConfig(), eos).output_ids for p in prompts]
+    assert training.greedy_batch(target, prompts, 12, eos, batch_size=2) == want
+
+
+def test_answer_data_put_every_suffix_inside_the_answer():
+    items = [(list(range(10 + k)), 6) for k in range(3)] * 4  # prompt of 6 tokens, answers of 4..6 tokens
+    data = training.SplitData.from_answers(items, gamma=4)
+    rng = __import__("random").Random(0)
+    for _ in range(200):
+        x, m, s = data.sample(rng, 3)
+        assert m >= 6 and 1 <= s <= 5 and m + s <= x.shape[1] - 1  # prefix holds the prompt; suffix predicts answer tokens
+    covered = sum(x.shape[0] * s for x, m, s in data.evaluation(100, batch_size=4))
+    assert covered >= 100
+    first = [(m, s) for _, m, s in data.evaluation(100, batch_size=4)]
+    assert first == [(m, s) for _, m, s in data.evaluation(100, batch_size=4)]  # the same held-out splits every time
+
+
+def test_gumbel_gate_noise_is_drawn_per_batch_head_and_token():
+    from c2c.fuser import C2CProjector
+
+    torch.manual_seed(0)
+    proj = C2CProjector(8, 4, 2, 2, hidden_dim=8, intermediate_dim=8, dtype=torch.float32).train()
+    gate = proj.gate("key", (3, 2, 5, 1))
+    assert gate.shape == (3, 2, 5, 1) and gate.unique().numel() == 30
+    assert proj.eval().gate("key").shape == ()
+
+
+def test_evaluation_reports_paired_won_and_lost_on_enough_tokens(tmp_path, target, draft, windows):
+    trainer = new_trainer(config(tmp_path, eval_tokens=300), target, draft, windows)
+    figures = trainer.evaluate()
+    assert figures["heldout_tokens"] >= 300
+    diff = (figures["agreement_fused"] - figures["agreement_unfused"]) * figures["heldout_tokens"]
+    assert round(diff) == figures["won"] - figures["lost"]
+    assert (figures["open_gates"], figures["gates"]) == (4, 4)

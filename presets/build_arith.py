@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Build the `arith` offline preset: a pair where the target provably knows what the draft can't.
+
+    python presets/build_arith.py [--out presets/arith] [--target_steps 3000] ...
+
+The positive control for fusion (see presets/arith_task.py for the task): the target (Qwen3
+architecture, ~0.8M parameters) learns 3-digit addition in normal digit order and the mod-1000
+addition chain; the draft (1 layer, a few % of the target's size) cannot carry reliably on its own.
+Whatever the fuser adds to the draft's acceptance must come from the target's KV cache.
+
+Stages, each seeded (CPU, float32; weights rounded to bf16 before the next stage, as shipped):
+1. a character-level tokenizer (every byte its own token, no merges) with the tiny preset's
+   Qwen-style chat template and end-of-sequence ids;
+2. the target, trained on chat-formatted problems, loss on the answer tokens only;
+3. the draft, trained the same way but small and briefly (its exact rate must stay <= 50%);
+4. held-out exact rates of both (greedy, batched), written to build_info.json;
+5. the fuser, trained by `python -m c2c.train_fuser` (frozen models, official layout).
+No network access: the data are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import arith_task as task  # noqa: E402  (presets/ is the script's own folder)
+from build_tiny import CHAT_TEMPLATE, SPECIALS, build_tokenizer, lr_at, qwen3, round_to_bf16  # noqa: E402
+
+ROLE_TOKENS = ["user", "assistant"]  # one token each, so the chat template costs 8 tokens per prompt
+VOCAB = 256 + len(SPECIALS) + len(ROLE_TOKENS)  # bytes, specials, roles: no merges, every digit one token
+HELD_ADDITIONS, HELD_CHAINS, SEED_HELDOUT = 1000, 600, 1234
+
+
+class Encoder:
+    """Chat-formatted ids of (prompt, answer) pairs without calling the tokenizer per sample (the
+    tokenizer is character-level, so the template's ids and a character map are enough; checked
+    against `encode_prompt` once)."""
+
+    def __init__(self, tokenizer):
+        from c2c.prompts import encode_prompt
+
+        probe = "123+456="
+        ids = encode_prompt(tokenizer, probe)
+        text = tokenizer.decode(ids)
+        cut = text.index(probe)
+        self.head = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+        self.tail = tokenizer(text[cut + len(probe) :], add_special_tokens=False)["input_ids"]
+        self.chars = {c: tokenizer.convert_tokens_to_ids(c) for c in "0123456789+=,"}
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert self.prompt(probe) == ids, "character map disagrees with the chat template"
+
+    def prompt(self, text: str) -> list[int]:
+        return self.head + [self.chars[c] for c in text] + self.tail
+
+    def sample(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        ids = self.prompt(prompt)
+        return ids + [self.chars[c] for c in answer] + [self.eos], len(ids)
+
+
+def batch(encoder: Encoder, problems: task.TrainingProblems, size: int, pad: int):
+    """(B, L) ids right-padded with `pad`, and the (B, L-1) loss mask of answer positions."""
+    samples = [encoder.sample(*problems.next()) for _ in range(size)]
+    width = max(len(ids) for ids, _ in samples)
+    x = torch.full((size, width), pad)
+    mask = torch.zeros(size, width - 1, dtype=torch.bool)
+    for row, (ids, n0) in enumerate(samples):
+        x[row, : len(ids)] = torch.tensor(ids)
+        mask[row, n0 - 1 : len(ids) - 1] = True  # predictions of the answer and its end token
+    return x, mask
+
+
+def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed: int, pad: int, log):
+    """Answer-token cross-entropy, cosine schedule over `steps`."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=50)
+        x, mask = batch(encoder, problems, batch_size, pad)
+        logits = model(input_ids=x[:, :-1]).logits  # (B, L-1, V)
+        loss = F.cross_entropy(logits[mask], x[:, 1:][mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"  step {step:5d}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+    return model.eval().requires_grad_(False)
+
+
+def exact_rate(model, encoder, problems: list[tuple[str, str]], eos_ids: set[int]) -> float:
+    from c2c.training import greedy_batch
+
+    prompts = [encoder.prompt(p) for p, _ in problems]
+    wanted = [[encoder.chars[c] for c in a] + [encoder.eos] for _, a in problems]
+    longest = max(len(w) for w in wanted)
+    got = greedy_batch(model, prompts, longest, eos_ids)
+    return sum(g == w for g, w in zip(got, wanted)) / len(problems)
+
+
+def write_prompt_files(out: Path, adds, chains) -> None:
+    """prompts.txt (the demo's few), eval_additions.txt and eval_chains.txt: held-out problems only."""
+    header = "# Held-out problems (never trained on): {}\n"
+    demo = [task.addition(*p)[0] for p in adds[:4]] + [task.chain(*p)[0] for p in chains[:3]]
+    (out / "prompts.txt").write_text(header.format("additions and chains") + "\n".join(demo) + "\n")
+    (out / "eval_additions.txt").write_text(header.format("3-digit additions") + "\n".join(task.addition(*p)[0] for p in adds) + "\n")
+    (out / "eval_chains.txt").write_text(header.format(f"chains of {task.CHAIN_TERMS} terms") + "\n".join(task.chain(*p)[0] for p in chains) + "\n")
+
+
+def train_fuser(out: Path, encoder, seed: int, steps: int, threads: int, problems: int) -> dict:
+    """The shipped fuser, trained by the project's own trainer command (frozen models)."""
+    from c2c import train_fuser
+
+    gen = task.TrainingProblems(seed + 7, *task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS))
+    data = out / "fuser_train.jsonl"
+    # 3-digit additions and chains only: the forms the fuser serves
+    lines = []
+    while len(lines) < problems:
+        prompt, _ = gen.next()
+        if "+" not in prompt or all(len(x) == 3 for x in prompt[:-1].split("+")):
+            lines.append(json.dumps({"prompt": prompt}))
+    data.write_text("\n".join(lines) + "\n")
+    argv = ["--base_model", str(out / "draft"), "--teacher_model", str(out / "target"), "--data", str(data),
+            "--output_dir", str(out / "fuser"), "--generate_from_target", str(4 * task.CHAIN_TERMS + 2),
+            "--steps", str(steps), "--batch_size", "32", "--gamma", "4", "--hidden_dim", "128",
+            "--intermediate_dim", "128", "--lr", "2e-3", "--warmup_steps", "50", "--dropout", "0.0",
+            "--eval_every", str(max(steps // 6, 1)), "--save_every", str(10**9), "--seed", str(seed),
+            "--device", "cpu", "--dtype", "float32", "--save_dtype", "bfloat16", "--threads", str(threads),
+            "--no_progress"]
+    started = time.perf_counter()
+    rc = train_fuser.main(argv)
+    if rc != 0:
+        raise SystemExit(f"fuser training failed (exit {rc})")
+    data.unlink()
+    config = json.loads((out / "fuser" / "config.json").read_text())
+    return {"seconds": round(time.perf_counter() - started), "command": "python -m c2c.train_fuser " + " ".join(argv),
+            "last_eval": config["history"][-1]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "presets" / "arith"))
+    p.add_argument("--target_steps", type=int, default=3000)
+    p.add_argument("--draft_steps", type=int, default=300)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--target_shape", default="4,128,8,4,16,384", help="layers,hidden,heads,kv_heads,head_dim,intermediate")
+    p.add_argument("--draft_shape", default="1,32,2,1,16,64", help="as --target_shape")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--fuser_steps", type=int, default=1200)
+    p.add_argument("--fuser_problems", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stage", choices=("all", "models", "fuser"), default="all",
+                   help="models: tokenizer, target, draft, measurements; fuser: only the fuser (models already built)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adds, chains = task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS)
+    info_path = out / "build_info.json"
+    info = json.loads(info_path.read_text()) if args.stage == "fuser" else {}
+
+    if args.stage in ("all", "models"):
+        tokenizer = build_tokenizer(["0123456789+=,"], vocab=VOCAB - len(ROLE_TOKENS))
+        tokenizer.add_tokens(ROLE_TOKENS)
+        encoder = Encoder(tokenizer)
+        eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        pad = eos[1]
+        print("target:")
+        target = qwen3(*map(int, args.target_shape.split(",")), eos, pad, vocab=VOCAB)
+        target.config.max_position_embeddings = 128
+        problems = task.TrainingProblems(args.seed, adds, chains)
+        target = train(target, encoder, problems, args.target_steps, args.batch_size, args.lr, args.seed, pad, print)
+        target = round_to_bf16(target)
+        print("draft:")
+        draft = qwen3(*map(int, args.draft_shape.split(",")), eos, pad, vocab=VOCAB)
+        draft.config.max_position_embeddings = 128
+        problems = task.TrainingProblems(args.seed + 1, adds, chains)
+        draft = train(draft, encoder, problems, args.draft_steps, args.batch_size, args.lr, args.seed + 1, pad, print)
+        draft = round_to_bf16(draft)
+        eos_ids = set(eos)
+        eval_adds = [task.addition(*p) for p in adds[:500]]
+        eval_chains = [task.chain(*p) for p in chains[:500]]
+        rates = {
+            f"{name}_{form}": exact_rate(model, encoder, problems_, eos_ids)
+            for name, model in (("target", target), ("draft", draft))
+            for form, problems_ in (("additions", eval_adds), ("chains", eval_chains))
+        }
+        print("held-out exact:", json.dumps(rates))
+        for name, model in (("target", target), ("draft", draft)):
+            model.to(torch.bfloat16).save_pretrained(out / name)
+            model.float()
+            tokenizer.save_pretrained(out / name)
+        write_prompt_files(out, adds[:500], chains[:500])
+        params = {"target": sum(p.numel() for p in target.parameters()), "draft": sum(p.numel() for p in draft.parameters())}
+        info = {"torch": torch.__version__, "args": vars(args), 
+                "heldout_exact": rates, "heldout_problems": {"additions": len(eval_adds), "chains": len(eval_chains)},
+                "parameters": params, "draft_fraction_of_target": params["draft"] / params["target"],
+                "models_seconds": round(time.perf_counter() - t0)}
+        info_path.write_text(json.dumps(info, indent=2))
+
+    if args.stage in ("all", "fuser"):
+        from transformers import AutoTokenizer
+
+        encoder = Encoder(AutoTokenizer.from_pretrained(out / "target"))
+        info["fuser"] = train_fuser(out, encoder, args.seed, args.fuser_steps, args.threads, args.fuser_problems)
+        info_path.write_text(json.dumps(info, indent=2))
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    sys.exit(main())

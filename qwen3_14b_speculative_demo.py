@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from c2c.cli import OneLineParser, parse_with_preset, run_main
+from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 from c2c.presets import PRESETS
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_thinking", action="store_true", help="Qwen3 chat template thinking mode (off by default)")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="report labels")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: one per physical core; on busy shared cores use 1)")
     p.add_argument("--compile", action="store_true",
                    help="static KV caches + torch.compile'd draft step and verify step (CUDA graphs on GPU); compile time is reported apart")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         device_map=args.device_map,
         enable_thinking=args.enable_thinking,
         compile=args.compile,
+        threads=apply_threads(args.threads),
     )
     runner.validate(cfg)
     prompts = read_prompts(args.prompts)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from c2c.benchmark import ALL_MODES, GAMMA_FREE
-from c2c.cli import OneLineParser, parse_with_preset, run_main
+from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 from c2c.presets import PRESETS
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--output_dir", default="output/benchmark")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: one per physical core; on busy shared cores use 1)")
     p.add_argument("--no_fuse_last_prompt", action="store_true", help="fused modes leave the last prompt position unfused (as C2C)")
     p.add_argument("--compile", action="store_true", help="our modes use static caches and compiled steps (CUDA graphs on GPU)")
     p.add_argument("--synthetic", default=None, choices=["qwen3", "tiny"],
@@ -93,17 +95,20 @@ def run(args, argv) -> int:
         draft_model=args.base_model, target_model=args.teacher_model,
         fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER, fuser_explicit=args.fuser_checkpoint is not None,
         gamma=args.gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-        compile=args.compile, fuse_last_prompt=not args.no_fuse_last_prompt,
+        compile=args.compile, fuse_last_prompt=not args.no_fuse_last_prompt, threads=apply_threads(args.threads),
     )
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     ids = [runner.encode(session, p) for p in prompts]
     modes, skipped = benchmark.available_modes(args.modes, session.fuser is not None)
     plan = [(m, g) for m in modes for g in ([args.gammas[0]] if m in GAMMA_FREE else args.gammas)]
+    plan.sort(key=lambda item: item[0] != "target")  # the target first: its step time feeds the predictions
     bar = tqdm(total=len(plan) * len(ids) * args.repeats, desc="benchmark", unit="run", file=sys.stderr)
-    rows = []
+    rows, target_step = [], None
     for mode, gamma in plan:
         bar.set_postfix(mode=mode, gamma=gamma)
-        rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update))
+        rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update,
+                                      target_step=target_step))
+        target_step = rows[-1].get("target_step_time", target_step)
     bar.close()
     benchmark.compare_to_target(rows)
     table = benchmark.markdown_table(rows)

@@ -89,9 +89,10 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
 
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
-            repeats: int, warmup: int, tick=lambda: None) -> dict:
+            repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
-    (the first may still include lazy initialisation or compilation the warm-up did not reach)."""
+    (the first may still include lazy initialisation or compilation the warm-up did not reach).
+    `target_step`: the target mode's seconds per token, for the speculative modes' prediction."""
     for _ in range(warmup):  # long enough for a full-size round (every compiled shape)
         run_once(session, mode, prompts[0], gamma, min(max_new_tokens, max(16, 2 * (gamma + 1))))
     repeat_totals, ttfts = [], []
@@ -118,27 +119,33 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
         "time_to_first_token": median(ttfts) if ttfts else None,
         "output_ids": [r.output_ids for r in runs_last],
     }
+    if mode == "target":
+        decode_tokens = sum(len(r.output_ids) - 1 for r in runs_last)
+        row["target_step_time"] = sum(r.latency - r.ttft for r in runs_last) / decode_tokens if decode_tokens else None
     if mode.startswith("speculative"):
-        row |= speculative_statistics([r.counters for r in runs_last], [len(r.output_ids) for r in runs_last], gamma)
+        row |= speculative_statistics([r.counters for r in runs_last], [len(r.output_ids) for r in runs_last], gamma, target_step)
     return row
 
 
-def speculative_statistics(counters: list, tokens: list[int], gamma: int) -> dict:
-    """Acceptance, per-position acceptance, per-round time split and the Leviathan prediction over all prompts."""
+def speculative_statistics(counters: list, tokens: list[int], gamma: int, target_step: float | None = None) -> dict:
+    """Acceptance, per-position acceptance, per-round time split and the predictions over all prompts."""
     c = Counters.merged(counters)
-    stats = metrics.round_statistics(c, gamma)
+    stats = metrics.round_statistics(c, gamma, target_step)
     phase = lambda name: c.times.get(name, 0.0)  # noqa: E731
     all_time = sum(c.times.values())
     return {
         "acceptance_rate": stats["acceptance_rate"],
+        "acceptance_probability": stats["acceptance_probability"],
         "average_accepted_length": sum(tokens) / c.target_calls,
         "rounds": c.rounds,
+        "runs": c.runs,
         "accepted_per_position": stats["accepted_per_position"],
         "round_time_split": {name: phase(name) / c.rounds if c.rounds else None for name in ("draft", "target", "fusion", "overhead")},
         "overhead_fraction": phase("overhead") / all_time if all_time else None,
         "prefill_time": (phase("target_prefill") + phase("draft_prefill")) / c.runs,
         "cost_ratio_c": stats["cost_ratio_c"],
-        "predicted_speedup": stats["theoretical_speedup"],
+        "predicted_speedup": stats["predicted_speedup"],
+        "theoretical_speedup": stats["theoretical_speedup"],
         "fused_tokens": c.fused_tokens,
     }
 
@@ -158,15 +165,16 @@ def compare_to_target(rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| mode | gamma | tokens/s | latency (s) | speedup vs target | accepted length | acceptance | "
-            "predicted | overhead | outputs match |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| mode | gamma | tokens/s | latency (s) | speedup vs target | accepted length | acceptance rate | "
+            "acceptance prob. | predicted | overhead | outputs match |")
+    lines = [head, "|" + "---|" * 11]
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['mode']} | {fmt(r['gamma'], 'd')} | {r['tokens_per_second']:.1f} | {r['latency']:.3f} | "
             f"{fmt(r.get('speedup_vs_target'), '.2f')} | {fmt(r.get('average_accepted_length'), '.2f')} | "
-            f"{fmt(r.get('acceptance_rate'), '.3f')} | {fmt(r.get('predicted_speedup'), '.2f')} | "
+            f"{fmt(r.get('acceptance_rate'), '.3f')} | {fmt(r.get('acceptance_probability'), '.3f')} | "
+            f"{fmt(r.get('predicted_speedup'), '.2f')} | "
             f"{fmt(r.get('overhead_fraction'), '.1%')} | {r.get('outputs_match_target')} |"
         )
     return "\n".join(lines)

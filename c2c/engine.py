@@ -47,8 +47,9 @@ class Counters:
     draft_calls: int = 0  # draft forward passes, prefill included
     target_calls: int = 0  # target forward passes, prefill included
     rounds: int = 0  # verification passes (target calls after the prefill)
-    total_drafted: int = 0
+    total_drafted: int = 0  # draft tokens up to and including the first end-of-sequence token of each block
     total_accepted: int = 0
+    rejections: int = 0  # rounds that ended at a rejected draft token (not all counted drafts accepted)
     fused_tokens: int = 0  # draft cache positions overwritten by the fuser (per position, all layers)
     drafted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was proposed
     accepted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was accepted
@@ -62,7 +63,7 @@ class Counters:
         """The sum of several runs' counters (e.g. all prompts of a benchmark repeat)."""
         total = cls(runs=0)
         for c in items:
-            for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "fused_tokens", "runs"):
+            for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens", "runs"):
                 setattr(total, name, getattr(total, name) + getattr(c, name))
             width = max(len(total.drafted_at), len(c.drafted_at))
             total.drafted_at = [sum(x[k] for x in (total.drafted_at, c.drafted_at) if k < len(x)) for k in range(width)]
@@ -408,12 +409,14 @@ class SpeculativeDecoder:
             else:
                 feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
             pending = token
-            # 5. record, emit up to the first end-of-sequence token
-            self._record(g, n)
+            # 5. record (drafts after an end-of-sequence token are never counted), emit up to the first one
+            counted = next((k + 1 for k, t in enumerate(decision[2 : 2 + g]) if t in self.eos_ids), g)
+            emitted = len(out)
             for t in new_tokens:
                 out.append(t)
                 if t in self.eos_ids:
                     break
+            self._record(counted, min(n, counted), len(out) - emitted)
             clock.lap("overhead")
             # 6. decode fusion of the newly committed positions both caches hold
             if fusing and spec.decode_fusion and draft_len > decode_fused_upto:
@@ -427,13 +430,14 @@ class SpeculativeDecoder:
         clock.totals(c)
         return GenerationResult(out, latency, ttft, c)
 
-    def _record(self, g: int, n: int) -> None:
+    def _record(self, g: int, n: int, emitted: int) -> None:
         c = self.counters
         c.rounds += 1
         c.total_drafted += g
         c.total_accepted += n
+        c.rejections += n < g
         for k in range(g):
             c.drafted_at[k] += 1
         for k in range(n):
             c.accepted_at[k] += 1
-        c.tokens_per_round[n + 1] = c.tokens_per_round.get(n + 1, 0) + 1
+        c.tokens_per_round[emitted] = c.tokens_per_round.get(emitted, 0) + 1

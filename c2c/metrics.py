@@ -1,11 +1,20 @@
 """Figures reported per run, per comparison and over all prompts.
 
 Definitions (see README, "Metrics"):
-- acceptance_rate = accepted draft tokens / drafted tokens (alpha).
+- acceptance_rate = accepted draft tokens / drafted tokens, as vLLM reports it. It also counts the
+  drafts after a round's first rejection (never even looked at), so it falls as gamma grows.
+- acceptance_probability (alpha) = accepted / (accepted + rejections): the per-token probability
+  that the target accepts a draft token (the maximum-likelihood estimate under Leviathan's model,
+  where each round accepts a geometric run of tokens, cut at gamma). Drafts after an
+  end-of-sequence token are counted nowhere.
 - average_accepted_length = tokens emitted / target forward passes (prefill included), so plain
   decoding scores exactly 1.0.
+- predicted_speedup = E[tokens per round](alpha, gamma) * target one-token step / measured round
+  cost (gamma draft steps + verify + fusion + overhead), all measured in this run.
 - theoretical_speedup = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma*c + 1)) (Leviathan et al.),
-  with c = mean draft step time / mean target verify time, both measured in this run.
+  with c = draft step time / target one-token step time: the closed form, which ignores the
+  verify's extra cost over one step, fusion and overhead.
+Both predictions need the target-only run's step time (absent with --skip_standard).
 """
 
 from __future__ import annotations
@@ -40,35 +49,56 @@ def standard_metrics(result: GenerationResult, text: str) -> dict:
         "tokens_per_second": _safe_div(n, result.latency),
         "time_to_first_token": result.time_to_first_token,
         "target_calls": result.counters.target_calls,
+        "target_step_time": target_step_time(result),
     }
 
 
-def round_statistics(c: Counters, gamma: int) -> dict:
-    """alpha, per-step costs (decode steps only, prefills excluded), c, the Leviathan prediction and
-    per-position acceptance, from one run's counters or several merged."""
+def acceptance_probability(accepted: int, rejections: int) -> float | None:
+    """Per-token acceptance estimate: each round is a run of accepted tokens ended by one rejection
+    (or by the block's end, which tells nothing about the next token)."""
+    return _safe_div(accepted, accepted + rejections)
+
+
+def round_statistics(c: Counters, gamma: int, target_step: float | None = None) -> dict:
+    """Acceptance figures, per-step costs (decode steps only, prefills excluded), c, both predictions
+    and per-position acceptance, from one run's counters or several merged. `target_step`: the
+    target-only loop's seconds per generated token (None: no prediction)."""
     t = c.times
     draft_step = _safe_div(t.get("draft", 0.0), c.draft_calls - c.runs)
     verify_step = _safe_div(t.get("target", 0.0), c.rounds)
-    alpha = _safe_div(c.total_accepted, c.total_drafted)
-    cost_ratio = _safe_div(draft_step, verify_step) if draft_step and verify_step else None
+    round_cost = _safe_div(sum(t.get(k, 0.0) for k in ("draft", "target", "fusion", "overhead")), c.rounds)
+    alpha = acceptance_probability(c.total_accepted, c.rejections)
+    cost_ratio = _safe_div(draft_step, target_step) if draft_step and target_step else None
+    per_round = expected_tokens_per_round(alpha, gamma) if alpha is not None else None
     return {
-        "acceptance_rate": alpha,
+        "acceptance_rate": _safe_div(c.total_accepted, c.total_drafted),
+        "acceptance_probability": alpha,
         "draft_step_time": draft_step,
         "target_verify_time": verify_step,
+        "target_step_time": target_step,
+        "round_time": round_cost,
+        "expected_tokens_per_round": per_round,
         "cost_ratio_c": cost_ratio,
+        "predicted_speedup": per_round * target_step / round_cost if per_round and target_step and round_cost else None,
         "theoretical_speedup": theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio else None,
         "accepted_per_position": [_safe_div(a, d) for a, d in zip(c.accepted_at, c.drafted_at)],
     }
 
 
-def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict:
+def target_step_time(result: GenerationResult) -> float | None:
+    """Seconds per token of the target-only loop after its first token (the step speculation replaces)."""
+    n = len(result.output_ids)
+    return _safe_div(result.latency - result.time_to_first_token, n - 1)
+
+
+def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_step: float | None = None) -> dict:
     c = result.counters
     n = len(result.output_ids)
     t = c.times
     draft_time = t.get("draft", 0.0) + t.get("draft_prefill", 0.0)
     target_time = t.get("target", 0.0) + t.get("target_prefill", 0.0)
     fusion_time = t.get("fusion", 0.0)
-    stats = round_statistics(c, gamma)
+    stats = round_statistics(c, gamma, target_step)
     return {
         "text": text,
         "output_ids": result.output_ids,
@@ -77,12 +107,14 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict
         "tokens_per_second": _safe_div(n, result.latency),
         "time_to_first_token": result.time_to_first_token,
         "acceptance_rate": stats["acceptance_rate"],
+        "acceptance_probability": stats["acceptance_probability"],
         "average_accepted_length": _safe_div(n, c.target_calls),
         "draft_calls": c.draft_calls,
         "target_calls": c.target_calls,
         "rounds": c.rounds,
         "total_drafted": c.total_drafted,
         "total_accepted": c.total_accepted,
+        "rejections": c.rejections,
         "draft_time": draft_time,
         "target_time": target_time,
         "fusion_time": fusion_time,
@@ -90,7 +122,11 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int) -> dict
         "fused_tokens": c.fused_tokens,
         "draft_step_time": stats["draft_step_time"],
         "target_verify_time": stats["target_verify_time"],
+        "target_step_time": stats["target_step_time"],
+        "round_time": stats["round_time"],
+        "expected_tokens_per_round": stats["expected_tokens_per_round"],
         "cost_ratio_c": stats["cost_ratio_c"],
+        "predicted_speedup": stats["predicted_speedup"],
         "theoretical_speedup": stats["theoretical_speedup"],
         "accepted_per_position": stats["accepted_per_position"],
         "tokens_per_round_histogram": {str(k): c.tokens_per_round.get(k, 0) for k in range(1, gamma + 2)},
@@ -131,6 +167,7 @@ def summary(prompts: list[dict]) -> dict:
     if spec:
         tokens, latency = sum(s["num_tokens"] for s in spec), sum(s["latency"] for s in spec)
         drafted, accepted = sum(s["total_drafted"] for s in spec), sum(s["total_accepted"] for s in spec)
+        rejections = sum(s["rejections"] for s in spec)
         target_calls = sum(s["target_calls"] for s in spec)
         out["speculative"] = {
             "num_tokens": tokens,
@@ -138,15 +175,19 @@ def summary(prompts: list[dict]) -> dict:
             "tokens_per_second": _safe_div(tokens, latency),
             "time_to_first_token": median(s["time_to_first_token"] for s in spec),
             "acceptance_rate": _safe_div(accepted, drafted),
+            "acceptance_probability": acceptance_probability(accepted, rejections),
             "average_accepted_length": _safe_div(tokens, target_calls),
+            "rounds": sum(s["rounds"] for s in spec),
             "draft_calls": sum(s["draft_calls"] for s in spec),
             "target_calls": target_calls,
             "total_drafted": drafted,
             "total_accepted": accepted,
+            "rejections": rejections,
             "draft_time": sum(s["draft_time"] for s in spec),
             "target_time": sum(s["target_time"] for s in spec),
             "fusion_time": sum(s["fusion_time"] for s in spec),
             "fused_tokens": sum(s["fused_tokens"] for s in spec),
+            "predicted_speedup": _median_of(s["predicted_speedup"] for s in spec),
             "theoretical_speedup": _median_of(s["theoretical_speedup"] for s in spec),
         }
     if comps:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LABELS = {
     "zh": {
-        "title": "Qwen3-14B 推测解码演示 (C2C Fuser: 目标模型 KV 缓存融合进草稿模型)",
+        "title": "{target} 推测解码演示 (草稿 {draft}; C2C Fuser: 目标模型 KV 缓存融合进草稿模型)",
         "draft": "草稿模型", "target": "目标模型", "fuser": "融合器", "fusion": "融合",
         "prefill": "预填充", "decode": "解码", "on": "开", "off": "关", "device": "设备",
         "gates": "开启的门", "no_gate": "无门开启：融合不起作用",
@@ -16,16 +16,17 @@ LABELS = {
         "loading": "正在加载模型...", "loaded": "模型加载完成", "warmup": "预热 (不计时)...",
         "prompt": "提示", "standard": "标准生成 (仅目标模型)", "speculative": "推测解码",
         "comparison": "对比", "output": "输出", "latency": "延迟", "tokens": "词元数",
-        "throughput": "吞吐", "ttft": "首词元时间", "acceptance": "接受率",
+        "throughput": "吞吐", "ttft": "首词元时间", "acceptance": "接受率 (已接受/已起草)",
+        "alpha": "单词元接受概率", "predicted": "预测加速比", "needs_standard": "需要标准生成的步时",
         "avg_len": "平均接受长度", "draft_calls": "草稿调用", "target_calls": "目标调用",
         "time_split": "时间分解", "draft_t": "草稿", "target_t": "目标", "fusion_t": "融合",
-        "other_t": "其他", "theory": "理论加速比", "per_position": "各位置接受率",
+        "other_t": "其他", "theory": "Leviathan 公式", "per_position": "各位置接受率",
         "latency_speedup": "延迟加速比", "throughput_speedup": "吞吐加速比",
         "match": "输出与目标模型一致", "yes": "是", "no": "否", "diverge": "首个不同位置",
         "summary": "汇总", "saved": "结果已保存到", "fused": "融合词元",
     },
     "en": {
-        "title": "Qwen3-14B speculative decoding demo (C2C Fuser: target KV cache fused into the draft)",
+        "title": "{target} speculative decoding demo (draft {draft}; C2C Fuser: target KV cache fused into the draft)",
         "draft": "Draft model", "target": "Target model", "fuser": "Fuser", "fusion": "Fusion",
         "prefill": "prefill", "decode": "decode", "on": "on", "off": "off", "device": "Device",
         "gates": "open gates", "no_gate": "none open: fusion changes nothing",
@@ -33,10 +34,11 @@ LABELS = {
         "loading": "Loading models...", "loaded": "Models loaded", "warmup": "Warm-up (not timed)...",
         "prompt": "Prompt", "standard": "Standard generation (target only)", "speculative": "Speculative decoding",
         "comparison": "Comparison", "output": "Output", "latency": "Latency", "tokens": "Tokens",
-        "throughput": "Throughput", "ttft": "Time to first token", "acceptance": "Acceptance rate",
+        "throughput": "Throughput", "ttft": "Time to first token", "acceptance": "Acceptance rate (accepted/drafted)",
+        "alpha": "per-token acceptance", "predicted": "Predicted speedup", "needs_standard": "needs the standard run's step time",
         "avg_len": "Average accepted length", "draft_calls": "Draft calls", "target_calls": "Target calls",
         "time_split": "Time split", "draft_t": "draft", "target_t": "target", "fusion_t": "fusion",
-        "other_t": "other", "theory": "Theoretical speedup", "per_position": "Acceptance per position",
+        "other_t": "other", "theory": "Leviathan closed form", "per_position": "Acceptance per position",
         "latency_speedup": "Latency speedup", "throughput_speedup": "Throughput speedup",
         "match": "Output identical to target", "yes": "yes", "no": "no", "diverge": "first divergence at",
         "summary": "Summary", "saved": "Results saved to", "fused": "fused tokens",
@@ -44,6 +46,12 @@ LABELS = {
 }
 
 RULE = "=" * 72
+
+
+def _short(model: str) -> str:
+    """A model's name as users know it: the Hub id, or a local folder's last two parts."""
+    parts = model.rstrip("/").split("/")
+    return model if len(parts) <= 2 else "/".join(parts[-2:])
 THIN = "-" * 72
 
 
@@ -66,12 +74,12 @@ class Report:
             if f["enabled"] else f"{L['off']} ({f['reason']})"
         )
         lines = [
-            RULE, L["title"], RULE,
+            RULE, L["title"].format(target=_short(config["target_model"]), draft=_short(config["draft_model"])), RULE,
             f"{L['draft']}: {config['draft_model']}",
             f"{L['target']}: {config['target_model']}",
             f"{L['fuser']}: {config['fuser_checkpoint']}  |  {L['fusion']}: {fusion}",
             f"gamma: {config['gamma']}  |  max_new_tokens: {config['max_new_tokens']}  |  {L['sampling']}: {sampling}",
-            f"{L['device']}: {config['device']} ({config['dtype']})  |  {L['prompts']}: {num_prompts}",
+            f"{L['device']}: {config['device']} ({config['dtype']}, threads {config.get('threads')})  |  {L['prompts']}: {num_prompts}",
             RULE,
         ]
         self.write("\n".join(lines))
@@ -94,13 +102,24 @@ class Report:
             f"--- {L['speculative']} ---\n{L['output']}: {m['text']}\n"
             f"{L['latency']}: {m['latency']:.3f} s | {L['tokens']}: {m['num_tokens']} | "
             f"{L['throughput']}: {_f(m['tokens_per_second'], '.2f')} tok/s | {L['ttft']}: {m['time_to_first_token']:.3f} s\n"
-            f"{L['acceptance']}: {_f(m['acceptance_rate'], '.1%')} | {L['avg_len']}: {_f(m['average_accepted_length'], '.2f')} | "
+            f"{L['acceptance']}: {_f(m['acceptance_rate'], '.1%')} | {L['alpha']}: {_f(m['acceptance_probability'], '.3f')} | "
+            f"{L['avg_len']}: {_f(m['average_accepted_length'], '.2f')} | "
             f"{L['draft_calls']}: {m['draft_calls']} | {L['target_calls']}: {m['target_calls']} | {L['fused']}: {m['fused_tokens']}\n"
             f"{L['time_split']}: {L['draft_t']} {m['draft_time']:.3f} s, {L['target_t']} {m['target_time']:.3f} s, "
             f"{L['fusion_t']} {m['fusion_time']:.3f} s, {L['other_t']} {m['overhead_time']:.3f} s\n"
             f"{L['per_position']}: {per_pos}\n"
-            f"{L['theory']}: {_f(m['theoretical_speedup'], '.2f', 'x')} "
-            f"(alpha={_f(m['acceptance_rate'], '.3f')}, c={_f(m['cost_ratio_c'], '.3f')}, gamma={len(m['accepted_per_position'])})"
+            + self._prediction(m)
+        )
+
+    def _prediction(self, m: dict) -> str:
+        L = self.L
+        if m["predicted_speedup"] is None:
+            return f"{L['predicted']}: - ({L['needs_standard']})"
+        return (
+            f"{L['predicted']}: {_f(m['predicted_speedup'], '.2f', 'x')} = E[tokens/round] "
+            f"{_f(m['expected_tokens_per_round'], '.2f')} x target step {1000 * m['target_step_time']:.2f} ms / round "
+            f"{1000 * m['round_time']:.2f} ms (alpha={_f(m['acceptance_probability'], '.3f')}, gamma={len(m['accepted_per_position'])}) | "
+            f"{L['theory']}: {_f(m['theoretical_speedup'], '.2f', 'x')} (c={_f(m['cost_ratio_c'], '.3f')})"
         )
 
     def comparison(self, c: dict) -> None:
@@ -122,8 +141,8 @@ class Report:
             sp = s["speculative"]
             lines.append(
                 f"{L['speculative']}: {sp['num_tokens']} {L['tokens']}, {sp['latency']:.2f} s, {_f(sp['tokens_per_second'], '.2f')} tok/s | "
-                f"{L['acceptance']}: {_f(sp['acceptance_rate'], '.1%')} | {L['avg_len']}: {_f(sp['average_accepted_length'], '.2f')} | "
-                f"{L['theory']}: {_f(sp['theoretical_speedup'], '.2f', 'x')}"
+                f"{L['acceptance']}: {_f(sp['acceptance_rate'], '.1%')} | {L['alpha']}: {_f(sp['acceptance_probability'], '.3f')} | "
+                f"{L['avg_len']}: {_f(sp['average_accepted_length'], '.2f')} | {L['predicted']}: {_f(sp['predicted_speedup'], '.2f', 'x')}"
             )
         if "comparison" in s:
             c = s["comparison"]

@@ -50,6 +50,7 @@ class RunConfig:
     device_map: str | None = None
     enable_thinking: bool = False
     compile: bool = False  # static caches + torch.compile'd fixed-shape steps
+    threads: int | None = None  # torch CPU threads the entry script set (recorded, not applied here)
 
     @property
     def spec(self) -> SpecConfig:
@@ -174,7 +175,8 @@ def run_prompt(session: Session, prompt: str, run_standard: bool) -> dict:
         result = standard(session, ids, cfg.max_new_tokens)
         entry["standard"] = metrics.standard_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True))
     result = decoder(session).generate(ids)
-    entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma)
+    step = entry["standard"]["target_step_time"] if entry["standard"] else None
+    entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma, step)
     if entry["standard"] is not None:
         comparison = metrics.comparison(entry["standard"], entry["speculative"])
         k = comparison["first_divergence"]
@@ -202,6 +204,7 @@ def config_record(session: Session, prompts_file: str, command: str) -> dict:
         "device_map": cfg.device_map,
         "enable_thinking": cfg.enable_thinking,
         "compile": cfg.compile,
+        "threads": cfg.threads,
         "prompts_file": prompts_file,
         "command": command,
         "eos_token_ids": sorted(session.eos_ids),

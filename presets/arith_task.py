@@ -70,10 +70,16 @@ class TrainingProblems:
         digits = self.rng.randint(1, 3)
         return self.rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
-    def next(self) -> tuple[str, str]:
+    def batch(self, size: int) -> list[tuple[str, str]]:
+        """`size` problems of one form (chains with probability chain_fraction): batches of one form
+        need little padding."""
+        chains = self.rng.random() < self.chain_fraction
+        return [self.next(chains) for _ in range(size)]
+
+    def next(self, chains: bool | None = None) -> tuple[str, str]:
         rng = self.rng
         while True:
-            if rng.random() < self.chain_fraction:
+            if chains if chains is not None else rng.random() < self.chain_fraction:
                 pair = (rng.randint(0, 999), rng.randint(0, 999))
                 if pair not in self.held_chains:
                     return chain(*pair)

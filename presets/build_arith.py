@@ -69,7 +69,7 @@ class Encoder:
 
 def batch(encoder: Encoder, problems: task.TrainingProblems, size: int, pad: int):
     """(B, L) ids right-padded with `pad`, and the (B, L-1) loss mask of answer positions."""
-    samples = [encoder.sample(*problems.next()) for _ in range(size)]
+    samples = [encoder.sample(*problem) for problem in problems.batch(size)]
     width = max(len(ids) for ids, _ in samples)
     x = torch.full((size, width), pad)
     mask = torch.zeros(size, width - 1, dtype=torch.bool)
@@ -149,70 +149,89 @@ def train_fuser(out: Path, encoder, seed: int, steps: int, threads: int, problem
             "last_eval": config["history"][-1]}
 
 
+def load_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def stage_target(args, out: Path, adds, chains) -> dict:
+    tokenizer = build_tokenizer(["0123456789+=,"], vocab=VOCAB - len(ROLE_TOKENS))
+    tokenizer.add_tokens(ROLE_TOKENS)
+    encoder = Encoder(tokenizer)
+    eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    print("target:")
+    started = time.perf_counter()
+    target = qwen3(*map(int, args.target_shape.split(",")), eos, eos[1], vocab=VOCAB)
+    target.config.max_position_embeddings = 128
+    problems = task.TrainingProblems(args.seed, adds, chains, args.chain_fraction)
+    target = round_to_bf16(train(target, encoder, problems, args.target_steps, args.batch_size, args.lr, args.seed, eos[1], print))
+    target.to(torch.bfloat16).save_pretrained(out / "target")
+    tokenizer.save_pretrained(out / "target")
+    return {"target_seconds": round(time.perf_counter() - started)}
+
+
+def stage_draft(args, out: Path, adds, chains) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "target")
+    encoder = Encoder(tokenizer)
+    eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    print("draft:")
+    started = time.perf_counter()
+    draft = qwen3(*map(int, args.draft_shape.split(",")), eos, eos[1], vocab=VOCAB)
+    draft.config.max_position_embeddings = 128
+    problems = task.TrainingProblems(args.seed + 1, adds, chains, args.chain_fraction)
+    draft = round_to_bf16(train(draft, encoder, problems, args.draft_steps, args.batch_size, args.draft_lr, args.seed + 1, eos[1], print))
+    draft.to(torch.bfloat16).save_pretrained(out / "draft")
+    tokenizer.save_pretrained(out / "draft")
+    seconds = round(time.perf_counter() - started)
+    target, draft = load_model(out / "target"), load_model(out / "draft")  # exactly the shipped weights
+    eval_adds = [task.addition(*p) for p in adds[:500]]
+    eval_chains = [task.chain(*p) for p in chains[:500]]
+    rates = {
+        f"{name}_{form}": exact_rate(model, encoder, problems_, set(eos))
+        for name, model in (("target", target), ("draft", draft))
+        for form, problems_ in (("additions", eval_adds), ("chains", eval_chains))
+    }
+    print("held-out exact:", json.dumps(rates))
+    write_prompt_files(out, adds[:500], chains[:500])
+    params = {"target": sum(p.numel() for p in target.parameters()), "draft": sum(p.numel() for p in draft.parameters())}
+    return {"draft_seconds": seconds, "heldout_exact": rates,
+            "heldout_problems": {"additions": len(eval_adds), "chains": len(eval_chains)},
+            "parameters": params, "draft_fraction_of_target": params["draft"] / params["target"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "presets" / "arith"))
-    p.add_argument("--target_steps", type=int, default=3000)
+    p.add_argument("--target_steps", type=int, default=6000)
     p.add_argument("--draft_steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--target_shape", default="4,128,8,4,16,384", help="layers,hidden,heads,kv_heads,head_dim,intermediate")
+    p.add_argument("--target_shape", default="4,128,4,2,32,384", help="layers,hidden,heads,kv_heads,head_dim,intermediate")
     p.add_argument("--draft_shape", default="1,32,2,1,16,64", help="as --target_shape")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the target")
+    p.add_argument("--draft_lr", type=float, default=3e-3)
+    p.add_argument("--chain_fraction", type=float, default=0.5, help="share of chains among the training problems")
     p.add_argument("--fuser_steps", type=int, default=1200)
     p.add_argument("--fuser_problems", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stage", choices=("all", "models", "fuser"), default="all",
-                   help="models: tokenizer, target, draft, measurements; fuser: only the fuser (models already built)")
+    p.add_argument("--stages", nargs="+", choices=("target", "draft", "fuser"), default=["target", "draft", "fuser"],
+                   help="rebuild only these (the later ones read the earlier ones from --out)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     adds, chains = task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS)
     info_path = out / "build_info.json"
-    info = json.loads(info_path.read_text()) if args.stage == "fuser" else {}
-
-    if args.stage in ("all", "models"):
-        tokenizer = build_tokenizer(["0123456789+=,"], vocab=VOCAB - len(ROLE_TOKENS))
-        tokenizer.add_tokens(ROLE_TOKENS)
-        encoder = Encoder(tokenizer)
-        eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-        pad = eos[1]
-        print("target:")
-        target = qwen3(*map(int, args.target_shape.split(",")), eos, pad, vocab=VOCAB)
-        target.config.max_position_embeddings = 128
-        problems = task.TrainingProblems(args.seed, adds, chains)
-        target = train(target, encoder, problems, args.target_steps, args.batch_size, args.lr, args.seed, pad, print)
-        target = round_to_bf16(target)
-        print("draft:")
-        draft = qwen3(*map(int, args.draft_shape.split(",")), eos, pad, vocab=VOCAB)
-        draft.config.max_position_embeddings = 128
-        problems = task.TrainingProblems(args.seed + 1, adds, chains)
-        draft = train(draft, encoder, problems, args.draft_steps, args.batch_size, args.lr, args.seed + 1, pad, print)
-        draft = round_to_bf16(draft)
-        eos_ids = set(eos)
-        eval_adds = [task.addition(*p) for p in adds[:500]]
-        eval_chains = [task.chain(*p) for p in chains[:500]]
-        rates = {
-            f"{name}_{form}": exact_rate(model, encoder, problems_, eos_ids)
-            for name, model in (("target", target), ("draft", draft))
-            for form, problems_ in (("additions", eval_adds), ("chains", eval_chains))
-        }
-        print("held-out exact:", json.dumps(rates))
-        for name, model in (("target", target), ("draft", draft)):
-            model.to(torch.bfloat16).save_pretrained(out / name)
-            model.float()
-            tokenizer.save_pretrained(out / name)
-        write_prompt_files(out, adds[:500], chains[:500])
-        params = {"target": sum(p.numel() for p in target.parameters()), "draft": sum(p.numel() for p in draft.parameters())}
-        info = {"torch": torch.__version__, "args": vars(args), 
-                "heldout_exact": rates, "heldout_problems": {"additions": len(eval_adds), "chains": len(eval_chains)},
-                "parameters": params, "draft_fraction_of_target": params["draft"] / params["target"],
-                "models_seconds": round(time.perf_counter() - t0)}
-        info_path.write_text(json.dumps(info, indent=2))
-
-    if args.stage in ("all", "fuser"):
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info |= {"torch": torch.__version__, "args": vars(args)}
+    for name, stage in (("target", stage_target), ("draft", stage_draft)):
+        if name in args.stages:
+            info |= stage(args, out, adds, chains)
+            info_path.write_text(json.dumps(info, indent=2))
+    if "fuser" in args.stages:
         from transformers import AutoTokenizer
 
         encoder = Encoder(AutoTokenizer.from_pretrained(out / "target"))

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from c2c import metrics, runner
     from c2c.prompts import read_prompts
     from c2c.report import Report
-    from c2c.results import command_line, environment, save_json_atomic
+    from c2c.results import check_output_dir, command_line, environment, save_json_atomic
 
     cfg = runner.RunConfig(
         draft_model=args.base_model,
@@ -94,10 +94,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     runner.validate(cfg)
     prompts = read_prompts(args.prompts)
     if args.save_results:  # find out now, not after the run, that results can't be written
-        try:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserInputError(f"cannot create --output_dir {args.output_dir}: {e.strerror}") from None
+        check_output_dir(args.output_dir)
     report = Report(args.lang, write=tqdm.write)
     report.write(report.L["loading"])
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))

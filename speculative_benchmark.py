@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_synthetic(args, argv) -> int:
     from c2c import synthetic
     from c2c.loading import resolve_device, resolve_dtype
-    from c2c.results import command_line, environment, save_json_atomic
+    from c2c.results import check_output_dir, command_line, environment, save_json_atomic
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -86,10 +86,13 @@ def run(args, argv) -> int:
     from c2c import benchmark, runner
     from c2c.plots import plot_all
     from c2c.prompts import read_prompts
-    from c2c.results import command_line, environment, save_json_atomic
+    from c2c.results import check_output_dir, command_line, environment, save_json_atomic
 
     if min(args.gammas) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.warmup < 0:
         raise UserInputError("--gammas and --max_new_tokens must be >= 1, --repeats >= 1, --warmup >= 0")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise UserInputError(f"--num_prompts must be >= 1 (or left out for all prompts), got {args.num_prompts}")
+    check_output_dir(args.output_dir)  # before the sweep, not after it
     prompts = read_prompts(args.prompts)[: args.num_prompts]
     cfg = runner.RunConfig(
         draft_model=args.base_model, target_model=args.teacher_model,

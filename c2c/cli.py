@@ -30,12 +30,17 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: list[str] | None, e
 
 
 def run_main(fn, *args) -> int:
-    """fn(*args), with a UserInputError reported as `error: ...` on stderr and exit code 2."""
+    """fn(*args), with a UserInputError reported as `error: ...` on stderr and exit code 2, and
+    Ctrl-C as one line and exit code 130 (results files are written atomically at the end, so an
+    interrupted run leaves none)."""
     try:
         return fn(*args)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): nothing was saved", file=sys.stderr)
+        return 130
 
 
 def apply_threads(requested: int) -> int:

@@ -351,7 +351,8 @@ class SpeculativeDecoder:
     def generate(self, prompt_ids: list[int]) -> GenerationResult:
         spec, c = self.spec, Counters()
         self.counters = c
-        c.drafted_at, c.accepted_at = [0] * spec.gamma, [0] * spec.gamma
+        width = max(0, min(spec.gamma, spec.max_new_tokens - 2))  # the most drafts a round can hold
+        c.drafted_at, c.accepted_at = [0] * width, [0] * width
         fusing = self.fuser is not None
         n0 = len(prompt_ids)
         if n0 < 1:

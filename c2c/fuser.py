@@ -93,8 +93,8 @@ class C2CProjector(nn.Module):
         self,
         source_dim: int,
         target_dim: int,
-        source_num_heads: int,
-        target_num_heads: int,
+        source_num_heads: int = 1,
+        target_num_heads: int = 1,
         hidden_dim: int = 1024,
         intermediate_dim: int = 1024,
         num_layers: int = 3,
@@ -102,10 +102,11 @@ class C2CProjector(nn.Module):
         initial_temperature: float = 1.0,
         final_temperature: float = 0.001,
         anneal_steps: int = 1929,
-        dtype: torch.dtype | dict | str = torch.bfloat16,
+        dtype: torch.dtype | dict | str = torch.float32,
         zero_init: bool = False,
-        **unknown,
     ):
+        """Defaults as C2C's: a checkpoint json without `dtype` means float32, without head counts 1;
+        an argument C2C does not know is an error (TypeError, reported by `load_fuser`)."""
         super().__init__()
         if num_layers < 3:
             raise FuserError(f"C2CProjector needs num_layers >= 3, got {num_layers}")
@@ -301,11 +302,18 @@ def find_final_dir(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FuserError(f"{path} is not valid JSON ({e}): the file is damaged; download or train the fuser again") from None
+
+
 def _read_layer_map(final: Path, num_projectors: int) -> dict[int, tuple[int, int]] | None:
     path = final / "projector_config.json"
     if not path.is_file():
         return None
-    raw = json.loads(path.read_text())
+    raw = _read_json(path)
     try:
         pairs = raw["0"]["1"]
         return {int(t): (int(v[0][0]), int(v[0][1])) for t, v in pairs.items()}
@@ -324,15 +332,22 @@ def load_fuser(folder: str | os.PathLike, draft: KVShape, target: KVShape, devic
     projectors = []
     i = 0
     while (final / f"projector_{i}.json").is_file():
-        meta = json.loads((final / f"projector_{i}.json").read_text())
-        if meta.get("class", PROJECTOR_CLASS) != PROJECTOR_CLASS:
-            raise FuserError(f"{final}/projector_{i}.json: class {meta.get('class')!r}, only {PROJECTOR_CLASS} is supported")
-        with torch.device("meta"):
-            proj = C2CProjector(**meta.get("init_args", {}))
+        meta = _read_json(final / f"projector_{i}.json")
+        if not isinstance(meta, dict) or meta.get("class", PROJECTOR_CLASS) != PROJECTOR_CLASS:
+            raise FuserError(f"{final}/projector_{i}.json: expected {{\"class\": \"{PROJECTOR_CLASS}\", \"init_args\": {{...}}}}")
+        try:
+            with torch.device("meta"):
+                proj = C2CProjector(**meta.get("init_args", {}))
+        except TypeError as e:  # an unknown or missing constructor argument
+            raise FuserError(f"{final}/projector_{i}.json: init_args do not fit C2CProjector ({e})") from None
         weights = final / f"projector_{i}.pt"
         if not weights.is_file():
             raise FuserError(f"{weights} is missing (every projector_{{i}}.json needs its .pt)")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged file; all mean the same to the user
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FuserError(f"{weights} cannot be read ({first[:160]}): the file is damaged; download or train the fuser again") from e
         try:
             proj.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

@@ -30,6 +30,18 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def check_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Create `folder` and prove it writable now, before a long run whose results would be lost."""
+    from .errors import UserInputError
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserInputError(f"cannot write to {flag} {folder}: {e.strerror or e} (pass a writable folder)") from None
+
+
 def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "results") -> Path:
     """Write `<output_dir>/<prefix>_YYYYmmdd_HHMMSS.json` (suffix _1, _2... if taken). Returns the path."""
     folder = Path(output_dir)

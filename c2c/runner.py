@@ -88,6 +88,9 @@ def validate(cfg: RunConfig) -> None:
 def prepare(cfg: RunConfig, log=print) -> Session:
     """Check cheap things first (device, configs, fuser shapes), then load the models."""
     validate(cfg)
+    if cfg.gamma > cfg.max_new_tokens - 2:
+        log(f"WARNING: --gamma {cfg.gamma} exceeds what --max_new_tokens {cfg.max_new_tokens} allows: a round drafts "
+            f"at most {max(cfg.max_new_tokens - 2, 0)} tokens (the first token comes from the prefill, the last from the target)")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     target_config = load_config(cfg.target_model, "target")
@@ -152,7 +155,8 @@ def warmup(session: Session, prompt: str, run_standard: bool, tokens: int = 8) -
     started = time.perf_counter()
     ids = encode(session, prompt)
     cfg = session.config
-    tokens = max(tokens, 2 * (cfg.gamma + 1))  # at least one full-size round, so every compiled shape is built
+    # at least one full-size round, so every compiled shape is built, but never more than a real run makes
+    tokens = min(max(tokens, 2 * (cfg.gamma + 1)), cfg.max_new_tokens)
     if run_standard:
         standard(session, ids, tokens)
     decoder(session, SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion, cfg.fuse_last_prompt)).generate(ids)

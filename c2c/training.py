@@ -267,6 +267,34 @@ def loss_fn(target_logits: torch.Tensor, draft_logits: torch.Tensor, objective: 
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
+@torch.no_grad()
+def paired_agreement(fuser, target, draft, heldout: SplitData, tokens: int, batch_size: int, objective: str = "kl",
+                     device=None) -> dict:
+    """Held-out top-1 agreement of draft and target on the same suffix tokens, fused (as the fuser
+    is: hard gates in eval mode) and unfused, with the paired counts: won = right only when fused,
+    lost = right only unfused. At least `tokens` suffix tokens."""
+    counts = {"fused": 0, "unfused": 0, "won": 0, "lost": 0}
+    total, loss, batches = 0, 0.0, 0
+    for x, m, s in heldout.evaluation(tokens, batch_size):
+        x = x.to(device)
+        t_logits, fused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=True)
+        _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
+        want = t_logits.argmax(-1)  # (B, s)
+        right_f, right_u = fused.argmax(-1) == want, unfused.argmax(-1) == want
+        counts["fused"] += int(right_f.sum())
+        counts["unfused"] += int(right_u.sum())
+        counts["won"] += int((right_f & ~right_u).sum())
+        counts["lost"] += int((right_u & ~right_f).sum())
+        loss += loss_fn(t_logits, fused, objective).item()
+        total, batches = total + want.numel(), batches + 1
+    open_gates, gates = fuser.open_gates()
+    return {
+        "heldout_loss": loss / batches, "heldout_tokens": total,
+        "agreement_fused": counts["fused"] / total, "agreement_unfused": counts["unfused"] / total,
+        "won": counts["won"], "lost": counts["lost"], "open_gates": open_gates, "gates": gates,
+    }
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -317,29 +345,10 @@ class FuserTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out top-1 agreement of draft and target on the same suffix tokens, fused (hard gates)
-        and unfused, with the paired counts: won = right only when fused, lost = right only unfused."""
         self.fuser.eval()
-        counts = {"fused": 0, "unfused": 0, "won": 0, "lost": 0}
-        total, loss, batches = 0, 0.0, 0
-        for x, m, s in self.heldout.evaluation(self.cfg.eval_tokens, self.cfg.batch_size):
-            x = x.to(self.device)
-            t_logits, fused = fused_suffix_logits(self.fuser, self.target, self.draft, x, m, s, fuse=True)
-            _, unfused = fused_suffix_logits(self.fuser, self.target, self.draft, x, m, s, fuse=False)
-            want = t_logits.argmax(-1)  # (B, s)
-            right_f, right_u = fused.argmax(-1) == want, unfused.argmax(-1) == want
-            counts["fused"] += int(right_f.sum())
-            counts["unfused"] += int(right_u.sum())
-            counts["won"] += int((right_f & ~right_u).sum())
-            counts["lost"] += int((right_u & ~right_f).sum())
-            loss += loss_fn(t_logits, fused, self.cfg.objective).item()
-            total, batches = total + want.numel(), batches + 1
-        open_gates, gates = self.fuser.open_gates()
-        return {
-            "step": self.step, "heldout_loss": loss / batches, "heldout_tokens": total,
-            "agreement_fused": counts["fused"] / total, "agreement_unfused": counts["unfused"] / total,
-            "won": counts["won"], "lost": counts["lost"], "open_gates": open_gates, "gates": gates,
-        }
+        figures = paired_agreement(self.fuser, self.target, self.draft, self.heldout, self.cfg.eval_tokens,
+                                   self.cfg.batch_size, self.cfg.objective, self.device)
+        return {"step": self.step, **figures}
 
     # ------------------------------------------------------------ checkpoints
 

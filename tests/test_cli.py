@@ -95,10 +95,28 @@ def test_two_runs_never_overwrite_each_other(saved_models, prompts_file, tmp_pat
     assert not list(out.glob(".*tmp"))
 
 
+def damaged_fuser(saved_models, tmp_path, name: str, content: bytes):
+    import shutil
+
+    folder = tmp_path / f"damaged_{name}"
+    shutil.copytree(saved_models / "fuser", folder)
+    (folder / "final" / name).write_bytes(content)
+    return str(folder)
+
+
 def bad_input_cases(saved_models, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n", encoding="utf-8")
     return {
+        "corrupted projector weights": (["--fuser_checkpoint", damaged_fuser(saved_models, tmp_path, "projector_0.pt", b"PK\x03\x04garbage")],
+                                        "projector_0.pt cannot be read"),
+        "malformed projector json": (["--fuser_checkpoint", damaged_fuser(saved_models, tmp_path, "projector_0.json", b'{"class": ')],
+                                     "projector_0.json is not valid JSON"),
+        "unknown projector argument": (["--fuser_checkpoint", damaged_fuser(
+            saved_models, tmp_path, "projector_1.json", b'{"class": "C2CProjector", "init_args": {"source_dim": 4, "bogus": 1}}')],
+            "init_args do not fit C2CProjector"),
+        "temperature nan": (["--temperature", "nan"], "temperature must be a finite number"),
+        "temperature inf": (["--temperature", "inf"], "temperature must be a finite number"),
         "missing prompt file": (["--prompts", str(tmp_path / "nope.txt")], "prompt file not found"),
         "empty prompt file": (["--prompts", str(empty)], "holds no prompts"),
         "gamma 0": (["--gamma", "0"], "gamma must be >= 1"),
@@ -108,13 +126,14 @@ def bad_input_cases(saved_models, tmp_path):
         "unknown fuser": (["--fuser_checkpoint", "no_such_pair_Fuser"], "not found"),
         "bad dtype": (["--dtype", "int8"], "invalid choice"),
         "bad top_p": (["--temperature", "1", "--top_p", "0"], "top_p must be in"),
-        "unwritable output dir": (["--output_dir", str(empty / "sub")], "cannot create --output_dir"),
+        "unwritable output dir": (["--output_dir", str(empty / "sub")], "cannot write to --output_dir"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing prompt file", "empty prompt file", "gamma 0", "negative max_new_tokens", "missing model path",
-    "wrong fuser", "unknown fuser", "bad dtype", "bad top_p", "unwritable output dir",
+    "wrong fuser", "unknown fuser", "bad dtype", "bad top_p", "unwritable output dir", "corrupted projector weights",
+    "malformed projector json", "unknown projector argument", "temperature nan", "temperature inf",
 ])
 def test_bad_input_exits_2_with_one_line_and_no_results(saved_models, prompts_file, tmp_path, capsys, case):
     extra, message = bad_input_cases(saved_models, tmp_path)[case]

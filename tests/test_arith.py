@@ -1,0 +1,83 @@
+"""The arith preset, the fusion control: held-out split, the goals its build measured, a lossless
+demo run, and the shipped fuser still raising the draft's agreement with the target."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import qwen3_14b_speculative_demo as demo
+from c2c import training
+from c2c.fuser import KVShape, load_fuser
+from c2c.loading import eos_token_ids, load_model, load_tokenizer
+from c2c.presets import PRESET_ROOT, PRESETS
+
+ARITH = PRESET_ROOT / "arith"
+sys.path.insert(0, str(PRESET_ROOT))
+import arith_task  # noqa: E402
+import build_arith  # noqa: E402
+
+
+def eval_prompts(form: str) -> list[str]:
+    return [x for x in (ARITH / f"eval_{form}.txt").read_text().splitlines() if x and not x.startswith("#")]
+
+
+def test_task_answers():
+    assert arith_task.answer("123+989=") == "1112"
+    assert arith_task.answer("998,004,") == "002,006,008,014,022,036,058,094,"
+    with pytest.raises(ValueError):
+        arith_task.answer("12*3=")
+
+
+def test_shipped_files_are_small_and_the_build_met_its_bounds():
+    files = [p for p in ARITH.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 10 * 2**20
+    info = json.loads((ARITH / "build_info.json").read_text())
+    rates, problems = info["heldout_exact"], info["heldout_problems"]
+    assert problems["additions"] >= 500 and problems["chains"] >= 500
+    assert rates["target_additions"] >= 0.9 and rates["target_chains"] >= 0.9
+    assert rates["draft_additions"] <= 0.5
+    assert info["parameters"]["draft"] <= info["parameters"]["target"] / 4
+
+
+def test_prompt_files_hold_only_heldout_problems_and_training_never_draws_them():
+    adds, chains = arith_task.heldout(build_arith.SEED_HELDOUT, build_arith.HELD_ADDITIONS, build_arith.HELD_CHAINS)
+    held = {arith_task.addition(*p)[0] for p in adds} | {arith_task.chain(*p)[0] for p in chains}
+    shipped = eval_prompts("additions") + eval_prompts("chains")
+    demo_prompts = [x for x in (ARITH / "prompts.txt").read_text().splitlines() if x and not x.startswith("#")]
+    assert len(eval_prompts("additions")) >= 500 and len(eval_prompts("chains")) >= 500
+    assert set(shipped) <= held and set(demo_prompts) <= held
+    drawn = arith_task.TrainingProblems(0, adds, chains)
+    assert not any(drawn.next()[0] in held for _ in range(50_000))
+
+
+def test_the_tokenizer_gives_every_digit_its_own_token():
+    tok = load_tokenizer(PRESETS["arith"]["teacher_model"])
+    ids = tok("9081726354", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 10 and len(set(ids)) == 10
+
+
+def test_demo_preset_arith_is_lossless_and_the_target_is_right(tmp_path):
+    out = tmp_path / "out"
+    assert demo.main(["--preset", "arith", "--save_results", "--output_dir", str(out), "--lang", "en", "--threads", "1"]) == 0
+    data = json.loads(next(out.glob("results_*.json")).read_text())
+    assert data["config"]["fusion"]["enabled"] and data["config"]["fusion"]["open_gates"][0] > 0
+    for entry in data["prompts"]:
+        assert entry["comparison"]["outputs_match"]
+        assert entry["standard"]["text"] == arith_task.answer(entry["prompt"])
+
+
+def test_shipped_fuser_raises_the_drafts_agreement_on_heldout_problems():
+    """Regression guard: fails if the shipped fuser (or the fusion code) stops transferring what the target knows."""
+    preset, cpu = PRESETS["arith"], torch.device("cpu")
+    target = load_model(preset["teacher_model"], "target", torch.float32, cpu)
+    draft = load_model(preset["base_model"], "draft", torch.float32, cpu)
+    tok = load_tokenizer(preset["teacher_model"])
+    fuser = load_fuser(preset["fuser_checkpoint"], KVShape.of(draft.config), KVShape.of(target.config), device=cpu,
+                       dtype=torch.float32)
+    prompts = eval_prompts("additions")[:60] + eval_prompts("chains")[:20]
+    items = training.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok))
+    figures = training.paired_agreement(fuser, target, draft, training.SplitData.from_answers(items, 4), 600, 32)
+    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.05
+    assert figures["won"] >= 3 * figures["lost"]

@@ -34,24 +34,12 @@ class FuserError(UserInputError):
     """A fuser checkpoint that is missing, malformed or does not fit the models."""
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class ResidualBlock(nn.Module):
     """Pre-norm residual MLP: z + w2(GELU(w1(RMSNorm(z))))."""
 
     def __init__(self, dim: int, inner: int, dropout: float):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        self.norm = nn.RMSNorm(dim, eps=1e-6)  # torch's own, as C2C: in bf16 it rounds once
         self.w1 = nn.Linear(dim, inner, bias=False)
         self.w2 = nn.Linear(inner, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
@@ -139,8 +127,8 @@ class C2CProjector(nn.Module):
         """Hard gate at inference (1 if logit > 0, a scalar); in training a Gumbel-sigmoid with the
         current temperature, its noise drawn per element of `shape` (batch, head, token, 1) as C2C does."""
         logit = getattr(self, f"{kind}_gate_logit")
-        if not self.training:
-            return (logit > 0).to(logit.dtype)
+        if not self.training:  # float32 and 4-d as C2C's: g * alpha * P is then computed in float32
+            return (logit > 0).float().view(1, 1, 1, 1)
         u = torch.rand(shape, device=logit.device, dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
         gumbel = torch.log(u) - torch.log1p(-u)
         return torch.sigmoid((logit + gumbel) / self.gate_temperature)
@@ -168,8 +156,8 @@ class C2CProjector(nn.Module):
         w = torch.sigmoid(getattr(self, f"{kind}_scalar_head")(getattr(self, f"{kind}_scalar_mlp2")(h)))  # (B, N, Ht)
         w = w.permute(0, 2, 1).unsqueeze(-1)  # (B, Ht, N, 1)
         # 6-7. gated residual, summed in float32
-        g = self.gate(kind, w.shape)  # () at inference, (B, Ht, N, 1) in training
-        return target.float() + (g * w * p).float()
+        g = self.gate(kind, w.shape)  # (1, 1, 1, 1) float32 at inference, (B, Ht, N, 1) in training
+        return target + g * w * p  # float32 when g is: the sum is rounded once, by the caller
 
     def forward(self, source_k, source_v, target_k, target_v) -> tuple[torch.Tensor, torch.Tensor]:
         k = self._project("key", source_k, target_k).to(target_k.dtype)

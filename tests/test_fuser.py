@@ -153,3 +153,53 @@ class TestResolution:
         (tmp_path / "empty").mkdir()
         with pytest.raises(FuserError, match="holds no projector files"):
             resolve_fuser(str(tmp_path / "empty"), explicit=True)
+
+
+def c2c_reference(p: C2CProjector, kind: str, source: torch.Tensor, target: torch.Tensor, bf16_product: bool = False) -> torch.Tensor:
+    """C2C's published inference math, written out: steps 1-5 in the projector dtype with
+    torch.nn.RMSNorm, the hard gate a float32 (1, 1, 1, 1) tensor, so g * alpha * P and the sum are float32."""
+    B, Ht, N, Dt = target.shape
+    x = torch.cat([source.transpose(1, 2).reshape(B, N, -1), target.transpose(1, 2).reshape(B, N, -1)], dim=-1)
+
+    def block(prefix: str, z: torch.Tensor) -> torch.Tensor:
+        sd = p.state_dict()
+        norm = torch.nn.functional.rms_norm(z, (z.shape[-1],), sd[f"{prefix}.norm.weight"], 1e-6)
+        return z + torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(norm, sd[f"{prefix}.w1.weight"])), sd[f"{prefix}.w2.weight"])
+
+    sd = p.state_dict()
+    h = block(f"{kind}_mlp1.blocks.0", torch.nn.functional.linear(x, sd[f"{kind}_in.weight"], sd[f"{kind}_in.bias"]))
+    z = h
+    for j in range(p.init_args["num_layers"] - 2):
+        z = block(f"{kind}_proj_mlp2.blocks.{j}", z)
+    proj = torch.nn.functional.linear(z, sd[f"{kind}_proj_out.weight"], sd[f"{kind}_proj_out.bias"]).view(B, N, Ht, Dt).transpose(1, 2)
+    scalar = torch.nn.functional.linear(block(f"{kind}_scalar_mlp2.blocks.0", h), sd[f"{kind}_scalar_head.weight"], sd[f"{kind}_scalar_head.bias"])
+    weight = torch.sigmoid(scalar).permute(0, 2, 1).unsqueeze(-1)  # (B, Ht, N, 1)
+    if bf16_product:  # our numerics before the fix: a 0-d bf16 gate keeps the product in bf16
+        gate = (sd[f"{kind}_gate_logit"] > 0).to(target.dtype)
+        return (target.float() + (gate * weight * proj).float()).to(target.dtype)
+    gate = (sd[f"{kind}_gate_logit"].view(1, 1, 1, 1) > 0).float()
+    return (target + gate * weight * proj).to(target.dtype)
+
+
+def test_bf16_fused_kv_is_bit_identical_to_c2c_math():
+    torch.manual_seed(1)
+    p = C2CProjector(source_dim=16, target_dim=8, source_num_heads=2, target_num_heads=4, hidden_dim=64,
+                     intermediate_dim=48, num_layers=4).to(torch.bfloat16).eval()
+    p.key_gate_logit.data.fill_(1.0)
+    p.value_gate_logit.data.fill_(1.0)
+    sk, sv = torch.randn(2, 2, 9, 16).bfloat16(), torch.randn(2, 2, 9, 16).bfloat16()
+    tk, tv = torch.randn(2, 4, 9, 8).bfloat16(), torch.randn(2, 4, 9, 8).bfloat16()
+    with torch.no_grad():
+        k, v = p(sk, sv, tk, tv)
+        assert k.dtype == torch.bfloat16
+        assert torch.equal(k, c2c_reference(p, "key", sk, tk)) and torch.equal(v, c2c_reference(p, "value", sv, tv))
+        assert not torch.equal(k, c2c_reference(p, "key", sk, tk, bf16_product=True))  # the test tells the two apart
+
+
+def test_projector_json_defaults_follow_c2c(tmp_path):
+    args = {"source_dim": 4, "target_dim": 8, "hidden_dim": 16, "intermediate_dim": 12}
+    with torch.device("meta"):
+        p = C2CProjector(**args)
+    assert p.init_args["dtype"] == torch.float32 and p.source_num_heads == 1 and p.target_num_heads == 1
+    with pytest.raises(TypeError):
+        C2CProjector(**args, surprise=1)

@@ -147,7 +147,7 @@ def test_gumbel_gate_noise_is_drawn_per_batch_head_and_token():
     proj = C2CProjector(8, 4, 2, 2, hidden_dim=8, intermediate_dim=8, dtype=torch.float32).train()
     gate = proj.gate("key", (3, 2, 5, 1))
     assert gate.shape == (3, 2, 5, 1) and gate.unique().numel() == 30
-    assert proj.eval().gate("key").shape == ()
+    assert proj.eval().gate("key").shape == (1, 1, 1, 1)
 
 
 def test_evaluation_reports_paired_won_and_lost_on_enough_tokens(tmp_path, target, draft, windows):

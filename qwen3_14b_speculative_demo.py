@@ -115,9 +115,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             report.standard(entry["standard"])
         report.speculative(entry["speculative"])
         if entry["comparison"]:
-            report.comparison(entry["comparison"])
+            report.comparison(entry["comparison"], sampling=cfg.temperature > 0)
     summary = metrics.summary(entries)
-    report.summary(summary)
+    report.summary(summary, sampling=cfg.temperature > 0)
     if args.save_results:
         results = {"config": config, "environment": environment(session.device), "prompts": entries, "summary": summary,
                    "warmup_seconds": warmup_seconds}

@@ -22,18 +22,30 @@ def plot_all(rows: list[dict], folder: Path) -> list[Path]:
     spec_rows = [r for r in rows if r["gamma"] is not None]
     modes = sorted({r["mode"] for r in spec_rows}, key=lambda m: [r["mode"] for r in rows].index(m))
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in modes:
-        pts = sorted((r["gamma"], r.get("speedup_vs_target"), r.get("average_accepted_length")) for r in spec_rows if r["mode"] == mode)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = "osD^vP*X"
+    width = 0.08 * (len(modes) - 1)  # modes that coincide stay visible: each is shifted a little along gamma
+    for i, mode in enumerate(modes):
+        shift = (i - (len(modes) - 1) / 2) * 0.08 if len(modes) > 1 else 0.0
+        pts = sorted((r["gamma"], r.get("speedup_vs_target"), r.get("average_accepted_length"), r.get("predicted_speedup"))
+                     for r in spec_rows if r["mode"] == mode)
+        style = dict(marker=markers[i % len(markers)], markersize=5, label=mode)
         if all(p[1] is not None for p in pts):
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+            line, = ax1.plot([p[0] + shift for p in pts], [p[1] for p in pts], **style)
+            if all(p[3] is not None for p in pts):  # the prediction beside the measurement, same colour
+                ax1.plot([p[0] + shift for p in pts], [p[3] for p in pts], ls=":", marker="x", markersize=4,
+                         color=line.get_color(), label=f"{mode} (predicted)")
         if all(p[2] is not None for p in pts):
-            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode)
+            ax2.plot([p[0] + shift for p in pts], [p[2] for p in pts], **style)
     ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax1.set(xlabel="gamma", ylabel="tokens/s vs target-only", title="Measured speedup")
+    ax1.set(xlabel="gamma", ylabel="tokens/s vs target-only", title="Speedup: measured (solid), predicted (dotted)")
     ax2.set(xlabel="gamma", ylabel="tokens per target call", title="Average accepted length")
+    ax2.set_ylim(bottom=1.0)
+    gammas = sorted({r["gamma"] for r in spec_rows})
     for ax in (ax1, ax2):
-        ax.legend(fontsize=7)
+        ax.set_xticks(gammas)  # integer gammas only
+        ax.set_xlim(min(gammas, default=0) - 0.5 - width, max(gammas, default=1) + 0.5 + width)
+        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(folder / "speedup_and_accepted_length.png")

@@ -71,3 +71,26 @@ def test_drafts_after_an_end_of_sequence_token_are_not_counted(target):
     assert c.rejections == 0 and c.total_accepted == c.total_drafted
     assert sum(k * v for k, v in c.tokens_per_round.items()) == len(want) - 1  # the first token comes from the prefill
     assert c.total_drafted <= len(want) - 1
+
+
+def test_report_explains_sampling_differences_and_prints_the_greedy_margin():
+    from c2c.report import Report
+
+    lines = []
+    report = Report("en", write=lines.append)
+    differ = {"latency_speedup": 1.0, "throughput_speedup": 1.0, "outputs_match": False, "first_divergence": 3}
+    report.comparison(differ, sampling=True)
+    assert "differ by design" in lines[-1] and "first divergence" not in lines[-1]
+    report.comparison(differ | {"divergence_top2_margin": 0.0625})
+    assert "first divergence at 3" in lines[-1] and "margin 0.0625" in lines[-1]
+
+
+def test_report_title_names_the_models_run():
+    from c2c.report import Report
+
+    lines = []
+    config = {"fusion": {"enabled": False, "reason": "none"}, "temperature": 0, "draft_model": "/x/presets/arith/draft",
+              "target_model": "Qwen/Qwen3-4B", "fuser_checkpoint": "none", "gamma": 4, "max_new_tokens": 8,
+              "device": "cpu", "dtype": "float32", "threads": 1}
+    Report("en", write=lines.append).header(config, 1)
+    assert "Qwen/Qwen3-4B speculative decoding demo (draft arith/draft" in lines[0] and "Qwen3-14B" not in lines[0]

@@ -111,6 +111,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for form, n in (("additions", args.additions), ("chains", args.chains)):
+            if n == 0:
+                continue
             lines = [x for x in (folder / f"eval_{form}.txt").read_text().splitlines() if x and not x.startswith("#")]
             prompts = Path(tmp) / f"{form}.txt"
             prompts.write_text("\n".join(lines[:n]) + "\n")

@@ -79,8 +79,11 @@ def batch(encoder: Encoder, problems: task.TrainingProblems, size: int, pad: int
     return x, mask
 
 
-def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed: int, pad: int, log):
-    """Answer-token cross-entropy, cosine schedule over `steps`."""
+def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed: int, pad: int, log, additions_first: int = 0,
+          probe=None):
+    """Answer-token cross-entropy, cosine schedule over `steps`; the first `additions_first` steps see
+    additions only (a curriculum: chains reuse the addition the model learns first)."""
+    chain_fraction = problems.chain_fraction
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
@@ -88,6 +91,7 @@ def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=50)
+        problems.chain_fraction = 0.0 if step < additions_first else chain_fraction
         x, mask = batch(encoder, problems, batch_size, pad)
         logits = model(input_ids=x[:, :-1]).logits  # (B, L-1, V)
         loss = F.cross_entropy(logits[mask], x[:, 1:][mask])
@@ -97,6 +101,9 @@ def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed
         opt.step()
         if step % 200 == 0 or step == steps - 1:
             log(f"  step {step:5d}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+        if probe is not None and (step + 1) % 1000 == 0:  # a glance at held-out exactness (a few seconds)
+            log(f"  step {step + 1}: held-out exact {json.dumps(probe(model.eval()))}")
+            model.train()
     return model.eval().requires_grad_(False)
 
 
@@ -119,11 +126,12 @@ def write_prompt_files(out: Path, adds, chains) -> None:
     (out / "eval_chains.txt").write_text(header.format(f"chains of {task.CHAIN_TERMS} terms") + "\n".join(task.chain(*p)[0] for p in chains) + "\n")
 
 
-def train_fuser(out: Path, encoder, seed: int, steps: int, threads: int, problems: int) -> dict:
+def train_fuser(out: Path, args) -> dict:
     """The shipped fuser, trained by the project's own trainer command (frozen models)."""
     from c2c import train_fuser
 
-    gen = task.TrainingProblems(seed + 7, *task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS))
+    seed, steps, problems = args.seed, args.fuser_steps, args.fuser_problems
+    gen = task.TrainingProblems(seed + 7, *task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS), args.fuser_chain_fraction)
     data = out / "fuser_train.jsonl"
     # 3-digit additions and chains only: the forms the fuser serves
     lines = []
@@ -134,11 +142,11 @@ def train_fuser(out: Path, encoder, seed: int, steps: int, threads: int, problem
     data.write_text("\n".join(lines) + "\n")
     argv = ["--base_model", str(out / "draft"), "--teacher_model", str(out / "target"), "--data", str(data),
             "--output_dir", str(out / "fuser"), "--generate_from_target", str(4 * task.CHAIN_TERMS + 2),
-            "--steps", str(steps), "--batch_size", "32", "--gamma", "4", "--hidden_dim", "128",
-            "--intermediate_dim", "128", "--lr", "2e-3", "--warmup_steps", "50", "--dropout", "0.0",
-            "--eval_every", str(max(steps // 6, 1)), "--save_every", str(10**9), "--seed", str(seed),
-            "--device", "cpu", "--dtype", "float32", "--save_dtype", "bfloat16", "--threads", str(threads),
-            "--no_progress"]
+            "--steps", str(steps), "--batch_size", "32", "--gamma", "4", "--hidden_dim", str(args.fuser_hidden),
+            "--intermediate_dim", str(args.fuser_hidden), "--lr", str(args.fuser_lr), "--warmup_steps", "50",
+            "--dropout", "0.0", "--initial_gate_logit", "1.0", "--eval_every", str(max(steps // 6, 1)),
+            "--save_every", str(10**9), "--seed", str(seed), "--device", "cpu", "--dtype", "float32",
+            "--save_dtype", "bfloat16", "--threads", str(args.threads), "--no_progress"]
     started = time.perf_counter()
     rc = train_fuser.main(argv)
     if rc != 0:
@@ -165,7 +173,14 @@ def stage_target(args, out: Path, adds, chains) -> dict:
     target = qwen3(*map(int, args.target_shape.split(",")), eos, eos[1], vocab=VOCAB)
     target.config.max_position_embeddings = 128
     problems = task.TrainingProblems(args.seed, adds, chains, args.chain_fraction)
-    target = round_to_bf16(train(target, encoder, problems, args.target_steps, args.batch_size, args.lr, args.seed, eos[1], print))
+    glance = [task.addition(*p) for p in adds[500:600]], [task.chain(*p) for p in chains[500:550]]  # not the reported 500s
+
+    def probe(model):
+        with torch.no_grad():
+            return {form: exact_rate(model, encoder, probs, set(eos)) for form, probs in zip(("additions", "chains"), glance)}
+
+    target = round_to_bf16(train(target, encoder, problems, args.target_steps, args.batch_size, args.lr, args.seed, eos[1], print,
+                                 additions_first=args.additions_first, probe=probe))
     target.to(torch.bfloat16).save_pretrained(out / "target")
     tokenizer.save_pretrained(out / "target")
     return {"target_seconds": round(time.perf_counter() - started)}
@@ -205,16 +220,20 @@ def stage_draft(args, out: Path, adds, chains) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "presets" / "arith"))
-    p.add_argument("--target_steps", type=int, default=6000)
-    p.add_argument("--draft_steps", type=int, default=300)
+    p.add_argument("--target_steps", type=int, default=7000)
+    p.add_argument("--draft_steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--target_shape", default="4,128,4,2,32,384", help="layers,hidden,heads,kv_heads,head_dim,intermediate")
-    p.add_argument("--draft_shape", default="1,32,2,1,16,64", help="as --target_shape")
+    p.add_argument("--draft_shape", default="1,64,4,1,16,128", help="as --target_shape")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the target")
     p.add_argument("--draft_lr", type=float, default=3e-3)
     p.add_argument("--chain_fraction", type=float, default=0.5, help="share of chains among the training problems")
-    p.add_argument("--fuser_steps", type=int, default=1200)
+    p.add_argument("--additions_first", type=int, default=2000, help="target steps on additions only, before the mix")
+    p.add_argument("--fuser_steps", type=int, default=6000)
     p.add_argument("--fuser_problems", type=int, default=6000)
+    p.add_argument("--fuser_hidden", type=int, default=128)
+    p.add_argument("--fuser_lr", type=float, default=2e-3)
+    p.add_argument("--fuser_chain_fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stages", nargs="+", choices=("target", "draft", "fuser"), default=["target", "draft", "fuser"],
@@ -226,16 +245,17 @@ def main() -> int:
     adds, chains = task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS)
     info_path = out / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    info |= {"torch": torch.__version__, "args": vars(args)}
+    info["torch"] = torch.__version__
+    command = "python presets/build_arith.py " + " ".join(sys.argv[1:])
     for name, stage in (("target", stage_target), ("draft", stage_draft)):
         if name in args.stages:
             info |= stage(args, out, adds, chains)
+            info.setdefault("built_by", {})[name] = {"command": command, "args": vars(args)}
             info_path.write_text(json.dumps(info, indent=2))
     if "fuser" in args.stages:
         from transformers import AutoTokenizer
 
-        encoder = Encoder(AutoTokenizer.from_pretrained(out / "target"))
-        info["fuser"] = train_fuser(out, encoder, args.seed, args.fuser_steps, args.threads, args.fuser_problems)
+        info["fuser"] = train_fuser(out, args)
         info_path.write_text(json.dumps(info, indent=2))
     print(json.dumps(info))
     return 0

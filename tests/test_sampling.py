@@ -78,3 +78,44 @@ def test_probabilities_top_k_and_top_p():
 def test_bad_sampling_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingConfig(**kwargs)
+
+
+def test_engine_sampling_follows_the_target_joint_distribution_with_an_eos_inside_blocks(target, draft):
+    """Whole speculative runs (gamma 3, tiny models, top-k 4 so the support is small): the first two
+    output tokens must follow the target's exact joint distribution, computed from its logits, while
+    one of the likely tokens is an end-of-sequence id (runs that emit it stop there, inside a block).
+    Failure odds for a correct engine: under 1e-6 (chi-square, fixed seed)."""
+    from c2c import cache as kv
+    from c2c.engine import SpecConfig, SpeculativeDecoder
+
+    prompt, cfg = [5, 9, 33], SamplingConfig(temperature=1.5, top_k=4)
+
+    def next_probs(ids):
+        with torch.inference_mode():
+            logits = kv.forward(target, torch.tensor([ids]), kv.new_cache(target), 0, logits_to_keep=1)[0, -1]
+        return probabilities(logits, cfg)
+
+    p1 = next_probs(prompt)
+    firsts = torch.nonzero(p1).flatten().tolist()
+    eos = {firsts[1]}  # the second most likely first token ends the sequence
+    cells = {}
+    for t1 in firsts:
+        if t1 in eos:
+            cells[(t1, None)] = p1[t1].item()
+            continue
+        p2 = next_probs(prompt + [t1])
+        for t2 in torch.nonzero(p2).flatten().tolist():
+            cells[(t1, t2)] = p1[t1].item() * p2[t2].item()
+    keys = list(cells)
+    counts = torch.zeros(len(keys))
+    gen = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        decoder = SpeculativeDecoder(target, draft, SpecConfig(3, 4), cfg, eos, generator=gen)  # one 2-token block
+        for _ in range(800):
+            out = decoder.generate(prompt).output_ids
+            if out[0] in eos:
+                assert out == out[:1]
+            key = (out[0], None if out[0] in eos else out[1])
+            counts[keys.index(key)] += 1
+            assert all(t not in eos for t in out[:-1])  # nothing after an end-of-sequence token
+    assert chi2(counts, torch.tensor([cells[k] for k in keys])) < chi2_critical(len(keys) - 1)

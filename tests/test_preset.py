@@ -37,12 +37,25 @@ def test_shipped_models_load_like_hub_models_and_fit_the_fuser():
     assert resolve_fuser(preset["fuser_checkpoint"], explicit=True).path == Path(preset["fuser_checkpoint"])
 
 
-def test_heldout_prompts_never_appear_in_training_text():
+def test_heldout_plays_never_reach_the_training_split_and_prompts_come_from_them(tmp_path):
+    """The build's split, on a stand-in corpus (the real one is not shipped): every speech of a held-out
+    play lands in the held-out list and none in training; the shipped prompts are held-out lines."""
+    import sys
+
+    sys.path.insert(0, str(PRESET_ROOT))
+    import build_tiny
+
+    speech = "FIRST LINE OF A SPEECH SPOKEN BY {who}\nand then a second line that is long enough to keep it whole"
+    for play in (*build_tiny.HELDOUT_PLAYS, "macbeth", "othello"):
+        (tmp_path / f"{play}_gut.txt").write_text("\n\n".join(speech.format(who=f"{play} {i}") for i in range(3)))
+    train, held = build_tiny.load_splits(tmp_path)
+    assert len(held) == 3 * len(build_tiny.HELDOUT_PLAYS) and len(train) == 6
+    assert all(any(p in b for p in build_tiny.HELDOUT_PLAYS) for b in held)
+    assert not any(any(p in b for p in build_tiny.HELDOUT_PLAYS) for b in train)
     prompts = [line for line in (TINY / "prompts.txt").read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
-    heldout = (TINY / "heldout.txt").read_text(encoding="utf-8")
-    assert len(prompts) == 7 and all(p in heldout for p in prompts)
-    info = json.loads((TINY / "build_info.json").read_text())
-    assert info["tokens"]["heldout"] > 0
+    heldout_lines = set((TINY / "heldout.txt").read_text(encoding="utf-8").splitlines())
+    assert len(prompts) == 7 and all(p in heldout_lines for p in prompts)
+    assert json.loads((TINY / "build_info.json").read_text())["tokens"]["heldout"] > 0
 
 
 def test_demo_preset_tiny_runs_offline_with_fusion(tmp_path):

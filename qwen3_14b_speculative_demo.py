@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
-from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 from c2c.presets import PRESETS
 

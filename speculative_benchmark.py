@@ -59,6 +59,7 @@ def run_synthetic(args, argv) -> int:
     from c2c.loading import resolve_device, resolve_dtype
     from c2c.results import check_output_dir, command_line, environment, save_json_atomic
 
+    check_output_dir(args.output_dir)  # before the timing, not after it
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.synthetic == "qwen3" and device.type != "cuda" and args.device != "cpu":

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import arith_task as task  # noqa: E402  (presets/ is the script's own folder)
-from build_tiny import CHAT_TEMPLATE, SPECIALS, build_tokenizer, lr_at, qwen3, round_to_bf16  # noqa: E402
+from build_tiny import SPECIALS, build_tokenizer, lr_at, qwen3, round_to_bf16  # noqa: E402
 
 ROLE_TOKENS = ["user", "assistant"]  # one token each, so the chat template costs 8 tokens per prompt
 VOCAB = 256 + len(SPECIALS) + len(ROLE_TOKENS)  # bytes, specials, roles: no merges, every digit one token
@@ -253,8 +253,6 @@ def main() -> int:
             info.setdefault("built_by", {})[name] = {"command": command, "args": vars(args)}
             info_path.write_text(json.dumps(info, indent=2))
     if "fuser" in args.stages:
-        from transformers import AutoTokenizer
-
         info["fuser"] = train_fuser(out, args)
         info_path.write_text(json.dumps(info, indent=2))
     print(json.dumps(info))

@@ -224,3 +224,14 @@ def test_shell_wrapper_leaves_the_prompts_to_a_preset(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(results_in(out)[0].read_text(encoding="utf-8"))
     assert data["config"]["prompts_file"].endswith("presets/tiny/prompts.txt")
+
+
+def test_gamma_above_max_new_tokens_warns_and_stays_small(saved_models, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = args_for(saved_models, prompts_file, out, "--fuser_checkpoint", "none", "--gamma", "1000") + ["--max_new_tokens", "8"]
+    args.remove("--no_warmup")  # the warm-up must be sized by max_new_tokens too
+    assert demo.main(args) == 0
+    assert "WARNING: --gamma 1000 exceeds" in capsys.readouterr().err
+    data = json.loads(results_in(out)[0].read_text(encoding="utf-8"))
+    for entry in data["prompts"]:
+        assert len(entry["speculative"]["accepted_per_position"]) <= 6 and entry["comparison"]["outputs_match"]

@@ -229,7 +229,7 @@ def main() -> int:
     p.add_argument("--draft_lr", type=float, default=3e-3)
     p.add_argument("--chain_fraction", type=float, default=0.5, help="share of chains among the training problems")
     p.add_argument("--additions_first", type=int, default=2000, help="target steps on additions only, before the mix")
-    p.add_argument("--fuser_steps", type=int, default=6000)
+    p.add_argument("--fuser_steps", type=int, default=12000)
     p.add_argument("--fuser_problems", type=int, default=6000)
     p.add_argument("--fuser_hidden", type=int, default=128)
     p.add_argument("--fuser_lr", type=float, default=2e-3)

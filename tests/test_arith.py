@@ -80,5 +80,6 @@ def test_shipped_fuser_raises_the_drafts_agreement_on_heldout_problems():
     prompts = eval_prompts("additions")[:60] + eval_prompts("chains")[:20]
     items = training.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok))
     figures = training.paired_agreement(fuser, target, draft, training.SplitData.from_answers(items, 4), 600, 32)
-    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.05
-    assert figures["won"] >= 2 * figures["lost"]  # measured 81 vs 33 on 600+ tokens; no effect would give about even
+    # measured 0.726 vs 0.595, won 118 vs lost 32 on 654 tokens; a fuser with no effect gives about even
+    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.08
+    assert figures["won"] >= 3 * figures["lost"]

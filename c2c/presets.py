@@ -15,26 +15,21 @@ from .errors import UserInputError
 
 PRESET_ROOT = Path(__file__).resolve().parent.parent / "presets"
 
-PRESETS: dict[str, dict] = {
-    "tiny": {
-        "base_model": str(PRESET_ROOT / "tiny" / "draft"),
-        "teacher_model": str(PRESET_ROOT / "tiny" / "target"),
-        "fuser_checkpoint": str(PRESET_ROOT / "tiny" / "fuser"),
-        "prompts": str(PRESET_ROOT / "tiny" / "prompts.txt"),
+def _shipped(name: str, max_new_tokens: int) -> dict:
+    """A shipped pair's flag defaults: presets/<name>/{draft,target,fuser,prompts.txt}, CPU, float32."""
+    folder = PRESET_ROOT / name
+    return {
+        "base_model": str(folder / "draft"),
+        "teacher_model": str(folder / "target"),
+        "fuser_checkpoint": str(folder / "fuser"),
+        "prompts": str(folder / "prompts.txt"),
         "device": "cpu",
         "dtype": "float32",
-        "max_new_tokens": 128,
-    },
-    "arith": {
-        "base_model": str(PRESET_ROOT / "arith" / "draft"),
-        "teacher_model": str(PRESET_ROOT / "arith" / "target"),
-        "fuser_checkpoint": str(PRESET_ROOT / "arith" / "fuser"),
-        "prompts": str(PRESET_ROOT / "arith" / "prompts.txt"),
-        "device": "cpu",
-        "dtype": "float32",
-        "max_new_tokens": 40,
-    },
-}
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+PRESETS: dict[str, dict] = {"tiny": _shipped("tiny", 128), "arith": _shipped("arith", 40)}
 
 
 def preset_defaults(name: str | None) -> dict:

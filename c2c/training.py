@@ -112,7 +112,9 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
     Each continuation ends at its first end-of-sequence token (included) or after max_new_tokens.
     The reference for single prompts is `engine.standard_generate`; a test checks they agree.
     """
-    device = next(model.parameters()).device
+    from .engine import model_device
+
+    device = model_device(model)
     eos = torch.tensor(sorted(eos_ids), device=device)
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -163,6 +162,19 @@ def load_model(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
 
 
+def new_model(shape: str, eos: list[int]):
+    """A fresh Qwen3 model of `shape` (layers,hidden,heads,kv_heads,head_dim,intermediate) for this vocabulary."""
+    model = qwen3(*map(int, shape.split(",")), eos, eos[1], vocab=VOCAB)
+    model.config.max_position_embeddings = 128
+    return model
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """As shipped: bf16 weights and the tokenizer beside them."""
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def stage_target(args, out: Path, adds, chains) -> dict:
     tokenizer = build_tokenizer(["0123456789+=,"], vocab=VOCAB - len(ROLE_TOKENS))
     tokenizer.add_tokens(ROLE_TOKENS)
@@ -170,8 +182,7 @@ def stage_target(args, out: Path, adds, chains) -> dict:
     eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     print("target:")
     started = time.perf_counter()
-    target = qwen3(*map(int, args.target_shape.split(",")), eos, eos[1], vocab=VOCAB)
-    target.config.max_position_embeddings = 128
+    target = new_model(args.target_shape, eos)
     problems = task.TrainingProblems(args.seed, adds, chains, args.chain_fraction)
     glance = [task.addition(*p) for p in adds[500:600]], [task.chain(*p) for p in chains[500:550]]  # not the reported 500s
 
@@ -181,8 +192,7 @@ def stage_target(args, out: Path, adds, chains) -> dict:
 
     target = round_to_bf16(train(target, encoder, problems, args.target_steps, args.batch_size, args.lr, args.seed, eos[1], print,
                                  additions_first=args.additions_first, probe=probe))
-    target.to(torch.bfloat16).save_pretrained(out / "target")
-    tokenizer.save_pretrained(out / "target")
+    save_model(target, tokenizer, out / "target")
     return {"target_seconds": round(time.perf_counter() - started)}
 
 
@@ -194,12 +204,10 @@ def stage_draft(args, out: Path, adds, chains) -> dict:
     eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     print("draft:")
     started = time.perf_counter()
-    draft = qwen3(*map(int, args.draft_shape.split(",")), eos, eos[1], vocab=VOCAB)
-    draft.config.max_position_embeddings = 128
+    draft = new_model(args.draft_shape, eos)
     problems = task.TrainingProblems(args.seed + 1, adds, chains, args.chain_fraction)
     draft = round_to_bf16(train(draft, encoder, problems, args.draft_steps, args.batch_size, args.draft_lr, args.seed + 1, eos[1], print))
-    draft.to(torch.bfloat16).save_pretrained(out / "draft")
-    tokenizer.save_pretrained(out / "draft")
+    save_model(draft, tokenizer, out / "draft")
     seconds = round(time.perf_counter() - started)
     target, draft = load_model(out / "target"), load_model(out / "draft")  # exactly the shipped weights
     eval_adds = [task.addition(*p) for p in adds[:500]]
@@ -260,5 +268,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     sys.exit(main())

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     warmup_seconds = None
     if not args.no_warmup or args.compile:
         report.write(report.L["warmup"])
-        warmup_seconds = runner.warmup(session, prompts[0], run_standard)
+        warmup_seconds = runner.warmup(session, prompts, run_standard)
         report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if args.compile else ""))
     entries = []
     for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr), 1):

@@ -94,6 +94,9 @@ def run(args, argv) -> int:
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserInputError(f"--num_prompts must be >= 1 (or left out for all prompts), got {args.num_prompts}")
     check_output_dir(args.output_dir)  # before the sweep, not after it
+    if args.compile and args.warmup == 0:
+        print("warning: --compile with --warmup 0: the timed runs include compilation and CUDA graph recording, "
+              "so their tokens/s are not the fast path's; use --warmup 1 or more", file=sys.stderr)
     prompts = read_prompts(args.prompts)[: args.num_prompts]
     cfg = runner.RunConfig(
         draft_model=args.base_model, target_model=args.teacher_model,

@@ -1,21 +1,47 @@
 #!/usr/bin/env bash
-# GPU timing check on random-init real-shape Qwen3-0.6B / Qwen3-14B (no download, no internet):
-# eager and compiled steps, fusion, forced-accept round overhead, HF generate per token, and the
-# predicted speedups. Writes JSON under ${OUT:-output/gpu_check}. Budget: under 8 minutes on one H100.
-#   bash bench/gpu_check.sh            (PYTHON picks the interpreter)
-set -euo pipefail
+# GPU check on random-init real-shape Qwen3-0.6B / Qwen3-14B (no download, no internet) plus the
+# shipped presets' correctness on CUDA. Steps run in order of value, each under what is left of
+# BUDGET seconds (default 420), each writing its log/JSON under ${OUT:-output/gpu_check} as it goes:
+#   1. losslessness on CUDA: --preset tiny and --preset arith, eager (outputs must equal the target's)
+#   2. --preset tiny compiled on CUDA (lossless with CUDA graphs; one untimed warm-up run)
+#   3. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
+#   4. synthetic compiled (CUDA graphs) timings, gamma 4 (about 4-5 minutes on a fresh H100, mostly compiling)
+#   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-output/gpu_check}"
+BUDGET="${BUDGET:-480}"
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
+left() { echo $(( BUDGET - SECONDS )); }
+step() {  # step NAME MAX_SECONDS CMD...: runs CMD under min(MAX, time left), log in $OUT_DIR/NAME.log
+  local name=$1 max=$2; shift 2
+  local t=$(( $(left) < max ? $(left) : max ))
+  if (( t < 20 )); then echo "== $name: skipped (budget spent)" | tee -a "$OUT_DIR/summary.txt"; return; fi
+  echo "== $name (limit ${t}s)"
+  local s0=$SECONDS
+  timeout "$t" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT_DIR/$name.log"
+  echo "== $name: rc=$rc in $(( SECONDS - s0 ))s" | tee -a "$OUT_DIR/summary.txt"
+}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 } | tee "$OUT_DIR/versions.txt"
-# 1. compiled fast path (CUDA graphs), gammas 2, 4, 6 (each gamma compiles its own verify and fusion graphs)
-timeout 420 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 2 4 6 \
-  --iters 30 --max_new_tokens 64 --output_dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/synthetic_compiled.log"
-# 2. correctness on the GPU: the tiny preset, eager and compiled, outputs must match the target
-timeout 120 "$PY" speculative_benchmark.py --preset tiny --device cuda --dtype float32 --gammas 4 --repeats 1 \
-  --modes target speculative speculative_fused --max_new_tokens 64 --no_plots --compile \
-  --output_dir "$OUT_DIR" 2>&1 | tail -n 1 | tee "$OUT_DIR/tiny_compiled_cuda.json"
+JSON_DIR="$OUT_DIR/json"  # result JSONs, packed into one json.tgz at the end ($OUT brings back at most 8 files)
+mkdir -p "$JSON_DIR"
+COMMON=(--device cuda --dtype float32 --gammas 4 --repeats 1 --warmup 0 --no_plots --output_dir "$JSON_DIR")
+step tiny_eager 60 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
+  --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 8
+step arith_eager 60 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}" \
+  --modes target speculative speculative_fused --num_prompts 20
+step tiny_compiled 150 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
+  --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 4 --compile --warmup 1
+step synthetic_eager 150 "$PY" speculative_benchmark.py --synthetic qwen3 --dtype bfloat16 --gammas 2 4 6 \
+  --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
+step synthetic_compiled 330 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 \
+  --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
+tar czf "$OUT_DIR/json.tgz" -C "$OUT_DIR" json && rm -rf "$JSON_DIR"
+echo "total ${SECONDS}s" | tee -a "$OUT_DIR/summary.txt"

@@ -68,8 +68,10 @@ def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
     return None
 
 
-def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int) -> Run:
-    """One fresh run of `mode`; `speculative` is the fused modes' decoder with both fusion kinds off."""
+def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int,
+             force_accept: bool = False) -> Run:
+    """One fresh run of `mode`; `speculative` is the fused modes' decoder with both fusion kinds off.
+    `force_accept`: a compiled warm-up's forced-accept run (speculative modes; output meaningless)."""
     with torch.inference_mode():
         if mode == "target":
             r: GenerationResult = runner.standard(session, ids, max_new_tokens)
@@ -78,7 +80,7 @@ def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_to
         else:
             prefill, decode = FUSED.get(mode, (False, False))
             spec = SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt)
-            r = runner.decoder(session, spec).generate(ids)
+            r = runner.decoder(session, spec, force_accept=force_accept).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -88,13 +90,25 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
     return [m for m in requested if m not in skipped], skipped
 
 
+def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int) -> None:
+    """Untimed: a short run of the first prompt (a full-size round at least). Compiling: full-length
+    runs of the first prompt of each static cache size, plus a forced-accept run that meets every
+    compiled shape, so that the timed runs compile and record nothing."""
+    compiling = session.compiled is not None
+    warm_tokens = max_new_tokens if compiling else min(max_new_tokens, max(16, 2 * (gamma + 1)))
+    for ids in runner.warm_prompts(session, prompts, max_new_tokens, gamma):
+        run_once(session, mode, ids, gamma, warm_tokens)
+        if compiling and mode.startswith("speculative"):
+            run_once(session, mode, ids, gamma, warm_tokens, force_accept=True)
+
+
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
     (the first may still include lazy initialisation or compilation the warm-up did not reach).
     `target_step`: the target mode's seconds per token, for the speculative modes' prediction."""
-    for _ in range(warmup):  # long enough for a full-size round (every compiled shape)
-        run_once(session, mode, prompts[0], gamma, min(max_new_tokens, max(16, 2 * (gamma + 1))))
+    for _ in range(warmup):
+        warm_up(session, mode, prompts, gamma, max_new_tokens)
     repeat_totals, ttfts = [], []
     for _ in range(repeats):
         latency, tokens, runs_last = 0.0, 0, []
@@ -142,7 +156,7 @@ def speculative_statistics(counters: list, tokens: list[int], gamma: int, target
         "accepted_per_position": stats["accepted_per_position"],
         "round_time_split": {name: phase(name) / c.rounds if c.rounds else None for name in ("draft", "target", "fusion", "overhead")},
         "overhead_fraction": phase("overhead") / all_time if all_time else None,
-        "prefill_time": (phase("target_prefill") + phase("draft_prefill")) / c.runs,
+        "prefill_time": (phase("target_prefill") + phase("draft_prefill") + phase("fusion_prefill")) / c.runs,
         "cost_ratio_c": stats["cost_ratio_c"],
         "predicted_speedup": stats["predicted_speedup"],
         "theoretical_speedup": stats["theoretical_speedup"],

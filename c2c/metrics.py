@@ -97,7 +97,7 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
     t = c.times
     draft_time = t.get("draft", 0.0) + t.get("draft_prefill", 0.0)
     target_time = t.get("target", 0.0) + t.get("target_prefill", 0.0)
-    fusion_time = t.get("fusion", 0.0)
+    fusion_time = t.get("fusion", 0.0) + t.get("fusion_prefill", 0.0)
     stats = round_statistics(c, gamma, target_step)
     return {
         "text": text,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate, top2_margin
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
@@ -134,12 +134,32 @@ def _generator(session: Session) -> torch.Generator:
     return torch.Generator(device=session.device).manual_seed(session.config.seed)
 
 
-def decoder(session: Session, spec: SpecConfig | None = None) -> SpeculativeDecoder:
+def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool = False) -> SpeculativeDecoder:
+    """The session's speculative decoder. `force_accept` (compiled warm-ups only): every draft accepted
+    and no end of sequence, so every round is full-size and the 2-token catch-up runs; output discarded."""
     cfg = session.config
     return SpeculativeDecoder(
-        session.target, session.draft, spec or cfg.spec, cfg.sampling, session.eos_ids,
-        fuser=session.fuser, generator=_generator(session), compiled=session.compiled,
+        session.target, session.draft, spec or cfg.spec, cfg.sampling, set() if force_accept else session.eos_ids,
+        fuser=session.fuser, generator=_generator(session), compiled=session.compiled, force_accept=force_accept,
     )
+
+
+def warm_prompts(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> list[list[int]]:
+    """The prompts a warm-up must run: the first one, and with --compile the first of each static
+    cache size the runs will use (each size has its own caches, graphs and compilation)."""
+    if session.compiled is None:
+        return prompts[:1]
+    first: dict = {}
+    for ids in prompts:
+        first.setdefault(cache_sizes(len(ids), max_new_tokens, gamma), ids)
+    return list(first.values())
+
+
+def warm_compiled(session: Session, ids: list[int], spec: SpecConfig) -> None:
+    """With --compile, one forced-accept run at the real length: it builds every compiled shape the
+    speculative runs can meet (1- and 2-token draft steps, the verify block, the fusion window)."""
+    if session.compiled is not None:
+        decoder(session, spec, force_accept=True).generate(ids)
 
 
 def encode(session: Session, prompt: str) -> list[int]:
@@ -147,19 +167,25 @@ def encode(session: Session, prompt: str) -> list[int]:
 
 
 @torch.inference_mode()
-def warmup(session: Session, prompt: str, run_standard: bool, tokens: int = 8) -> float:
-    """A short untimed run of each loop so that lazy initialisation (and compilation) stays out of
-    the timings. Returns its seconds (with --compile: mostly compile time)."""
+def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int = 8) -> float:
+    """An untimed run of each loop so that lazy initialisation (and compilation) stays out of the
+    timings: a short one on the first prompt; with --compile, full-length runs (a forced-accept one
+    too) on the first prompt of each static cache size. Returns its seconds (compiling: mostly compile time)."""
     import time
 
     started = time.perf_counter()
-    ids = encode(session, prompt)
     cfg = session.config
-    # at least one full-size round, so every compiled shape is built, but never more than a real run makes
-    tokens = min(max(tokens, 2 * (cfg.gamma + 1)), cfg.max_new_tokens)
-    if run_standard:
-        standard(session, ids, tokens)
-    decoder(session, SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion, cfg.fuse_last_prompt)).generate(ids)
+    all_ids = [encode(session, p) for p in prompts]
+    if session.compiled is not None:
+        tokens = cfg.max_new_tokens  # graphs are per cache size, and the size follows the run's length
+    else:  # at least one full-size round, but never more than a real run makes
+        tokens = min(max(tokens, 2 * (cfg.gamma + 1)), cfg.max_new_tokens)
+    spec = SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion, cfg.fuse_last_prompt)
+    for ids in warm_prompts(session, all_ids, cfg.max_new_tokens, cfg.gamma):
+        if run_standard:
+            standard(session, ids, tokens)
+        decoder(session, spec).generate(ids)
+        warm_compiled(session, ids, spec)
     return time.perf_counter() - started
 
 

@@ -108,7 +108,7 @@ def _step_timer(model, tokens: int, context: int, compiled: CompiledSteps | None
     """Seconds for one forward of `tokens` tokens after `context` cached positions (rolled back each time)."""
     device = model_device(model)
     vocab = model.config.vocab_size
-    cache = kv.new_cache(model, context + tokens + 1 if compiled else None)
+    cache = compiled.cache(model, context + tokens + 1, "timer") if compiled else kv.new_cache(model)
     prompt = torch.randint(0, vocab, (1, context), device=device)
     block = torch.randint(0, vocab, (1, tokens), device=device)
     call = compiled(model) if compiled else None
@@ -128,7 +128,10 @@ def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, wa
 
     device = model_device(pair.draft)
     capacity = static_capacity(context + 1) if compiled else None
-    t_cache, d_cache = kv.new_cache(pair.target, capacity), kv.new_cache(pair.draft, capacity)
+    if compiled:
+        t_cache, d_cache = compiled.cache(pair.target, capacity), compiled.cache(pair.draft, capacity, "draft")
+    else:
+        t_cache, d_cache = kv.new_cache(pair.target), kv.new_cache(pair.draft)
     prompt = torch.randint(0, pair.target.config.vocab_size, (1, context), device=device)
     with torch.inference_mode():
         kv.forward(pair.target, prompt, t_cache, 0, logits_to_keep=1)

@@ -182,7 +182,12 @@ def stage_target(args, out: Path, adds, chains) -> dict:
     eos = [encoder.eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     print("target:")
     started = time.perf_counter()
-    target = new_model(args.target_shape, eos)
+    if args.target_init:  # same tokenizer (built above from the same seedless recipe), trained further
+        target = load_model(Path(args.target_init)).requires_grad_(True)
+        if target.config.vocab_size != VOCAB:
+            raise SystemExit(f"--target_init {args.target_init}: vocabulary {target.config.vocab_size}, expected {VOCAB}")
+    else:
+        target = new_model(args.target_shape, eos)
     problems = task.TrainingProblems(args.seed, adds, chains, args.chain_fraction)
     glance = [task.addition(*p) for p in adds[500:600]], [task.chain(*p) for p in chains[500:550]]  # not the reported 500s
 
@@ -233,6 +238,8 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--target_shape", default="4,128,4,2,32,384", help="layers,hidden,heads,kv_heads,head_dim,intermediate")
     p.add_argument("--draft_shape", default="1,64,4,1,16,128", help="as --target_shape")
+    p.add_argument("--target_init", default=None,
+                   help="continue training the target saved in this folder (e.g. a longer chain schedule) instead of a fresh one")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the target")
     p.add_argument("--draft_lr", type=float, default=3e-3)
     p.add_argument("--chain_fraction", type=float, default=0.5, help="share of chains among the training problems")

@@ -48,6 +48,26 @@ def test_compiled_path_gives_the_eager_ids(target, draft, fuser, reference, trac
     assert all(r.target_cache == r.committed - 1 for r in rounds)  # the write position follows the committed length
 
 
+def test_compiled_runs_reuse_one_emptied_cache_and_stay_lossless(target, draft, fuser):
+    """CUDA graphs replay only on fixed addresses, so compiled runs share one static cache per model and
+    size; a long prompt's leftovers must not leak into the next, shorter prompt's output."""
+    compiled = CompiledSteps(backend="eager")
+    long_prompt, short_prompt = PROMPT * 5, PROMPT[:3]
+    outputs, caches = [], []
+    with torch.inference_mode():
+        for prompt in (long_prompt, short_prompt, long_prompt):
+            engine = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(), set(), fuser=fuser,
+                                        compiled=compiled)
+            outputs.append(engine.generate(prompt).output_ids)
+            caches.append((engine.target_cache, engine.draft_cache))
+        expected = [standard_generate(target, p, 40, SamplingConfig(), set()).output_ids
+                    for p in (long_prompt, short_prompt, long_prompt)]
+        again = standard_generate(target, short_prompt, 40, SamplingConfig(), set(), compiled=compiled).output_ids
+    assert outputs == expected and again == expected[1]
+    assert caches[0][0] is caches[1][0] is caches[2][0] and caches[0][1] is caches[1][1]
+    assert caches[0][0] is not caches[0][1]
+
+
 def test_compiled_sampling_repeats_the_eager_run(target, draft, fuser, traced):
     sampling = SamplingConfig(temperature=0.8, top_k=40)
 
@@ -144,3 +164,26 @@ def test_prediction_picks_the_gamma_the_arithmetic_favours(draft_ms, best):
     assert pred["0.6"]["best_gamma"] == best
     per_round = (1 - 0.6**5) / 0.4
     assert pred["0.6"]["per_gamma"][4]["vs_target_only"] == pytest.approx(0.010 / ((4 * draft_ms / 1e3 + 0.011) / per_round))
+
+
+def test_after_the_warm_up_timed_compiled_runs_compile_nothing(target, draft):
+    """Every shape a timed run can meet is built in the warm-up: the first prompt of each cache size,
+    and the 2-token draft catch-up that follows an all-accepted round (at gamma 6 the random draft's
+    own runs never get there, so only the forced-accept warm-up builds it; draft = target always does)."""
+    from torch._dynamo.utils import counters
+
+    from c2c import benchmark, runner
+
+    prompts = [PROMPT, PROMPT * 30, PROMPT[:4]]  # cache sizes 256, 512, 256
+    for drafter in (draft, target):
+        session = runner.Session(runner.RunConfig(compile=True), torch.device("cpu"), torch.float32, None, target,
+                                 drafter, None, {}, set(), CompiledSteps(backend="eager"))
+        assert runner.warm_prompts(session, prompts, 20, 6) == [PROMPT, PROMPT * 30]
+        with torch.inference_mode():
+            for mode in ("target", "speculative"):
+                benchmark.warm_up(session, mode, prompts, 6, 20)
+        graphs = counters["stats"]["unique_graphs"]
+        runs = [benchmark.run_once(session, mode, ids, 6, 20) for mode in ("target", "speculative") for ids in prompts]
+        runs.append(benchmark.run_once(session, "speculative", PROMPT[:4], 6, 20, force_accept=True))
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert runs[-1].counters.total_accepted == runs[-1].counters.total_drafted

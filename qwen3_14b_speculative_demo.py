@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from c2c.errors import UserInputError
 from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
 from c2c.loading import DEFAULT_FUSER
 from c2c.presets import PRESETS
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_thinking", action="store_true", help="Qwen3 chat template thinking mode (off by default)")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="report labels")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--stream", action="store_true",
+                   help="print each run as it goes, speculative tokens marked: accepted drafts, the target's correction or bonus "
+                        "(colour on a terminal, [ ] < > { } otherwise); printing is left out of the timings")
+    p.add_argument("--no_color", action="store_true", help="--stream: bracket marks even on a terminal")
+    p.add_argument("--save_rounds", action="store_true",
+                   help="with --save_results: each speculative round (drafted, accepted, token ids) in the JSON")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: one per physical core; on busy shared cores use 1)")
     p.add_argument("--compile", action="store_true",
@@ -68,6 +75,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from c2c.prompts import read_prompts
     from c2c.report import Report
     from c2c.results import check_output_dir, command_line, environment, save_json_atomic
+    from c2c.stream import StreamPrinter, legend, use_colour
+
+    if args.save_rounds and not args.save_results:
+        raise UserInputError("--save_rounds adds the rounds to the results JSON: pass --save_results too")
 
     cfg = runner.RunConfig(
         draft_model=args.base_model,
@@ -105,11 +116,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         report.write(report.L["warmup"])
         warmup_seconds = runner.warmup(session, prompts, run_standard)
         report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if args.compile else ""))
+    printer = None
+    if args.stream:
+        printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color))
+        report.write(legend(printer.colour))
     entries = []
-    for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr), 1):
-        entry = runner.run_prompt(session, prompt, run_standard)
+    for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=args.stream), 1):
+        if printer is not None:
+            report.prompt(i, len(prompts), prompt)
+        entry = runner.run_prompt(session, prompt, run_standard, printer=printer, save_rounds=args.save_rounds)
         entries.append(entry)
-        report.prompt(i, len(prompts), prompt)
+        if printer is None:
+            report.prompt(i, len(prompts), prompt)
         if entry["standard"]:
             report.standard(entry["standard"])
         report.speculative(entry["speculative"])

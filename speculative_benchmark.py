@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: one per physical core; on busy shared cores use 1)")
     p.add_argument("--no_fuse_last_prompt", action="store_true", help="fused modes leave the last prompt position unfused (as C2C)")
+    p.add_argument("--save_rounds", action="store_true",
+                   help="the speculative rows of the JSON get each round (drafted, accepted, token ids) per prompt of the last repeat")
     p.add_argument("--compile", action="store_true", help="our modes use static caches and compiled steps (CUDA graphs on GPU)")
     p.add_argument("--synthetic", default=None, choices=["qwen3", "tiny"],
                    help="time the parts on random-init real-shape models (no download); see c2c/synthetic.py")
@@ -114,7 +116,7 @@ def run(args, argv) -> int:
     for mode, gamma in plan:
         bar.set_postfix(mode=mode, gamma=gamma)
         rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update,
-                                      target_step=target_step))
+                                      target_step=target_step, save_rounds=args.save_rounds))
         target_step = rows[-1].get("target_step_time", target_step)
     bar.close()
     benchmark.compare_to_target(rows)

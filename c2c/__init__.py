@@ -8,7 +8,9 @@ changes the draft's guesses: the emitted tokens are always the target's own.
 Modules: `cache` (every touch of the transformers cache object), `fuser` (C2CProjector and the
 official checkpoint layout), `sampling` (logit warping and the acceptance rule), `engine` (the
 standard and speculative loops), `metrics` (per-run statistics and summaries), `loading`
-(models, tokenizers, devices, fuser resolution), `prompts` and `report` (input and output text).
+(models, tokenizers, devices, fuser resolution), `prompts` and `report` (input and output text),
+`stream` (streamed output with tokens marked by origin) and `api` (`SpeculativePipeline`, the engine
+from Python).
 """
 
 __version__ = "0.1.0"

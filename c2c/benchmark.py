@@ -69,7 +69,7 @@ def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
 
 
 def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int,
-             force_accept: bool = False) -> Run:
+             force_accept: bool = False, on_round=None) -> Run:
     """One fresh run of `mode`; `speculative` is the fused modes' decoder with both fusion kinds off.
     `force_accept`: a compiled warm-up's forced-accept run (speculative modes; output meaningless)."""
     with torch.inference_mode():
@@ -80,7 +80,7 @@ def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_to
         else:
             prefill, decode = FUSED.get(mode, (False, False))
             spec = SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt)
-            r = runner.decoder(session, spec, force_accept=force_accept).generate(ids)
+            r = runner.decoder(session, spec, force_accept=force_accept, on_round=on_round).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -103,17 +103,25 @@ def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
 
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
-            repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None) -> dict:
+            repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None,
+            save_rounds: bool = False) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
     (the first may still include lazy initialisation or compilation the warm-up did not reach).
-    `target_step`: the target mode's seconds per token, for the speculative modes' prediction."""
+    `target_step`: the target mode's seconds per token, for the speculative modes' prediction.
+    `save_rounds`: the speculative modes' rows get `round_records`, per prompt of the last repeat, each
+    round's record (RoundInfo.record: drafted, accepted, committed and drafted token ids)."""
     for _ in range(warmup):
         warm_up(session, mode, prompts, gamma, max_new_tokens)
-    repeat_totals, ttfts = [], []
-    for _ in range(repeats):
+    repeat_totals, ttfts, rounds = [], [], []
+    recording = save_rounds and mode.startswith("speculative")
+    for repeat in range(repeats):
         latency, tokens, runs_last = 0.0, 0, []
         for ids in prompts:
-            run = run_once(session, mode, ids, gamma, max_new_tokens)
+            hook = None
+            if recording and repeat == repeats - 1:
+                rounds.append([])
+                hook = lambda info, into=rounds[-1]: into.append(info.record())  # noqa: E731
+            run = run_once(session, mode, ids, gamma, max_new_tokens, on_round=hook)
             latency += run.latency
             tokens += len(run.output_ids)
             if run.ttft is not None:
@@ -138,6 +146,8 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
         row["target_step_time"] = sum(r.latency - r.ttft for r in runs_last) / decode_tokens if decode_tokens else None
     if mode.startswith("speculative"):
         row |= speculative_statistics([r.counters for r in runs_last], [len(r.output_ids) for r in runs_last], gamma, target_step)
+    if recording:
+        row["round_records"] = rounds
     return row
 
 
@@ -146,7 +156,7 @@ def speculative_statistics(counters: list, tokens: list[int], gamma: int, target
     c = Counters.merged(counters)
     stats = metrics.round_statistics(c, gamma, target_step)
     phase = lambda name: c.times.get(name, 0.0)  # noqa: E731
-    all_time = sum(c.times.values())
+    all_time = sum(v for k, v in c.times.items() if k != "callback")  # a hook's time is in no phase
     return {
         "acceptance_rate": stats["acceptance_rate"],
         "acceptance_probability": stats["acceptance_probability"],

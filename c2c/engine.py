@@ -84,13 +84,44 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """What a test or a progress hook may observe after each round (host values only)."""
+    """What a hook (`on_round`) observes after each round, host values only.
 
-    committed: int
+    Round 0 is the prefill: the target's first token, nothing drafted. In round k >= 1 the draft
+    proposed `drafted_ids` (`drafted` tokens), the target accepted the first `accepted`, and the
+    output grew by `tokens`: the accepted drafts, then the target's own token (a correction if
+    accepted < drafted, else the bonus), cut after an end-of-sequence token. Drafts after an
+    end-of-sequence token are left out, as in the counters. Over all rounds, `tokens` add up to the
+    output ids, `drafted` and `accepted` to the counters' totals.
+    """
+
+    committed: int  # prompt + committed output length (the position after the target's token)
     target_cache: int
     draft_cache: int
     drafted: int
     accepted: int
+    round: int = 0
+    tokens: tuple[int, ...] = ()
+    drafted_ids: tuple[int, ...] = ()
+
+    def record(self) -> dict:
+        """The JSON form `--save_rounds` writes."""
+        return {"round": self.round, "drafted": self.drafted, "accepted": self.accepted, "tokens": list(self.tokens),
+                "drafted_ids": list(self.drafted_ids)}
+
+
+class HookTimer:
+    """Calls a user hook (None: nothing) and adds up its seconds, which the caller leaves out of the
+    latency: the hook runs after the round's host sync, while the device waits, so its time is
+    the hook's alone (printing a streamed round, say)."""
+
+    def __init__(self, hook):
+        self.hook, self.seconds = hook, 0.0
+
+    def __call__(self, *args) -> None:
+        if self.hook is not None:
+            t0 = time.perf_counter()
+            self.hook(*args)
+            self.seconds += time.perf_counter() - t0
 
 
 def sync_device(device: torch.device) -> None:
@@ -226,10 +257,12 @@ def standard_generate(
     eos_ids: set[int],
     generator: torch.Generator | None = None,
     compiled: CompiledSteps | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Target-only decoding, one token per forward: the reference the speculative output must match.
 
     With `compiled`, a static cache and a compiled one-token step (the fast path's baseline).
+    `on_token` sees each token as it is made (e.g. to stream it); its time is left out of the latency.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -244,15 +277,20 @@ def standard_generate(
     token, _ = next_token(logits[0, -1].to(device), sampling, generator)
     out = [token.item()]  # sync: the token decides whether to stop
     ttft = time.perf_counter() - t0
+    hook = HookTimer(on_token)
+    hook(out[-1])
     position = len(prompt_ids)
     while out[-1] not in eos_ids and len(out) < max_new_tokens:
         logits = step_forward(target, token.view(1, 1), cache, position, logits_to_keep=1, call=step)
         position += 1
         token, _ = next_token(logits[0, -1].to(device), sampling, generator)
         out.append(token.item())  # sync: one per token, as in any plain decoding loop
+        hook(out[-1])
     sync_device(device)
     counters.target_calls = len(out)
-    return GenerationResult(out, time.perf_counter() - t0, ttft, counters)
+    if hook.seconds:
+        counters.times["callback"] = hook.seconds
+    return GenerationResult(out, time.perf_counter() - t0 - hook.seconds, ttft, counters)
 
 
 def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
@@ -415,6 +453,10 @@ class SpeculativeDecoder:
             self._fuse(fuse_from, fuse_to)
             clock.lap("fusion_prefill")  # once per prompt: kept out of the per-round cost
         decode_fused_upto = n0  # from here decode fusion covers generated positions
+        hook = HookTimer(self.on_round)
+        if self.on_round is not None:
+            hook(RoundInfo(n0 + 1, kv.length(self.target_cache), kv.length(self.draft_cache), 0, 0, 0, (out[0],)))
+            clock.lap("callback")
 
         committed, draft_len = n0 + 1, n0
         feed = pending.view(1, 1)  # tokens the draft has not seen: seq[draft_len:committed]
@@ -457,9 +499,11 @@ class SpeculativeDecoder:
                 decode_fused_upto = draft_len
                 clock.lap("fusion")
             if self.on_round is not None:
-                self.on_round(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), g, n))
+                hook(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), counted,
+                               min(n, counted), c.rounds, tuple(out[emitted:]), tuple(decision[2 : 2 + counted])))
+                clock.lap("callback")  # the hook's time: in no phase, and out of the latency
         sync_device(self.device)
-        latency = time.perf_counter() - t_start
+        latency = time.perf_counter() - t_start - hook.seconds
         clock.totals(c)
         return GenerationResult(out, latency, ttft, c)
 

@@ -134,13 +134,14 @@ def _generator(session: Session) -> torch.Generator:
     return torch.Generator(device=session.device).manual_seed(session.config.seed)
 
 
-def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool = False) -> SpeculativeDecoder:
+def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool = False, on_round=None) -> SpeculativeDecoder:
     """The session's speculative decoder. `force_accept` (compiled warm-ups only): every draft accepted
     and no end of sequence, so every round is full-size and the 2-token catch-up runs; output discarded."""
     cfg = session.config
     return SpeculativeDecoder(
         session.target, session.draft, spec or cfg.spec, cfg.sampling, set() if force_accept else session.eos_ids,
         fuser=session.fuser, generator=_generator(session), compiled=session.compiled, force_accept=force_accept,
+        on_round=on_round,
     )
 
 
@@ -189,24 +190,46 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
     return time.perf_counter() - started
 
 
-def standard(session: Session, ids: list[int], max_new_tokens: int):
+def standard(session: Session, ids: list[int], max_new_tokens: int, on_token=None):
     cfg = session.config
     return standard_generate(session.target, ids, max_new_tokens, cfg.sampling, session.eos_ids, _generator(session),
-                             compiled=session.compiled)
+                             compiled=session.compiled, on_token=on_token)
 
 
 @torch.inference_mode()
-def run_prompt(session: Session, prompt: str, run_standard: bool) -> dict:
-    """One prompt: the standard run (unless skipped), the speculative run and their comparison."""
+def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, save_rounds: bool = False) -> dict:
+    """One prompt: the standard run (unless skipped), the speculative run and their comparison.
+
+    `printer` (a stream.StreamPrinter) streams both runs as they go, its time left out of the
+    latencies; `save_rounds` adds each speculative round's record (RoundInfo.record) to the entry.
+    """
     cfg, tok = session.config, session.tokenizer
     ids = encode(session, prompt)
     entry = {"prompt": prompt, "prompt_tokens": len(ids), "standard": None, "speculative": None, "comparison": None}
     if run_standard:
-        result = standard(session, ids, cfg.max_new_tokens)
+        if printer is not None:
+            printer.begin("standard (target only):")
+        result = standard(session, ids, cfg.max_new_tokens, on_token=printer.token if printer is not None else None)
+        if printer is not None:
+            printer.end()
         entry["standard"] = metrics.standard_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True))
-    result = decoder(session).generate(ids)
+    rounds = []
+
+    def on_round(info) -> None:
+        if save_rounds:
+            rounds.append(info.record())
+        if printer is not None:
+            printer.round(info)
+
+    if printer is not None:
+        printer.begin(f"speculative (gamma {cfg.gamma}):")
+    result = decoder(session, on_round=on_round if printer is not None or save_rounds else None).generate(ids)
+    if printer is not None:
+        printer.end()
     step = entry["standard"]["target_step_time"] if entry["standard"] else None
     entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma, step)
+    if save_rounds:
+        entry["speculative"]["round_records"] = rounds
     if entry["standard"] is not None:
         comparison = metrics.comparison(entry["standard"], entry["speculative"])
         k = comparison["first_divergence"]

@@ -111,9 +111,10 @@ def test_never_more_than_max_new_tokens(target, draft, n, gamma):
 def test_after_every_round_both_caches_hold_the_committed_length(target, draft, fuser):
     rounds = []
     result = speculate(target, draft, PROMPTS["short"], 3, 30, fuser=fuser, on_round=rounds.append)
-    assert rounds
+    assert len(rounds) > 1 and rounds[0].round == 0 and rounds[0].drafted == 0  # the prefill's record
+    assert rounds[0].target_cache == rounds[0].draft_cache == rounds[0].committed - 1 == len(PROMPTS["short"])
     lag = 0
-    for i, r in enumerate(rounds):
+    for i, r in enumerate(rounds[1:], 1):
         assert r.target_cache == r.committed - 1  # every token but the pending last one
         if r.drafted == 0:  # only a last round with room for one token skips the draft
             assert i == len(rounds) - 1

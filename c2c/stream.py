@@ -1,0 +1,114 @@
+"""Streamed output: each round's tokens printed as they commit, marked by where they came from.
+
+Accepted draft tokens, the target's correction (after a rejection) and the target's bonus token
+(every draft accepted, or the prefill's first token) get a colour on a terminal and bracket marks
+otherwise ([draft] <correction> {bonus}), so a log file stays readable. Every round ends with the
+target's token, which is where one round stops and the next begins. Printing happens in the
+engine's hook, whose time the engine leaves out of the latency (see engine.HookTimer).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from .engine import RoundInfo
+
+KINDS = ("draft", "correction", "bonus")
+COLOURS = {"draft": "\033[32m", "correction": "\033[31;1m", "bonus": "\033[36m"}  # green, bold red, cyan
+RESET = "\033[0m"
+BRACKETS = {"draft": ("[", "]"), "correction": ("<", ">"), "bonus": ("{", "}")}
+
+
+def use_colour(out: TextIO, no_color: bool = False) -> bool:
+    """Colour only on a terminal, and never when asked not to."""
+    isatty = getattr(out, "isatty", None)
+    return not no_color and bool(isatty and isatty())
+
+
+def legend(colour: bool) -> str:
+    names = {"draft": "draft tokens the target accepted", "correction": "the target's correction",
+             "bonus": "the target's bonus token (all drafts accepted; or the first token)"}
+    return "legend: " + "  ".join(mark(kind, names[kind], colour) for kind in KINDS) + "  (each round ends with the target's token)"
+
+
+def mark(kind: str, text: str, colour: bool) -> str:
+    if not text:
+        return ""
+    if colour:
+        return f"{COLOURS[kind]}{text}{RESET}"
+    opening, closing = BRACKETS[kind]
+    return f"{opening}{text}{closing}"
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive, so that the pieces join to the final text.
+
+    Decodes the whole output each time (byte-level tokens can split a character) and hands out what
+    is new; an unfinished character (a trailing U+FFFD) waits for the next token.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, ids) -> str:
+        self.ids.extend(ids)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stable = full.rstrip("\ufffd")
+        if not stable.startswith(self.text):  # the decoder rewrote earlier text: wait for the end
+            return ""
+        new, self.text = stable[len(self.text):], stable
+        return new
+
+    def flush(self) -> str:
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += new
+        return new
+
+
+class StreamPrinter:
+    """Hooks for the engine: `round` (speculative, marked) and `token` (the standard run, plain).
+
+    `pieces` keeps (kind, text) of everything written; joined, the texts equal the decoded output.
+    """
+
+    def __init__(self, tokenizer, out: TextIO | None = None, colour: bool = False):
+        self.tokenizer, self.out, self.colour = tokenizer, out or sys.stdout, colour
+        self.begin()
+
+    def begin(self, label: str | None = None) -> None:
+        """Start a new output (after `label`, on its own line)."""
+        self.text = TextStream(self.tokenizer)
+        self.pieces: list[tuple[str, str]] = []
+        if label:
+            self._write(f"{label}\n")
+
+    def round(self, info: RoundInfo) -> None:
+        tokens = list(info.tokens)
+        drafts = tokens[: info.accepted]
+        self._piece("draft", self.text.push(drafts))
+        rest = tokens[info.accepted:]
+        if rest:  # the target's own token (absent when an end-of-sequence token ended the drafts)
+            kind = "correction" if info.accepted < info.drafted else "bonus"
+            self._piece(kind, self.text.push(rest))
+
+    def token(self, token_id: int) -> None:
+        self._piece("plain", self.text.push([token_id]))
+
+    def end(self) -> None:
+        self._piece("plain", self.text.flush())
+        self._write("\n")
+
+    def streamed_text(self) -> str:
+        return "".join(text for _, text in self.pieces)
+
+    def _piece(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        self.pieces.append((kind, text))
+        self._write(text if kind == "plain" else mark(kind, text, self.colour))
+
+    def _write(self, s: str) -> None:
+        self.out.write(s)
+        self.out.flush()

@@ -170,9 +170,9 @@ class CompiledSteps:
         model may serve as both): the same tensors on every call, emptied.
 
         CUDA graphs replay only on the addresses they were recorded with, and static caches are graph
-        inputs: a fresh cache per prompt would re-record every graph once per prompt (measured on an
-        H100: a forced-accept round of 0.6B <- 14B at gamma 4 cost 73 ms instead of the ~28 ms its
-        parts take). So one generation at a time per CompiledSteps; the previous run's cache is reset.
+        inputs: a fresh cache per prompt would re-record every graph once per prompt (one of three
+        causes why, on an H100, a forced-accept round of 0.6B <- 14B at gamma 4 cost 73 ms against the
+        ~28 ms of its parts). So one generation at a time per CompiledSteps; the previous run's cache is reset.
         """
         key = (id(model), capacity, role)
         held = self._caches.get(key)
@@ -365,7 +365,7 @@ class SpeculativeDecoder:
         tokens, qs = [], []
         for _ in range(g):
             # compiled: one token, or the 2-token catch-up after an all-accepted round (its own graph;
-            # eager it cost a 28-layer draft ~13x a compiled step on an H100). Longer feeds (gamma 0) stay eager.
+            # eager it cost a 28-layer draft ~10x a compiled step on an H100). Longer feeds (gamma 0) stay eager.
             call = self.draft_step if feed.shape[-1] <= 2 else None
             logits = step_forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1, call=call)  # (1, 1, V)
             start += feed.shape[-1]

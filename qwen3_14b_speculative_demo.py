@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from c2c.errors import UserInputError
 from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
+from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 from c2c.presets import PRESETS
 
@@ -122,12 +122,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         report.write(legend(printer.colour))
     entries = []
     for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=args.stream), 1):
-        if printer is not None:
-            report.prompt(i, len(prompts), prompt)
+        report.prompt(i, len(prompts), prompt)
         entry = runner.run_prompt(session, prompt, run_standard, printer=printer, save_rounds=args.save_rounds)
         entries.append(entry)
-        if printer is None:
-            report.prompt(i, len(prompts), prompt)
         if entry["standard"]:
             report.standard(entry["standard"])
         report.speculative(entry["speculative"])

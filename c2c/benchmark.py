@@ -68,19 +68,21 @@ def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
     return None
 
 
-def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int,
-             force_accept: bool = False, on_round=None) -> Run:
-    """One fresh run of `mode`; `speculative` is the fused modes' decoder with both fusion kinds off.
-    `force_accept`: a compiled warm-up's forced-accept run (speculative modes; output meaningless)."""
+def mode_spec(session: Session, mode: str, gamma: int, max_new_tokens: int) -> SpecConfig:
+    """A speculative mode's settings; `speculative` is the fused modes' decoder with both fusion kinds off."""
+    prefill, decode = FUSED.get(mode, (False, False))
+    return SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt)
+
+
+def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int, on_round=None) -> Run:
+    """One fresh run of `mode`."""
     with torch.inference_mode():
         if mode == "target":
             r: GenerationResult = runner.standard(session, ids, max_new_tokens)
         elif mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
             return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
         else:
-            prefill, decode = FUSED.get(mode, (False, False))
-            spec = SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt)
-            r = runner.decoder(session, spec, force_accept=force_accept, on_round=on_round).generate(ids)
+            r = runner.decoder(session, mode_spec(session, mode, gamma, max_new_tokens), on_round=on_round).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -94,12 +96,12 @@ def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     """Untimed: a short run of the first prompt (a full-size round at least). Compiling: full-length
     runs of the first prompt of each static cache size, plus a forced-accept run that meets every
     compiled shape, so that the timed runs compile and record nothing."""
-    compiling = session.compiled is not None
-    warm_tokens = max_new_tokens if compiling else min(max_new_tokens, max(16, 2 * (gamma + 1)))
+    tokens = runner.warm_tokens(session, max_new_tokens, gamma, 16)
     for ids in runner.warm_prompts(session, prompts, max_new_tokens, gamma):
-        run_once(session, mode, ids, gamma, warm_tokens)
-        if compiling and mode.startswith("speculative"):
-            run_once(session, mode, ids, gamma, warm_tokens, force_accept=True)
+        run_once(session, mode, ids, gamma, tokens)
+        if mode.startswith("speculative"):
+            with torch.inference_mode():
+                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, tokens))
 
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,

@@ -156,6 +156,14 @@ def warm_prompts(session: Session, prompts: list[list[int]], max_new_tokens: int
     return list(first.values())
 
 
+def warm_tokens(session: Session, max_new_tokens: int, gamma: int, least: int) -> int:
+    """A warm-up run's length: compiling, the real one (graphs are per cache size, and the size
+    follows the length); else short, with at least one full-size round, never longer than a real run."""
+    if session.compiled is not None:
+        return max_new_tokens
+    return min(max(least, 2 * (gamma + 1)), max_new_tokens)
+
+
 def warm_compiled(session: Session, ids: list[int], spec: SpecConfig) -> None:
     """With --compile, one forced-accept run at the real length: it builds every compiled shape the
     speculative runs can meet (1- and 2-token draft steps, the verify block, the fusion window)."""
@@ -177,10 +185,7 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
     started = time.perf_counter()
     cfg = session.config
     all_ids = [encode(session, p) for p in prompts]
-    if session.compiled is not None:
-        tokens = cfg.max_new_tokens  # graphs are per cache size, and the size follows the run's length
-    else:  # at least one full-size round, but never more than a real run makes
-        tokens = min(max(tokens, 2 * (cfg.gamma + 1)), cfg.max_new_tokens)
+    tokens = warm_tokens(session, cfg.max_new_tokens, cfg.gamma, tokens)
     spec = SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion, cfg.fuse_last_prompt)
     for ids in warm_prompts(session, all_ids, cfg.max_new_tokens, cfg.gamma):
         if run_standard:

@@ -127,8 +127,8 @@ def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, wa
     from .engine import fuse_positions, fuse_window, static_capacity
 
     device = model_device(pair.draft)
-    capacity = static_capacity(context + 1) if compiled else None
     if compiled:
+        capacity = static_capacity(context + 1)
         t_cache, d_cache = compiled.cache(pair.target, capacity), compiled.cache(pair.draft, capacity, "draft")
     else:
         t_cache, d_cache = kv.new_cache(pair.target), kv.new_cache(pair.draft)

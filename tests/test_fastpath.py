@@ -184,6 +184,8 @@ def test_after_the_warm_up_timed_compiled_runs_compile_nothing(target, draft):
                 benchmark.warm_up(session, mode, prompts, 6, 20)
         graphs = counters["stats"]["unique_graphs"]
         runs = [benchmark.run_once(session, mode, ids, 6, 20) for mode in ("target", "speculative") for ids in prompts]
-        runs.append(benchmark.run_once(session, "speculative", PROMPT[:4], 6, 20, force_accept=True))
+        with torch.inference_mode():
+            forced = runner.decoder(session, benchmark.mode_spec(session, "speculative", 6, 20), force_accept=True)
+            runs.append(forced.generate(PROMPT[:4]))
         assert counters["stats"]["unique_graphs"] == graphs
         assert runs[-1].counters.total_accepted == runs[-1].counters.total_drafted

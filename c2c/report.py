@@ -11,7 +11,7 @@ LABELS = {
         "title": "{target} 推测解码演示 (草稿 {draft}; C2C Fuser: 目标模型 KV 缓存融合进草稿模型)",
         "draft": "草稿模型", "target": "目标模型", "fuser": "融合器", "fusion": "融合",
         "prefill": "预填充", "decode": "解码", "on": "开", "off": "关", "device": "设备",
-        "gates": "开启的门", "no_gate": "无门开启：融合不起作用",
+        "gates": "开启的门", "no_gate": "无门开启：融合不起作用", "adapter": "草稿适配器",
         "sampling": "采样", "greedy": "贪心 (temperature=0)", "prompts": "提示数",
         "loading": "正在加载模型...", "loaded": "模型加载完成", "warmup": "预热 (不计时)...",
         "prompt": "提示", "standard": "标准生成 (仅目标模型)", "speculative": "推测解码",
@@ -30,7 +30,7 @@ LABELS = {
         "title": "{target} speculative decoding demo (draft {draft}; C2C Fuser: target KV cache fused into the draft)",
         "draft": "Draft model", "target": "Target model", "fuser": "Fuser", "fusion": "Fusion",
         "prefill": "prefill", "decode": "decode", "on": "on", "off": "off", "device": "Device",
-        "gates": "open gates", "no_gate": "none open: fusion changes nothing",
+        "gates": "open gates", "no_gate": "none open: fusion changes nothing", "adapter": "draft adapter",
         "sampling": "Sampling", "greedy": "greedy (temperature=0)", "prompts": "Prompts",
         "loading": "Loading models...", "loaded": "Models loaded", "warmup": "Warm-up (not timed)...",
         "prompt": "Prompt", "standard": "Standard generation (target only)", "speculative": "Speculative decoding",
@@ -74,6 +74,7 @@ class Report:
         fusion = (
             f"{L['prefill']} {L['on'] if f['prefill'] else L['off']}, {L['decode']} {L['on'] if f['decode'] else L['off']}, "
             f"{L['gates']} {f['open_gates'][0]}/{f['open_gates'][1]}" + (f" ({L['no_gate']})" if f["open_gates"][0] == 0 else "")
+            + (f", {L['adapter']} {f['draft_adapter']['kind']}" if f.get("draft_adapter") else "")
             if f["enabled"] else f"{L['off']} ({f['reason']})"
         )
         lines = [

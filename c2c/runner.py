@@ -12,6 +12,7 @@ import torch
 
 from . import metrics
 from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
+from .adapter import find_adapter, load_adapter
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
@@ -75,6 +76,7 @@ class Session:
     fusion: dict  # {enabled, prefill, decode, reason}
     eos_ids: set[int]
     compiled: CompiledSteps | None = None
+    fused_draft: object = None  # the draft with the fuser's draft adapter merged in (fused runs only), if it has one
 
 
 def validate(cfg: RunConfig) -> None:
@@ -114,6 +116,14 @@ def prepare(cfg: RunConfig, log=print) -> Session:
     target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     open_gates = list(fuser.open_gates()) if fuser is not None else None
+    fused_draft, adapter_info = None, None
+    adapter_dir = find_adapter(choice_path) if fuser is not None else None
+    if adapter_dir is not None:
+        adapter = load_adapter(adapter_dir, draft)
+        fused_draft = adapter.merged_copy(draft)
+        adapter_info = {"path": str(adapter_dir), "kind": adapter.kind, "rank": adapter.rank if adapter.kind == "lora" else None,
+                        "parameters": sum(p.numel() for p in adapter.parameters())}
+        log(f"draft adapter ({adapter.kind}) from {adapter_dir}: fused runs use the adapted draft, unfused runs the plain one")
     if open_gates is not None and open_gates[0] == 0:
         log(f"WARNING: no gate of the fuser at {choice_path} is open (all {open_gates[1]} gate logits <= 0): "
             "fusion changes nothing; the fuser is untrained or badly trained")
@@ -123,11 +133,13 @@ def prepare(cfg: RunConfig, log=print) -> Session:
         "decode": fuser is not None and cfg.decode_fusion,
         "fuse_last_prompt": fuser is not None and cfg.decode_fusion and cfg.fuse_last_prompt,
         "open_gates": open_gates,  # [open, total]: K and V gates of the projectors the layer map uses
+        "draft_adapter": adapter_info,  # not C2C: a draft change trained with the projectors (None: frozen draft)
         "reason": reason,
         "path": str(choice_path) if choice_path else None,
     }
     compiled = CompiledSteps() if cfg.compile else None
-    return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer), compiled)
+    return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer), compiled,
+                   fused_draft)
 
 
 def _generator(session: Session) -> torch.Generator:
@@ -138,8 +150,11 @@ def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool
     """The session's speculative decoder. `force_accept` (compiled warm-ups only): every draft accepted
     and no end of sequence, so every round is full-size and the 2-token catch-up runs; output discarded."""
     cfg = session.config
+    spec = spec or cfg.spec
+    fuses = session.fuser is not None and (spec.prefill_fusion or spec.decode_fusion)
+    draft = session.fused_draft if fuses and session.fused_draft is not None else session.draft
     return SpeculativeDecoder(
-        session.target, session.draft, spec or cfg.spec, cfg.sampling, set() if force_accept else session.eos_ids,
+        session.target, draft, spec, cfg.sampling, set() if force_accept else session.eos_ids,
         fuser=session.fuser, generator=_generator(session), compiled=session.compiled, force_accept=force_accept,
         on_round=on_round,
     )

@@ -2,6 +2,8 @@
 
 Trains C2C projectors for any draft/target pair (Hub ids or local folders), both models frozen,
 and writes the official C2C layout (`<output_dir>/final/`) plus `<output_dir>/config.json`.
+Optional, not C2C: `--draft_adapter lora|full` trains a draft adapter jointly with the projectors,
+written to `<output_dir>/draft_adapter/` and applied by the demo whenever that fuser is used.
 Example (the recipe for Qwen3-0.6B <- Qwen3-14B is in README.md):
 
     python -m c2c.train_fuser --base_model Qwen/Qwen3-0.6B --teacher_model Qwen/Qwen3-14B \\
@@ -11,6 +13,7 @@ Example (the recipe for Qwen3-0.6B <- Qwen3-14B is in README.md):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 
@@ -90,12 +93,26 @@ def run(args) -> int:
     save_dtype = (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
     extra = {"sequences": {"train": data.rows, "heldout": heldout.rows}, "history": result["history"],
              "train_seconds": result["seconds"]}
-    final = training.save_fuser(trainer.fuser, Path(cfg.output_dir), config=training.run_config(cfg, extra), dtype=save_dtype)
+    out, config = Path(cfg.output_dir), training.run_config(cfg, extra)
+    if cfg.fusion:
+        final = training.save_fuser(trainer.fuser, out, config=config, dtype=save_dtype)
+    else:  # the adapter-alone arm: no projectors were trained, so none are written (not loadable as a fuser)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        final = out
     last = result["history"][-1]
-    print(f"saved {final} | held-out top-1 agreement fused {last['agreement_fused']:.4f} vs unfused "
+    if trainer.adapter is not None:
+        from .adapter import ADAPTER_DIR
+
+        saved = trainer.adapter.save(out / ADAPTER_DIR, dtype=save_dtype,
+                                     extra={"draft_model": cfg.draft_model, "trained_with_fusion": cfg.fusion})
+        print(f"saved the draft adapter ({cfg.draft_adapter}) to {saved}; held-out agreement of the adapted draft "
+              f"without fusion {last['agreement_adapter_only']:.4f}", file=sys.stderr)
+    what = "fused" if cfg.fusion else "adapted draft"
+    print(f"saved {final} | held-out top-1 agreement {what} {last['agreement_fused']:.4f} vs unfused "
           f"{last['agreement_unfused']:.4f} on {last['heldout_tokens']} suffix tokens (won {last['won']}, lost "
           f"{last['lost']}); open gates {last['open_gates']}/{last['gates']}")
-    if last["open_gates"] == 0:
+    if cfg.fusion and last["open_gates"] == 0:
         print("WARNING: no gate is open: this fuser changes nothing (every gate logit <= 0)", file=sys.stderr)
     return 0
 

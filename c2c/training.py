@@ -8,6 +8,11 @@ unfused K/V, exactly as it does while drafting a round. The loss makes the fused
 distribution on the suffix match the target's: KL(p_target || q_draft) or cross-entropy on the
 target's greedy tokens. Gradients reach only the projectors, through the draft's attention.
 
+Optional (not C2C; for when a frozen draft cannot read what the projectors give it): a draft
+adapter (`c2c.adapter`, LoRA or a full weight change) trained jointly with the projectors, saved
+beside the fuser; or, with fusion off, the adapter alone (the "draft fine-tuned alone" arm of the
+upper-bound study: the same data and steps, nothing from the target's cache).
+
 Gates follow C2C: Gumbel-sigmoid with a temperature annealed from initial to final over
 `anneal_steps` while training, hard gate (logit > 0) at inference and in the held-out figure.
 
@@ -64,8 +69,16 @@ class TrainConfig:
     save_dtype: str = "auto"  # auto: bfloat16 when the models run in bf16 (as released fusers), else float32
     generate_from_target: int = 0  # >0: texts are prompts; the target answers each (at most this many tokens)
     threads: int = 0  # CPU threads for torch; 0: one per physical core (a guess: half the logical CPUs)
+    draft_adapter: str = "none"  # none (C2C: frozen draft), lora or full: trained jointly with the projectors
+    adapter_rank: int = 8
+    adapter_lr: float = 0.0  # 0: the same as lr
+    fusion: bool = True  # False (with an adapter): the draft adapter alone, no projectors (the study's control arm)
 
     def __post_init__(self):
+        if self.draft_adapter not in ("none", "lora", "full"):
+            raise UserInputError(f"--draft_adapter must be none, lora or full, got {self.draft_adapter!r}")
+        if not self.fusion and self.draft_adapter == "none":
+            raise UserInputError("--no-fusion trains the draft adapter alone: also pass --draft_adapter lora or full")
         if self.objective not in ("kl", "ce"):
             raise UserInputError(f"--objective must be kl or ce, got {self.objective!r}")
         if self.threads < 0:
@@ -240,15 +253,17 @@ def split_heldout(items: list, fraction: float) -> tuple[list, list]:
 # ---------------------------------------------------------------- the objective
 
 
-def fused_suffix_logits(fuser, target, draft, x: torch.Tensor, m: int, s: int, fuse: bool = True):
+def fused_suffix_logits(fuser, target, draft, x: torch.Tensor, m: int, s: int, fuse: bool = True, draft_grad: bool = False):
     """Target and draft logits for the s suffix tokens after a (fused) prefix of m tokens.
 
     x (B, L) token ids on the models' device. Returns (target_logits, draft_logits), each (B, s, V):
-    position j predicts token m+j+1.
+    position j predicts token m+j+1. `draft_grad`: the draft is being trained (an adapter), so its
+    prefix runs with gradients too (its K/V there are what the projectors fuse into).
     """
     with torch.no_grad():
         tcache, dcache = kv.new_cache(target), kv.new_cache(draft)
         target_logits = kv.forward(target, x[:, : m + s], tcache, 0)[:, m:]  # (B, s, V)
+    with torch.set_grad_enabled(draft_grad and torch.is_grad_enabled()):
         kv.forward(draft, x[:, :m], dcache, 0, logits_to_keep=1)
     if fuse:
         for layer in range(kv.num_layers(dcache)):
@@ -271,16 +286,27 @@ def loss_fn(target_logits: torch.Tensor, draft_logits: torch.Tensor, objective: 
 
 @torch.no_grad()
 def paired_agreement(fuser, target, draft, heldout: SplitData, tokens: int, batch_size: int, objective: str = "kl",
-                     device=None) -> dict:
+                     device=None, adapter=None, fuse: bool = True) -> dict:
     """Held-out top-1 agreement of draft and target on the same suffix tokens, fused (as the fuser
     is: hard gates in eval mode) and unfused, with the paired counts: won = right only when fused,
-    lost = right only unfused. At least `tokens` suffix tokens."""
-    counts = {"fused": 0, "unfused": 0, "won": 0, "lost": 0}
+    lost = right only unfused. At least `tokens` suffix tokens.
+
+    With a draft adapter, "fused" is the draft as the fused modes run it (adapter on, fusion on unless
+    `fuse` is False), "unfused" the plain draft (adapter off, no fusion: the baseline a user compares
+    with), and "adapter_only" the adapted draft without fusion (how much the adapter does alone).
+    """
+    counts = {"fused": 0, "unfused": 0, "won": 0, "lost": 0, "adapter_only": 0}
     total, loss, batches = 0, 0.0, 0
     for x, m, s in heldout.evaluation(tokens, batch_size):
         x = x.to(device)
-        t_logits, fused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=True)
+        t_logits, fused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
+        if adapter is not None:
+            counts["adapter_only"] += int((fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1].argmax(-1)
+                                           == t_logits.argmax(-1)).sum())
+            adapter.enabled = False
         _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
+        if adapter is not None:
+            adapter.enabled = True
         want = t_logits.argmax(-1)  # (B, s)
         right_f, right_u = fused.argmax(-1) == want, unfused.argmax(-1) == want
         counts["fused"] += int(right_f.sum())
@@ -289,12 +315,15 @@ def paired_agreement(fuser, target, draft, heldout: SplitData, tokens: int, batc
         counts["lost"] += int((right_u & ~right_f).sum())
         loss += loss_fn(t_logits, fused, objective).item()
         total, batches = total + want.numel(), batches + 1
-    open_gates, gates = fuser.open_gates()
-    return {
+    open_gates, gates = fuser.open_gates() if fuser is not None else (0, 0)
+    figures = {
         "heldout_loss": loss / batches, "heldout_tokens": total,
         "agreement_fused": counts["fused"] / total, "agreement_unfused": counts["unfused"] / total,
         "won": counts["won"], "lost": counts["lost"], "open_gates": open_gates, "gates": gates,
     }
+    if adapter is not None:
+        figures["agreement_adapter_only"] = counts["adapter_only"] / total
+    return figures
 
 
 # ---------------------------------------------------------------- the trainer
@@ -316,7 +345,16 @@ class FuserTrainer:
         for p in self.fuser.projectors:
             p.key_gate_logit.data.fill_(cfg.initial_gate_logit)
             p.value_gate_logit.data.fill_(cfg.initial_gate_logit)
-        self.optimizer = torch.optim.AdamW(self.fuser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.adapter = None
+        groups = [{"params": list(self.fuser.parameters())}] if cfg.fusion else []
+        if cfg.draft_adapter != "none":
+            from .adapter import DraftAdapter
+
+            draft.requires_grad_(False)
+            self.adapter = DraftAdapter.create(draft, cfg.draft_adapter, cfg.adapter_rank).to(device)
+            self.adapter.attach(draft)
+            groups.append({"params": list(self.adapter.parameters()), "lr": cfg.adapter_lr or cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.rng = random.Random(cfg.seed)  # batch order and split points
         self.step = 0
@@ -335,11 +373,12 @@ class FuserTrainer:
         for p in self.fuser.projectors:
             p.set_anneal_step(self.step)
         x, m, s = self.data.sample(self.rng, cfg.batch_size)
-        target_logits, draft_logits = fused_suffix_logits(self.fuser, self.target, self.draft, x.to(self.device), m, s)
+        target_logits, draft_logits = fused_suffix_logits(self.fuser, self.target, self.draft, x.to(self.device), m, s,
+                                                          fuse=cfg.fusion, draft_grad=self.adapter is not None)
         loss = loss_fn(target_logits, draft_logits, cfg.objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.fuser.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -349,7 +388,7 @@ class FuserTrainer:
     def evaluate(self) -> dict:
         self.fuser.eval()
         figures = paired_agreement(self.fuser, self.target, self.draft, self.heldout, self.cfg.eval_tokens,
-                                   self.cfg.batch_size, self.cfg.objective, self.device)
+                                   self.cfg.batch_size, self.cfg.objective, self.device, self.adapter, self.cfg.fusion)
         return {"step": self.step, **figures}
 
     # ------------------------------------------------------------ checkpoints
@@ -365,6 +404,7 @@ class FuserTrainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": self.history,
+                "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             },
             folder / "trainer_state.pt",
         )
@@ -381,6 +421,10 @@ class FuserTrainer:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.history = state["history"]
+        if self.adapter is not None:
+            if state.get("adapter") is None:
+                raise UserInputError(f"{folder} was saved without a draft adapter: resume without --draft_adapter")
+            self.adapter.load_state_dict(state["adapter"])
 
     # ------------------------------------------------------------ the loop
 

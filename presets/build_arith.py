@@ -129,13 +129,14 @@ def write_prompt_files(out: Path, adds, chains) -> None:
     (out / "eval_chains.txt").write_text(header.format(f"chains of {task.CHAIN_TERMS} terms") + "\n".join(task.chain(*p)[0] for p in chains) + "\n")
 
 
-def train_fuser(out: Path, args) -> dict:
-    """The shipped fuser, trained by the project's own trainer command (frozen models)."""
+def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] = ()) -> dict:
+    """The shipped fuser, trained by the project's own trainer command (frozen models); `folder` and
+    `extra` trainer flags serve the upper-bound study (bench/arith_upper_bound.py)."""
     from c2c import train_fuser
 
     seed, steps, problems = args.seed, args.fuser_steps, args.fuser_problems
     gen = task.TrainingProblems(seed + 7, *task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS), args.fuser_chain_fraction)
-    data = out / "fuser_train.jsonl"
+    data = out / f"{folder}_train.jsonl"
     # 3-digit additions and chains only: the forms the fuser serves
     lines = []
     while len(lines) < problems:
@@ -144,18 +145,18 @@ def train_fuser(out: Path, args) -> dict:
             lines.append(json.dumps({"prompt": prompt}))
     data.write_text("\n".join(lines) + "\n")
     argv = ["--base_model", str(out / "draft"), "--teacher_model", str(out / "target"), "--data", str(data),
-            "--output_dir", str(out / "fuser"), "--generate_from_target", str(4 * task.CHAIN_TERMS + 2),
+            "--output_dir", str(out / folder), "--generate_from_target", str(4 * task.CHAIN_TERMS + 2),
             "--steps", str(steps), "--batch_size", "32", "--gamma", "4", "--hidden_dim", str(args.fuser_hidden),
             "--intermediate_dim", str(args.fuser_hidden), "--lr", str(args.fuser_lr), "--warmup_steps", "50",
             "--dropout", "0.0", "--initial_gate_logit", "1.0", "--eval_every", str(max(steps // 6, 1)),
             "--save_every", str(10**9), "--seed", str(seed), "--device", "cpu", "--dtype", "float32",
-            "--save_dtype", "bfloat16", "--threads", str(args.threads), "--no_progress"]
+            "--save_dtype", "bfloat16", "--threads", str(args.threads), "--no_progress", *extra]
     started = time.perf_counter()
     rc = train_fuser.main(argv)
     if rc != 0:
         raise SystemExit(f"fuser training failed (exit {rc})")
     data.unlink()
-    config = json.loads((out / "fuser" / "config.json").read_text())
+    config = json.loads((out / folder / "config.json").read_text())
     return {"seconds": round(time.perf_counter() - started), "command": "python -m c2c.train_fuser " + " ".join(argv),
             "last_eval": config["history"][-1]}
 
@@ -240,7 +241,7 @@ def stage_draft(args, out: Path, adds, chains) -> dict:
             "parameters": params, "draft_fraction_of_target": params["draft"] / params["target"]}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "presets" / "arith"))
     p.add_argument("--target_steps", type=int, default=7000)
@@ -267,7 +268,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stages", nargs="+", choices=("target", "draft", "fuser"), default=["target", "draft", "fuser"],
                    help="rebuild only these (the later ones read the earlier ones from --out)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

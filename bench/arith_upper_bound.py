@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""The fusion control's upper-bound study: can a trained draft use the target's cache better than a
+frozen one? Each arm trains with the project's trainer (`python -m c2c.train_fuser`, through the
+arith build's fuser stage: the same data, steps, seed and schedule), then all arms are scored on
+the same held-out problems (the preset's eval files, never trained on), additions and chains apart:
+
+  frozen       projectors only, both models frozen (C2C, what the preset ships)
+  alone_full   the draft fine-tuned alone (every decoder weight free, no fusion): what training the
+               draft buys without the target's cache
+  joint_full   the same draft change trained jointly with the projectors (the upper bound)
+  joint_lora   a rank-8 LoRA draft adapter trained jointly with the projectors (the shippable option)
+
+    OMP_NUM_THREADS=1 python bench/arith_upper_bound.py --out /tmp/ub --steps 6000 --arms frozen alone_full
+    OMP_NUM_THREADS=1 python bench/arith_upper_bound.py --out /tmp/ub --steps 6000 --arms joint_full joint_lora
+    python bench/arith_upper_bound.py --out /tmp/ub --evaluate     # every trained arm, one table
+
+Scores: top-1 agreement of the draft with the target on held-out answer tokens (suffix splits as
+in training: a fused prompt + part of the answer, then up to gamma+1 drafted tokens), for the plain
+draft, the arm's draft without fusion (adapter only) and as the fused modes run it, with paired
+won/lost counts against the plain draft. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "presets"))
+
+import arith_task as task  # noqa: E402
+import build_arith  # noqa: E402
+
+from c2c import training  # noqa: E402
+from c2c.adapter import find_adapter, load_adapter  # noqa: E402
+from c2c.fuser import KVShape, find_final_dir, load_fuser  # noqa: E402
+
+ARMS = {
+    "frozen": (),
+    "alone_full": ("--draft_adapter", "full", "--no-fusion"),
+    "joint_full": ("--draft_adapter", "full"),
+    "joint_lora": ("--draft_adapter", "lora", "--adapter_rank", "8"),
+}
+
+
+def train_arms(out: Path, arms: list[str], steps: int, preset: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for role in ("target", "draft"):
+        if not (out / role).exists():
+            (out / role).symlink_to((preset / role).resolve())
+    args = build_arith.build_parser().parse_args(["--fuser_steps", str(steps)])
+    for arm in arms:
+        if (out / arm / "config.json").is_file():
+            print(f"{arm}: already trained in {out / arm}", file=sys.stderr)
+            continue
+        print(f"{arm}: training ({steps} steps)", file=sys.stderr)
+        info = build_arith.train_fuser(out, args, folder=arm, extra=ARMS[arm])
+        print(f"{arm}: {info['seconds']} s, last held-out figures {info['last_eval']}", file=sys.stderr)
+
+
+def held_out(encoder, target, form: str, n: int, preset: Path) -> training.SplitData:
+    """The first n held-out problems of one form, each followed by the target's greedy answer."""
+    lines = [x for x in (preset / f"eval_{form}.txt").read_text().splitlines() if x and not x.startswith("#")][:n]
+    eos = {encoder.eos}
+    prompts = [encoder.prompt(x) for x in lines]
+    answers = training.greedy_batch(target, prompts, 4 * task.CHAIN_TERMS + 2, eos)
+    return training.SplitData.from_answers([(p + a, len(p)) for p, a in zip(prompts, answers)], gamma=4)
+
+
+def evaluate(out: Path, preset: Path, tokens: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    target, draft = build_arith.load_model(out / "target"), build_arith.load_model(out / "draft")
+    encoder = build_arith.Encoder(AutoTokenizer.from_pretrained(out / "target"))
+    sets = {form: held_out(encoder, target, form, 500, preset) for form in ("additions", "chains")}
+    rows = []
+    for arm in ARMS:
+        folder = out / arm
+        if not (folder / "config.json").is_file():
+            continue
+        fuse = find_final_dir(folder) is not None
+        fuser = load_fuser(folder, KVShape.of(draft.config), KVShape.of(target.config), dtype=torch.float32) if fuse else None
+        adapter_dir = find_adapter(folder)
+        adapter = load_adapter(adapter_dir, draft) if adapter_dir else None
+        if adapter is not None:
+            adapter.attach(draft)
+        for form, data in sets.items():
+            f = training.paired_agreement(fuser, target, draft, data, tokens, 64, device="cpu", adapter=adapter, fuse=fuse)
+            rows.append({"arm": arm, "form": form, "tokens": f["heldout_tokens"], "plain": f["agreement_unfused"],
+                         "adapter_only": f.get("agreement_adapter_only"), "as_run": f["agreement_fused"],
+                         "won": f["won"], "lost": f["lost"], "open_gates": f["open_gates"], "gates": f["gates"],
+                         "steps": json.loads((folder / "config.json").read_text())["training"]["steps"]})
+        if adapter is not None:
+            adapter.detach()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| arm | steps | form | tokens | plain draft | adapted, no fusion | as run (fused) | won / lost vs plain | gates open |",
+             "|" + "---|" * 9]
+    for r in rows:
+        only = f"{r['adapter_only']:.3f}" if r["adapter_only"] is not None else "-"
+        lines.append(f"| {r['arm']} | {r['steps']} | {r['form']} | {r['tokens']} | {r['plain']:.3f} | {only} | "
+                     f"{r['as_run']:.3f} | {r['won']} / {r['lost']} | {r['open_gates']}/{r['gates']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="study folder (links to the preset's models, one folder per arm)")
+    p.add_argument("--preset", default=str(ROOT / "presets" / "arith"))
+    p.add_argument("--steps", type=int, default=6000, help="training steps of every arm")
+    p.add_argument("--arms", nargs="*", default=[], choices=list(ARMS), help="arms to train (skipped if present)")
+    p.add_argument("--evaluate", action="store_true", help="score every trained arm on the held-out problems")
+    p.add_argument("--tokens", type=int, default=3000, help="held-out answer tokens per form")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out, preset = Path(args.out), Path(args.preset)
+    train_arms(out, args.arms, args.steps, preset)
+    if args.evaluate:
+        with torch.no_grad():
+            rows = evaluate(out, preset, args.tokens)
+        print(table(rows))
+        print(json.dumps({"rows": rows}, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""An optional draft adapter, trained jointly with the projectors (`train_fuser --draft_adapter`).
+
+C2C keeps both models frozen; a frozen draft may not know how to read what the projectors write
+into its cache. The adapter adds a trainable change to the draft's linear layers (those inside its
+decoder layers: attention q/k/v/o and the MLP):
+
+  lora: W + (alpha / rank) * B @ A, A (rank, in) and B (out, rank), B starting at zero
+  full: W + D, D (out, in) starting at zero (every weight free: the study's upper bound)
+
+Both start as the identity. Training runs the change as a forward hook (the draft's weights stay
+untouched and can be switched back, `enabled`); inference merges it into a copy of the draft
+(`merged_copy`), so the engine and its compiled fast path see an ordinary model.
+
+Files, beside the fuser's official `final/` folder (which C2C's own code keeps reading as before):
+`<fuser folder>/draft_adapter/adapter.safetensors` and `adapter.json` (kind, rank, alpha, modules).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+
+ADAPTER_DIR = "draft_adapter"
+KINDS = ("lora", "full")
+
+
+def adapted_linears(model) -> dict[str, nn.Linear]:
+    """The draft's linear layers an adapter may change: every nn.Linear inside its decoder layers."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"}
+
+
+class DraftAdapter(nn.Module):
+    def __init__(self, kind: str, shapes: dict[str, tuple[int, int]], rank: int = 8, alpha: float | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise UserInputError(f"draft adapter kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind == "lora" and rank < 1:
+            raise UserInputError(f"--adapter_rank must be >= 1, got {rank}")
+        self.kind, self.rank = kind, rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.names = sorted(shapes)
+        self.enabled = True
+        self._hooks: list = []
+        self.a, self.b, self.d = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        for name in self.names:
+            out_f, in_f = shapes[name]
+            key = self._key(name)
+            if kind == "lora":
+                self.a[key] = nn.Parameter(torch.randn(rank, in_f) / in_f**0.5)
+                self.b[key] = nn.Parameter(torch.zeros(out_f, rank))
+            else:
+                self.d[key] = nn.Parameter(torch.zeros(out_f, in_f))
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")  # ParameterDict keys cannot hold dots
+
+    @classmethod
+    def create(cls, model, kind: str, rank: int = 8, alpha: float | None = None) -> "DraftAdapter":
+        linears = adapted_linears(model)
+        if not linears:
+            raise UserInputError("the draft has no linear layers inside decoder layers to adapt")
+        return cls(kind, {n: tuple(m.weight.shape) for n, m in linears.items()}, rank, alpha)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The change to `name`'s weight, (out, in)."""
+        key = self._key(name)
+        if self.kind == "lora":
+            return (self.alpha / self.rank) * self.b[key] @ self.a[key]
+        return self.d[key]
+
+    # ------------------------------------------------------------ training: hooks
+
+    def attach(self, model) -> None:
+        """Add the change to the model's outputs (x @ delta^T) while `enabled`; weights untouched."""
+        self.detach()
+        linears = adapted_linears(model)
+        for name in self.names:
+            module = linears.get(name)
+            if module is None:
+                raise UserInputError(f"the draft has no layer {name} for the adapter")
+            self._hooks.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        key = self._key(name)
+
+        def hook(module, inputs, output):
+            if not self.enabled:
+                return output
+            x = inputs[0]
+            if self.kind == "lora":
+                extra = (x @ self.a[key].t().to(x.dtype)) @ self.b[key].t().to(x.dtype) * (self.alpha / self.rank)
+            else:
+                extra = x @ self.d[key].t().to(x.dtype)
+            return output + extra
+
+        return hook
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------ inference: merged weights
+
+    @torch.no_grad()
+    def merged_copy(self, model):
+        """A copy of the model with the change merged into its weights (computed in float32)."""
+        merged = copy.deepcopy(model)
+        linears = adapted_linears(merged)
+        for name in self.names:
+            w = linears[name].weight
+            w.copy_((w.float() + self.delta(name).float().to(w.device)).to(w.dtype))
+        return merged
+
+    # ------------------------------------------------------------ files
+
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in self.names:
+            key = self._key(name)
+            if self.kind == "lora":
+                tensors[f"{name}.lora_A"] = self.a[key].detach().to("cpu", dtype).contiguous()
+                tensors[f"{name}.lora_B"] = self.b[key].detach().to("cpu", dtype).contiguous()
+            else:
+                tensors[f"{name}.delta"] = self.d[key].detach().to("cpu", dtype).contiguous()
+        save_file(tensors, str(folder / "adapter.safetensors"))
+        meta = {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "modules": self.names,
+                "parameters": sum(t.numel() for t in tensors.values()), **(extra or {})}
+        (folder / "adapter.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+
+def find_adapter(fuser_path: str | Path | None) -> Path | None:
+    """`<fuser folder>/draft_adapter` when it exists (the fuser path may name the folder or its final/)."""
+    if fuser_path is None:
+        return None
+    path = Path(fuser_path)
+    for folder in (path, path.parent) if path.name == "final" else (path,):
+        if (folder / ADAPTER_DIR / "adapter.json").is_file():
+            return folder / ADAPTER_DIR
+    return None
+
+
+def load_adapter(folder: str | Path, model) -> DraftAdapter:
+    """Read an adapter folder strictly and check it fits `model` (names and shapes)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    fix = "train the fuser again with this draft (python -m c2c.train_fuser --draft_adapter ...) or remove the folder"
+    try:
+        meta = json.loads((folder / "adapter.json").read_text(encoding="utf-8"))
+        kind, rank, alpha, names = meta["kind"], int(meta.get("rank", 8)), meta.get("alpha"), list(meta["modules"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserInputError(f"{folder}/adapter.json cannot be read ({e}): {fix}") from None
+    try:
+        tensors = load_file(str(folder / "adapter.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise UserInputError(f"{folder}/adapter.safetensors cannot be read ({e}): {fix}") from None
+    linears = adapted_linears(model)
+    missing = [n for n in names if n not in linears]
+    if missing:
+        raise UserInputError(f"draft adapter {folder} was trained for another draft (no layer {missing[0]}): {fix}")
+    adapter = DraftAdapter(kind, {n: tuple(linears[n].weight.shape) for n in names}, rank, alpha)
+    state = {}
+    for n in names:
+        key = DraftAdapter._key(n)
+        if kind == "lora":
+            state[f"a.{key}"], state[f"b.{key}"] = tensors.get(f"{n}.lora_A"), tensors.get(f"{n}.lora_B")
+        else:
+            state[f"d.{key}"] = tensors.get(f"{n}.delta")
+    expected = adapter.state_dict()
+    for k, v in state.items():
+        if v is None or v.shape != expected[k].shape:
+            raise UserInputError(f"draft adapter {folder}: tensor for {k} is missing or has the wrong shape "
+                                 f"(expected {tuple(expected[k].shape)}): {fix}")
+    adapter.load_state_dict({k: v.float() for k, v in state.items()})
+    return adapter.requires_grad_(False)

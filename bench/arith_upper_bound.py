@@ -100,6 +100,54 @@ def evaluate(out: Path, preset: Path, tokens: int) -> list[dict]:
     return rows
 
 
+def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int = 4) -> dict:
+    """Where on chains fusion helps: every cut k inside the answer (the draft guesses answer tokens
+    k..k+gamma after a fused prefix that ends with answer token k-1), agreement with the target
+    split by whether the guessed token belongs to the term in progress at the cut (the target's last
+    fused position has already started or is about to write it) or to a later term (it needs a term
+    the target has not produced when the draft guesses), and by the token's place in its term.
+    Counts: {"<term>, <place>": [tokens, plain right, as-run right]}."""
+    from transformers import AutoTokenizer
+
+    target, draft = build_arith.load_model(out / "target"), build_arith.load_model(out / "draft")
+    encoder = build_arith.Encoder(AutoTokenizer.from_pretrained(out / "target"))
+    lines = [x for x in (preset / "eval_chains.txt").read_text().splitlines() if x and not x.startswith("#")][:n]
+    prompts = [encoder.prompt(x) for x in lines]
+    answers = training.greedy_batch(target, prompts, 4 * task.CHAIN_TERMS + 2, {encoder.eos})
+    x = torch.tensor([p + a for p, a in zip(prompts, answers)])  # one length: every chain answer is 33 tokens
+    n0 = len(prompts[0])
+    folder = out / arm
+    fuse = find_final_dir(folder) is not None
+    fuser = load_fuser(folder, KVShape.of(draft.config), KVShape.of(target.config), dtype=torch.float32) if fuse else None
+    adapter_dir = find_adapter(folder)
+    adapter = load_adapter(adapter_dir, draft) if adapter_dir else None
+    counts: dict[str, list[int]] = {}
+    if adapter is not None:
+        adapter.attach(draft)
+    try:
+        for k in range(1, x.shape[1] - n0):  # answer token 0 comes from the target's prefill
+            m, s = n0 + k, min(gamma + 1, x.shape[1] - n0 - k)
+            want, as_run = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
+            if adapter is not None:
+                adapter.enabled = False
+            _, plain = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
+            if adapter is not None:
+                adapter.enabled = True
+            want = want.argmax(-1)
+            for j in range(s):
+                token = k + j  # answer index of the guessed token
+                where = "a later term" if token // 4 > k // 4 else "term in progress"
+                what = ("hundreds", "tens", "units", "comma")[token % 4] if token < 4 * task.CHAIN_TERMS else "end"
+                c = counts.setdefault(f"{where}, {what}", [0, 0, 0])
+                c[0] += len(x)
+                c[1] += int((plain[:, j].argmax(-1) == want[:, j]).sum())
+                c[2] += int((as_run[:, j].argmax(-1) == want[:, j]).sum())
+    finally:
+        if adapter is not None:
+            adapter.detach()
+    return counts
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| arm | steps | form | tokens | plain draft | adapted, no fusion | as run (fused) | won / lost vs plain | gates open |",
              "|" + "---|" * 9]
@@ -119,6 +167,7 @@ def main() -> int:
     p.add_argument("--evaluate", action="store_true", help="score every trained arm on the held-out problems")
     p.add_argument("--tokens", type=int, default=3000, help="held-out answer tokens per form")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--breakdown", nargs="*", default=[], help="arms (folders under --out) to split chain agreement by term")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out, preset = Path(args.out), Path(args.preset)
@@ -128,6 +177,12 @@ def main() -> int:
             rows = evaluate(out, preset, args.tokens)
         print(table(rows))
         print(json.dumps({"rows": rows}, separators=(",", ":")))
+    for arm in args.breakdown:
+        with torch.no_grad():
+            counts = chain_breakdown(out, preset, arm)
+        for category, (n, plain, as_run) in sorted(counts.items()):
+            print(f"{arm} chains, {category}: {n} tokens, plain draft {plain / n:.3f}, as run {as_run / n:.3f}")
+        print(json.dumps({"breakdown": arm, "counts": counts}))
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 
 from . import metrics
 from . import runner
-from .engine import Counters, GenerationResult, SpecConfig, sync_device
+from .engine import HOOK_PHASE, Counters, GenerationResult, SpecConfig, sync_device
 from .runner import Session
 
 GAMMA_FREE = ("target", "hf_generate", "hf_assisted_default")
@@ -158,7 +158,7 @@ def speculative_statistics(counters: list, tokens: list[int], gamma: int, target
     c = Counters.merged(counters)
     stats = metrics.round_statistics(c, gamma, target_step)
     phase = lambda name: c.times.get(name, 0.0)  # noqa: E731
-    all_time = sum(v for k, v in c.times.items() if k != "callback")  # a hook's time is in no phase
+    all_time = sum(v for k, v in c.times.items() if k != HOOK_PHASE)
     return {
         "acceptance_rate": stats["acceptance_rate"],
         "acceptance_probability": stats["acceptance_probability"],

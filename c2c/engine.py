@@ -109,6 +109,9 @@ class RoundInfo:
                 "drafted_ids": list(self.drafted_ids)}
 
 
+HOOK_PHASE = "callback"  # the on_round / on_token hook's seconds: in no round phase, out of the latency
+
+
 class HookTimer:
     """Calls a user hook (None: nothing) and adds up its seconds, which the caller leaves out of the
     latency: the hook runs after the round's host sync, while the device waits, so its time is
@@ -289,7 +292,7 @@ def standard_generate(
     sync_device(device)
     counters.target_calls = len(out)
     if hook.seconds:
-        counters.times["callback"] = hook.seconds
+        counters.times[HOOK_PHASE] = hook.seconds
     return GenerationResult(out, time.perf_counter() - t0 - hook.seconds, ttft, counters)
 
 
@@ -456,7 +459,7 @@ class SpeculativeDecoder:
         hook = HookTimer(self.on_round)
         if self.on_round is not None:
             hook(RoundInfo(n0 + 1, kv.length(self.target_cache), kv.length(self.draft_cache), 0, 0, 0, (out[0],)))
-            clock.lap("callback")
+            clock.lap(HOOK_PHASE)
 
         committed, draft_len = n0 + 1, n0
         feed = pending.view(1, 1)  # tokens the draft has not seen: seq[draft_len:committed]
@@ -501,7 +504,7 @@ class SpeculativeDecoder:
             if self.on_round is not None:
                 hook(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), counted,
                                min(n, counted), c.rounds, tuple(out[emitted:]), tuple(decision[2 : 2 + counted])))
-                clock.lap("callback")  # the hook's time: in no phase, and out of the latency
+                clock.lap(HOOK_PHASE)  # the hook's time: in no phase, and out of the latency
         sync_device(self.device)
         latency = time.perf_counter() - t_start - hook.seconds
         clock.totals(c)

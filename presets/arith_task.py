@@ -70,10 +70,10 @@ class TrainingProblems:
         digits = self.rng.randint(1, 3)
         return self.rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
-    def batch(self, size: int) -> list[tuple[str, str]]:
-        """`size` problems of one form (chains with probability chain_fraction): batches of one form
-        need little padding."""
-        chains = self.rng.random() < self.chain_fraction
+    def batch(self, size: int, chain_fraction: float | None = None) -> list[tuple[str, str]]:
+        """`size` problems of one form (chains with probability `chain_fraction`, default the stream's
+        own): batches of one form need little padding."""
+        chains = self.rng.random() < (self.chain_fraction if chain_fraction is None else chain_fraction)
         return [self.next(chains) for _ in range(size)]
 
     def next(self, chains: bool | None = None) -> tuple[str, str]:

@@ -70,9 +70,9 @@ class Encoder:
         return ids + [self.chars[c] for c in answer] + [self.eos], len(ids)
 
 
-def batch(encoder: Encoder, problems: task.TrainingProblems, size: int, pad: int):
+def batch(encoder: Encoder, problems: task.TrainingProblems, size: int, pad: int, chain_fraction: float | None = None):
     """(B, L) ids right-padded with `pad`, and the (B, L-1) loss mask of answer positions."""
-    samples = [encoder.sample(*problem) for problem in problems.batch(size)]
+    samples = [encoder.sample(*problem) for problem in problems.batch(size, chain_fraction)]
     width = max(len(ids) for ids, _ in samples)
     x = torch.full((size, width), pad)
     mask = torch.zeros(size, width - 1, dtype=torch.bool)
@@ -86,7 +86,6 @@ def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed
           probe=None):
     """Answer-token cross-entropy, cosine schedule over `steps`; the first `additions_first` steps see
     additions only (a curriculum: chains reuse the addition the model learns first)."""
-    chain_fraction = problems.chain_fraction
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
@@ -94,8 +93,7 @@ def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=50)
-        problems.chain_fraction = 0.0 if step < additions_first else chain_fraction
-        x, mask = batch(encoder, problems, batch_size, pad)
+        x, mask = batch(encoder, problems, batch_size, pad, 0.0 if step < additions_first else None)
         logits = model(input_ids=x[:, :-1]).logits  # (B, L-1, V)
         loss = F.cross_entropy(logits[mask], x[:, 1:][mask])
         opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ the same held-out problems (the preset's eval files, never trained on), addition
     OMP_NUM_THREADS=1 python bench/arith_upper_bound.py --out /tmp/ub --steps 6000 --arms frozen alone_full
     OMP_NUM_THREADS=1 python bench/arith_upper_bound.py --out /tmp/ub --steps 6000 --arms joint_full joint_lora
     python bench/arith_upper_bound.py --out /tmp/ub --evaluate     # every trained arm, one table
+    python bench/arith_upper_bound.py --out /tmp/ub --breakdown frozen joint_lora --export_draft alone_full
 
 Scores: top-1 agreement of the draft with the target on held-out answer tokens (suffix splits as
 in training: a fused prompt + part of the answer, then up to gamma+1 drafted tokens), for the plain
@@ -101,12 +102,12 @@ def evaluate(out: Path, preset: Path, tokens: int) -> list[dict]:
 
 
 def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int = 4) -> dict:
-    """Where on chains fusion helps: every cut k inside the answer (the draft guesses answer tokens
-    k..k+gamma after a fused prefix that ends with answer token k-1), agreement with the target
-    split by whether the guessed token belongs to the term in progress at the cut (the target's last
-    fused position has already started or is about to write it) or to a later term (it needs a term
-    the target has not produced when the draft guesses), and by the token's place in its term.
-    Counts: {"<term>, <place>": [tokens, plain right, as-run right]}."""
+    """Where on chains fusion helps. At every cut k of the answer, the prefix (prompt and answer
+    tokens 0..k-1) is fused, the draft reads answer token k (the newest committed token, unfused, as
+    in a round's first draft step) and guesses tokens k+1..k+gamma+1 on its own. Agreement with the
+    target, split by the guessed token's place in its term (hundreds, tens, units, comma, end) and by
+    whether that term is the one token k belongs to ("term in progress") or a later one.
+    Counts: {"<term>, <place>": [tokens, right: plain draft, the arm's draft unfused, as run]}."""
     from transformers import AutoTokenizer
 
     target, draft = build_arith.load_model(out / "target"), build_arith.load_model(out / "draft")
@@ -125,9 +126,11 @@ def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int 
     if adapter is not None:
         adapter.attach(draft)
     try:
-        for k in range(1, x.shape[1] - n0):  # answer token 0 comes from the target's prefill
-            m, s = n0 + k, min(gamma + 1, x.shape[1] - n0 - k)
+        answer = x.shape[1] - n0  # 8 terms of 4 tokens, then the end token
+        for k in range(answer - 1):
+            m, s = n0 + k, min(gamma + 1, answer - 1 - k)  # the last guess is the end token
             want, as_run = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
+            _, alone = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
             if adapter is not None:
                 adapter.enabled = False
             _, plain = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
@@ -135,13 +138,13 @@ def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int 
                 adapter.enabled = True
             want = want.argmax(-1)
             for j in range(s):
-                token = k + j  # answer index of the guessed token
+                token = k + j + 1  # answer index of the guessed token
                 where = "a later term" if token // 4 > k // 4 else "term in progress"
                 what = ("hundreds", "tens", "units", "comma")[token % 4] if token < 4 * task.CHAIN_TERMS else "end"
-                c = counts.setdefault(f"{where}, {what}", [0, 0, 0])
+                c = counts.setdefault(f"{where}, {what}", [0, 0, 0, 0])
                 c[0] += len(x)
-                c[1] += int((plain[:, j].argmax(-1) == want[:, j]).sum())
-                c[2] += int((as_run[:, j].argmax(-1) == want[:, j]).sum())
+                for i, logits in enumerate((plain, alone, as_run), 1):
+                    c[i] += int((logits[:, j].argmax(-1) == want[:, j]).sum())
     finally:
         if adapter is not None:
             adapter.detach()
@@ -167,6 +170,8 @@ def main() -> int:
     p.add_argument("--evaluate", action="store_true", help="score every trained arm on the held-out problems")
     p.add_argument("--tokens", type=int, default=3000, help="held-out answer tokens per form")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--export_draft", nargs="*", default=[],
+                   help="arms whose adapted draft to save as a model folder (<out>/<arm>/merged_draft) for the engine")
     p.add_argument("--breakdown", nargs="*", default=[], help="arms (folders under --out) to split chain agreement by term")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,11 +182,20 @@ def main() -> int:
             rows = evaluate(out, preset, args.tokens)
         print(table(rows))
         print(json.dumps({"rows": rows}, separators=(",", ":")))
+    for arm in args.export_draft:
+        from transformers import AutoTokenizer
+
+        draft = build_arith.load_model(out / "draft")
+        merged = load_adapter(find_adapter(out / arm), draft).merged_copy(draft)
+        merged.save_pretrained(out / arm / "merged_draft")  # float32: the weights the demo's fused runs use
+        AutoTokenizer.from_pretrained(out / "draft").save_pretrained(out / arm / "merged_draft")
+        print(f"{arm}: adapted draft saved to {out / arm / 'merged_draft'}")
     for arm in args.breakdown:
         with torch.no_grad():
             counts = chain_breakdown(out, preset, arm)
-        for category, (n, plain, as_run) in sorted(counts.items()):
-            print(f"{arm} chains, {category}: {n} tokens, plain draft {plain / n:.3f}, as run {as_run / n:.3f}")
+        for category, (n, plain, alone, as_run) in sorted(counts.items()):
+            print(f"{arm} chains, {category}: {n} tokens, plain draft {plain / n:.3f}, unfused {alone / n:.3f}, "
+                  f"as run {as_run / n:.3f}")
         print(json.dumps({"breakdown": arm, "counts": counts}))
     return 0
 

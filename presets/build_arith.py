@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Build the `arith` offline preset: a pair where the target provably knows what the draft can't.
 
-    python presets/build_arith.py [--out presets/arith] [--stages target draft fuser] ...
+    python presets/build_arith.py [--out presets/arith] [--stages target draft fuser fuser_adapter] ...
 
-About 80 minutes on one CPU thread with the defaults (target 23 + 23 min, draft 1.5, fuser 34).
+About 100 minutes on one CPU thread with the defaults (target 23 + 23 min, draft 1.5, fuser 34,
+adapter fuser 20); the two fuser stages can run side by side (`--stages fuser`, `--stages fuser_adapter`).
 
 The positive control for fusion (see presets/arith_task.py for the task): the target (Qwen3
 architecture, ~0.8M parameters) learns 3-digit addition in normal digit order and the mod-1000
@@ -18,7 +19,9 @@ Stages, each seeded (CPU, float32; weights rounded to bf16 before the next stage
    6,000-step schedule at half the learning rate on 75% chains (chains 0% -> 100% on a glance set);
 3. the draft, trained the same way but small and briefly (its exact rate must stay <= 50%);
 4. held-out exact rates of both (greedy, batched), written to build_info.json;
-5. the fuser, trained by `python -m c2c.train_fuser` (frozen models, official layout).
+5. the fuser, trained by `python -m c2c.train_fuser` (frozen models, official layout);
+6. not C2C, an option: `fuser_adapter/`, projectors and a rank-8 LoRA draft adapter trained jointly
+   (`--draft_adapter lora`), the same data and seed, 12,000 steps.
 No network access: the data are generated.
 """
 
@@ -127,12 +130,13 @@ def write_prompt_files(out: Path, adds, chains) -> None:
     (out / "eval_chains.txt").write_text(header.format(f"chains of {task.CHAIN_TERMS} terms") + "\n".join(task.chain(*p)[0] for p in chains) + "\n")
 
 
-def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] = ()) -> dict:
-    """The shipped fuser, trained by the project's own trainer command (frozen models); `folder` and
-    `extra` trainer flags serve the upper-bound study (bench/arith_upper_bound.py)."""
+def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] = (), steps: int | None = None) -> dict:
+    """The shipped fuser, trained by the project's own trainer command (frozen models); `folder`,
+    `extra` trainer flags and `steps` serve the adapter fuser and the upper-bound study
+    (bench/arith_upper_bound.py): the same data, seed and schedule."""
     from c2c import train_fuser
 
-    seed, steps, problems = args.seed, args.fuser_steps, args.fuser_problems
+    seed, steps, problems = args.seed, steps or args.fuser_steps, args.fuser_problems
     gen = task.TrainingProblems(seed + 7, *task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS), args.fuser_chain_fraction)
     data = out / f"{folder}_train.jsonl"
     # 3-digit additions and chains only: the forms the fuser serves
@@ -262,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuser_hidden", type=int, default=128)
     p.add_argument("--fuser_lr", type=float, default=2e-3)
     p.add_argument("--fuser_chain_fraction", type=float, default=0.25)
+    p.add_argument("--adapter_steps", type=int, default=12000, help="fuser_adapter stage: steps")
+    p.add_argument("--adapter_rank", type=int, default=8, help="fuser_adapter stage: LoRA rank of the draft adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stages", nargs="+", choices=("target", "draft", "fuser"), default=["target", "draft", "fuser"],
+    p.add_argument("--stages", nargs="+", choices=("target", "draft", "fuser", "fuser_adapter"),
+                   default=["target", "draft", "fuser", "fuser_adapter"],
                    help="rebuild only these (the later ones read the earlier ones from --out)")
     return p
 
@@ -286,6 +293,10 @@ def main() -> int:
             info_path.write_text(json.dumps(info, indent=2))
     if "fuser" in args.stages:
         info["fuser"] = train_fuser(out, args)
+        info_path.write_text(json.dumps(info, indent=2))
+    if "fuser_adapter" in args.stages:  # not C2C: projectors and a LoRA draft adapter trained jointly
+        info["fuser_adapter"] = train_fuser(out, args, "fuser_adapter", ("--draft_adapter", "lora", "--adapter_rank",
+                                                                         str(args.adapter_rank)), args.adapter_steps)
         info_path.write_text(json.dumps(info, indent=2))
     print(json.dumps(info))
     return 0

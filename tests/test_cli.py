@@ -52,7 +52,8 @@ def test_cli_writes_every_result_key_and_outputs_match(saved_models, prompts_fil
     assert set(data) >= {"config", "environment", "prompts", "summary"}
     assert set(data["config"]) >= CONFIG_KEYS
     assert data["config"]["fusion"] == {"enabled": True, "prefill": True, "decode": True, "fuse_last_prompt": True,
-                                        "open_gates": [4, 4], "reason": None, "path": str(saved_models / "fuser")}
+                                        "open_gates": [4, 4], "draft_adapter": None, "reason": None,
+                                        "path": str(saved_models / "fuser")}
     assert set(data["environment"]) >= {"python", "torch", "transformers", "device_name"}
     assert len(data["prompts"]) == 2
     for entry in data["prompts"]:

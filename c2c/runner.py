@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
 from .adapter import find_adapter, load_adapter
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (

@@ -304,9 +304,11 @@ def paired_agreement(fuser, target, draft, heldout: SplitData, tokens: int, batc
             counts["adapter_only"] += int((fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1].argmax(-1)
                                            == t_logits.argmax(-1)).sum())
             adapter.enabled = False
-        _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
-        if adapter is not None:
-            adapter.enabled = True
+        try:
+            _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)  # the plain draft
+        finally:
+            if adapter is not None:
+                adapter.enabled = True
         want = t_logits.argmax(-1)  # (B, s)
         right_f, right_u = fused.argmax(-1) == want, unfused.argmax(-1) == want
         counts["fused"] += int(right_f.sum())

@@ -188,3 +188,24 @@ def test_adapter_alone_arm_writes_no_fuser(saved_models, tmp_path, capsys):
     assert (tmp_path / "o" / "draft_adapter" / "adapter.safetensors").is_file()
     assert not (tmp_path / "o" / "final").exists()
     shutil.rmtree(tmp_path / "o")
+
+
+def test_compiled_steps_serve_the_plain_and_the_adapted_draft_side_by_side(target, draft, fuser):
+    """The benchmark alternates unfused (plain draft) and fused (adapted copy) modes on one CompiledSteps:
+    each draft gets its own pooled cache and both stay lossless."""
+    from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+    from c2c.sampling import SamplingConfig
+
+    adapter = DraftAdapter.create(draft, "lora", rank=4)
+    randomize(adapter, 3)
+    adapted = adapter.merged_copy(draft)
+    compiled, prompt = CompiledSteps(backend="eager"), [5, 9, 33, 100, 7, 61, 2, 44, 3]
+    with torch.inference_mode():
+        reference = standard_generate(target, prompt, 30, SamplingConfig(), set()).output_ids
+        runs = [SpeculativeDecoder(target, d, SpecConfig(3, 30), SamplingConfig(), set(), fuser=f, compiled=compiled)
+                .generate(prompt) for d, f in ((draft, None), (adapted, fuser), (draft, None), (adapted, fuser))]
+    assert all(r.output_ids == reference for r in runs)
+    assert runs[0].counters.total_accepted == runs[2].counters.total_accepted
+    assert runs[1].counters.total_accepted == runs[3].counters.total_accepted
+    drafts = {model for model, _ in compiled._caches.values() if model is draft or model is adapted}
+    assert len(drafts) == 2  # one pooled cache per draft

@@ -64,6 +64,7 @@ def row(data: dict, form: str, gamma: int, fusion: str) -> dict:
         "fusion_time_share": sp["fusion_time"] / sp["latency"] if sp["latency"] else None,
         "outputs_match": s["comparison"]["prompts_matching"], "target_right": right,
         "open_gates": data["config"]["fusion"]["open_gates"],
+        "draft_adapter": (data["config"]["fusion"].get("draft_adapter") or {}).get("kind"),  # fused runs only
     }
 
 

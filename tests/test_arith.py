@@ -119,3 +119,28 @@ def test_adapter_fuser_gain_comes_from_fusion_not_from_the_adapter_alone():
     assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.12
     assert figures["agreement_fused"] >= figures["agreement_adapter_only"] + 0.12
     assert figures["won"] >= 5 * figures["lost"]
+
+
+def test_study_scripts_run_on_the_shipped_preset(tmp_path, monkeypatch, capsys):
+    """bench/arith_fusion.py (the engine table) and bench/arith_upper_bound.py's breakdown, on a few problems."""
+    sys.path.insert(0, str(PRESET_ROOT.parent / "bench"))
+    import arith_fusion
+    import arith_upper_bound
+
+    monkeypatch.setattr(sys, "argv", ["arith_fusion.py", "--gammas", "4", "--additions", "6", "--chains", "2",
+                                      "--fusion", "off", "both", "--extra", f"--fuser_checkpoint {ADAPTER_FUSER}"])
+    assert arith_fusion.main() == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["form"], r["fusion"], r["draft_adapter"]) for r in rows] == [
+        ("additions", "off", None), ("additions", "both", "lora"), ("chains", "off", None), ("chains", "both", "lora")]
+    assert all(r["outputs_match"] == r["problems"] == r["target_right"] for r in rows)
+
+    for role in ("target", "draft"):
+        (tmp_path / role).symlink_to(ARITH / role)
+    (tmp_path / "joint_lora").symlink_to(ADAPTER_FUSER)
+    counts = arith_upper_bound.chain_breakdown(tmp_path, ARITH, "joint_lora", n=8)
+    assert sum(c[0] for c in counts.values()) == 8 * sum(min(5, 32 - k) for k in range(32))
+    for place in ("comma", "end"):  # the plain draft gets these right on held-out chains (measured on 200)
+        assert all(c[1] == c[0] for key, c in counts.items() if key.endswith(place))
+    digits = [c for key, c in counts.items() if not key.endswith(("comma", "end"))]
+    assert sum(c[3] for c in digits) > sum(c[1] for c in digits)  # fused (with the adapter) beats the plain draft

@@ -44,8 +44,8 @@ class SpeculativePipeline:
     def load(cls, draft: str, target: str, fuser: str | None = None, *, device: str = "auto", dtype: str = "auto",
              device_map: str | None = None, compile: bool = False, enable_thinking: bool = False,
              log=None) -> "SpeculativePipeline":
-        """Draft and target: Hub ids or local folders; `fuser`: a C2C checkpoint folder (None: no fusion).
-        `device` auto/cuda/cuda:N/cpu, `dtype` auto/bfloat16/float16/float32 (auto: bf16 on GPU, float32
+        """Draft and target: Hub ids or local folders; `fuser`: a C2C checkpoint folder (None: no fusion;
+        a `draft_adapter/` beside its `final/` is applied to the fused runs' draft). `device` auto/cuda/cuda:N/cpu, `dtype` auto/bfloat16/float16/float32 (auto: bf16 on GPU, float32
         on CPU), `compile`: static caches and CUDA graphs (call `generate` once untimed first)."""
         cfg = runner.RunConfig(
             draft_model=draft, target_model=target, fuser_checkpoint=fuser or "", fuser_explicit=fuser is not None,
@@ -56,7 +56,7 @@ class SpeculativePipeline:
 
     @property
     def fusion(self) -> dict:
-        """Whether fusion is on, the fuser's path and how many of its gates are open."""
+        """Whether fusion is on, the fuser's path, how many of its gates are open, its draft adapter."""
         return self.session.fusion
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, gamma: int = 4, temperature: float = 0.0,

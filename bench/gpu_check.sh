@@ -4,8 +4,10 @@
 # BUDGET seconds (default 420), each writing its log/JSON under ${OUT:-output/gpu_check} as it goes:
 #   1. losslessness on CUDA: --preset tiny and --preset arith, eager (outputs must equal the target's)
 #   2. --preset tiny compiled on CUDA (lossless with CUDA graphs; one untimed warm-up run)
-#   3. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
-#   4. synthetic compiled (CUDA graphs) timings, gamma 4 (about 4-5 minutes on a fresh H100, mostly compiling)
+#   3. synthetic compiled (CUDA graphs) timings, gamma 4 (about 4-5 minutes on a fresh H100, mostly compiling;
+#      it also times the eager 14B and 0.6B steps)
+#   4. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
+#      (measured twice already; runs if budget is left)
 #   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,9 +41,9 @@ step arith_eager 60 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}"
   --modes target speculative speculative_fused --num_prompts 20
 step tiny_compiled 150 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
   --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 4 --compile --warmup 1
-step synthetic_eager 150 "$PY" speculative_benchmark.py --synthetic qwen3 --dtype bfloat16 --gammas 2 4 6 \
+step synthetic_compiled 360 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
-step synthetic_compiled 330 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 \
+step synthetic_eager 150 "$PY" speculative_benchmark.py --synthetic qwen3 --dtype bfloat16 --gammas 2 4 6 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
 tar czf "$OUT_DIR/json.tgz" -C "$OUT_DIR" json && rm -rf "$JSON_DIR"
 echo "total ${SECONDS}s" | tee -a "$OUT_DIR/summary.txt"

@@ -40,6 +40,7 @@ import build_arith  # noqa: E402
 from c2c import training  # noqa: E402
 from c2c.adapter import find_adapter, load_adapter  # noqa: E402
 from c2c.fuser import KVShape, find_final_dir, load_fuser  # noqa: E402
+from c2c.loading import eos_token_ids  # noqa: E402
 
 ARMS = {
     "frozen": (),
@@ -64,64 +65,70 @@ def train_arms(out: Path, arms: list[str], steps: int, preset: Path) -> None:
         print(f"{arm}: {info['seconds']} s, last held-out figures {info['last_eval']}", file=sys.stderr)
 
 
-def held_out(encoder, target, form: str, n: int, preset: Path) -> training.SplitData:
-    """The first n held-out problems of one form, each followed by the target's greedy answer."""
-    lines = [x for x in (preset / f"eval_{form}.txt").read_text().splitlines() if x and not x.startswith("#")][:n]
-    eos = {encoder.eos}
-    prompts = [encoder.prompt(x) for x in lines]
-    answers = training.greedy_batch(target, prompts, 4 * task.CHAIN_TERMS + 2, eos)
-    return training.SplitData.from_answers([(p + a, len(p)) for p, a in zip(prompts, answers)], gamma=4)
-
-
-def evaluate(out: Path, preset: Path, tokens: int) -> list[dict]:
+def load_pair(out: Path) -> tuple:
+    """(target, draft, tokenizer) of the study folder, float32 on the CPU."""
     from transformers import AutoTokenizer
 
-    target, draft = build_arith.load_model(out / "target"), build_arith.load_model(out / "draft")
-    encoder = build_arith.Encoder(AutoTokenizer.from_pretrained(out / "target"))
-    sets = {form: held_out(encoder, target, form, 500, preset) for form in ("additions", "chains")}
+    return build_arith.load_model(out / "target"), build_arith.load_model(out / "draft"), AutoTokenizer.from_pretrained(out / "target")
+
+
+def answered(pair: tuple, form: str, n: int, preset: Path) -> list[tuple[list[int], int]]:
+    """The first n held-out problems of one form, each followed by the target's greedy answer:
+    (prompt + answer ids, prompt length)."""
+    target, _, tokenizer = pair
+    lines = [x for x in (preset / f"eval_{form}.txt").read_text().splitlines() if x and not x.startswith("#")][:n]
+    return training.target_generations(target, tokenizer, lines, 4 * task.CHAIN_TERMS + 2, eos_token_ids(target, tokenizer))
+
+
+def load_arm(folder: Path, pair: tuple) -> tuple:
+    """(fuser, adapter) of a trained arm; None for what it lacks (no projectors: the adapter-alone arm)."""
+    target, draft, _ = pair
+    fuser = None
+    if find_final_dir(folder) is not None:
+        fuser = load_fuser(folder, KVShape.of(draft.config), KVShape.of(target.config), dtype=torch.float32)
+    adapter_dir = find_adapter(folder)
+    return fuser, load_adapter(adapter_dir, draft) if adapter_dir else None
+
+
+def evaluate(out: Path, preset: Path, tokens: int, pair: tuple) -> list[dict]:
+    target, draft, _ = pair
+    sets = {form: training.SplitData.from_answers(answered(pair, form, 500, preset), gamma=4) for form in ("additions", "chains")}
     rows = []
     for arm in ARMS:
         folder = out / arm
         if not (folder / "config.json").is_file():
             continue
-        fuse = find_final_dir(folder) is not None
-        fuser = load_fuser(folder, KVShape.of(draft.config), KVShape.of(target.config), dtype=torch.float32) if fuse else None
-        adapter_dir = find_adapter(folder)
-        adapter = load_adapter(adapter_dir, draft) if adapter_dir else None
+        fuser, adapter = load_arm(folder, pair)
         if adapter is not None:
             adapter.attach(draft)
-        for form, data in sets.items():
-            f = training.paired_agreement(fuser, target, draft, data, tokens, 64, device="cpu", adapter=adapter, fuse=fuse)
-            rows.append({"arm": arm, "form": form, "tokens": f["heldout_tokens"], "plain": f["agreement_unfused"],
-                         "adapter_only": f.get("agreement_adapter_only"), "as_run": f["agreement_fused"],
-                         "won": f["won"], "lost": f["lost"], "open_gates": f["open_gates"], "gates": f["gates"],
-                         "steps": json.loads((folder / "config.json").read_text())["training"]["steps"]})
-        if adapter is not None:
-            adapter.detach()
+        try:
+            for form, data in sets.items():
+                f = training.paired_agreement(fuser, target, draft, data, tokens, 64, device="cpu", adapter=adapter,
+                                              fuse=fuser is not None)
+                rows.append({"arm": arm, "form": form, "tokens": f["heldout_tokens"], "plain": f["agreement_unfused"],
+                             "adapter_only": f.get("agreement_adapter_only"), "as_run": f["agreement_fused"],
+                             "won": f["won"], "lost": f["lost"], "open_gates": f["open_gates"], "gates": f["gates"],
+                             "steps": json.loads((folder / "config.json").read_text())["training"]["steps"]})
+        finally:
+            if adapter is not None:
+                adapter.detach()
     return rows
 
 
-def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int = 4) -> dict:
+def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int = 4, pair: tuple | None = None) -> dict:
     """Where on chains fusion helps. At every cut k of the answer, the prefix (prompt and answer
     tokens 0..k-1) is fused, the draft reads answer token k (the newest committed token, unfused, as
     in a round's first draft step) and guesses tokens k+1..k+gamma+1 on its own. Agreement with the
     target, split by the guessed token's place in its term (hundreds, tens, units, comma, end) and by
     whether that term is the one token k belongs to ("term in progress") or a later one.
     Counts: {"<term>, <place>": [tokens, right: plain draft, the arm's draft unfused, as run]}."""
-    from transformers import AutoTokenizer
-
-    target, draft = build_arith.load_model(out / "target"), build_arith.load_model(out / "draft")
-    encoder = build_arith.Encoder(AutoTokenizer.from_pretrained(out / "target"))
-    lines = [x for x in (preset / "eval_chains.txt").read_text().splitlines() if x and not x.startswith("#")][:n]
-    prompts = [encoder.prompt(x) for x in lines]
-    answers = training.greedy_batch(target, prompts, 4 * task.CHAIN_TERMS + 2, {encoder.eos})
-    x = torch.tensor([p + a for p, a in zip(prompts, answers)])  # one length: every chain answer is 33 tokens
-    n0 = len(prompts[0])
-    folder = out / arm
-    fuse = find_final_dir(folder) is not None
-    fuser = load_fuser(folder, KVShape.of(draft.config), KVShape.of(target.config), dtype=torch.float32) if fuse else None
-    adapter_dir = find_adapter(folder)
-    adapter = load_adapter(adapter_dir, draft) if adapter_dir else None
+    pair = pair or load_pair(out)
+    target, draft, _ = pair
+    items = answered(pair, "chains", n, preset)
+    x = torch.tensor([ids for ids, _ in items])  # one length: every chain answer is 33 tokens
+    n0 = items[0][1]
+    fuser, adapter = load_arm(out / arm, pair)
+    fuse = fuser is not None
     counts: dict[str, list[int]] = {}
     if adapter is not None:
         adapter.attach(draft)
@@ -130,13 +137,13 @@ def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int 
         for k in range(answer - 1):
             m, s = n0 + k, min(gamma + 1, answer - 1 - k)  # the last guess is the end token
             want, as_run = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
-            _, alone = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
-            if adapter is not None:
-                adapter.enabled = False
-            _, plain = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
-            if adapter is not None:
-                adapter.enabled = True
             want = want.argmax(-1)
+            if adapter is None:
+                plain = alone = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1]
+            else:
+                alone = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1] if fuse else as_run
+                with adapter.disabled():
+                    plain = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1]
             for j in range(s):
                 token = k + j + 1  # answer index of the guessed token
                 where = "a later term" if token // 4 > k // 4 else "term in progress"
@@ -177,22 +184,21 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out, preset = Path(args.out), Path(args.preset)
     train_arms(out, args.arms, args.steps, preset)
+    pair = load_pair(out) if args.evaluate or args.breakdown or args.export_draft else None
     if args.evaluate:
         with torch.no_grad():
-            rows = evaluate(out, preset, args.tokens)
+            rows = evaluate(out, preset, args.tokens, pair)
         print(table(rows))
         print(json.dumps({"rows": rows}, separators=(",", ":")))
     for arm in args.export_draft:
-        from transformers import AutoTokenizer
-
-        draft = build_arith.load_model(out / "draft")
+        _, draft, tokenizer = pair
         merged = load_adapter(find_adapter(out / arm), draft).merged_copy(draft)
         merged.save_pretrained(out / arm / "merged_draft")  # float32: the weights the demo's fused runs use
-        AutoTokenizer.from_pretrained(out / "draft").save_pretrained(out / arm / "merged_draft")
+        tokenizer.save_pretrained(out / arm / "merged_draft")
         print(f"{arm}: adapted draft saved to {out / arm / 'merged_draft'}")
     for arm in args.breakdown:
         with torch.no_grad():
-            counts = chain_breakdown(out, preset, arm)
+            counts = chain_breakdown(out, preset, arm, pair=pair)
         for category, (n, plain, alone, as_run) in sorted(counts.items()):
             print(f"{arm} chains, {category}: {n} tokens, plain draft {plain / n:.3f}, unfused {alone / n:.3f}, "
                   f"as run {as_run / n:.3f}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,6 +62,21 @@ class DraftAdapter(nn.Module):
     def _key(name: str) -> str:
         return name.replace(".", "__")  # ParameterDict keys cannot hold dots
 
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def file_keys(self) -> dict[str, str]:
+        """{state_dict key: key in adapter.safetensors}: the one naming both save and load use."""
+        keys = {}
+        for name in self.names:
+            key = self._key(name)
+            if self.kind == "lora":
+                keys[f"a.{key}"], keys[f"b.{key}"] = f"{name}.lora_A", f"{name}.lora_B"
+            else:
+                keys[f"d.{key}"] = f"{name}.delta"
+        return keys
+
     @classmethod
     def create(cls, model, kind: str, rank: int = 8, alpha: float | None = None) -> "DraftAdapter":
         linears = adapted_linears(model)
@@ -72,7 +88,7 @@ class DraftAdapter(nn.Module):
         """The change to `name`'s weight, (out, in)."""
         key = self._key(name)
         if self.kind == "lora":
-            return (self.alpha / self.rank) * self.b[key] @ self.a[key]
+            return self.scale * self.b[key] @ self.a[key]
         return self.d[key]
 
     # ------------------------------------------------------------ training: hooks
@@ -94,11 +110,9 @@ class DraftAdapter(nn.Module):
             if not self.enabled:
                 return output
             x = inputs[0]
-            if self.kind == "lora":
-                extra = (x @ self.a[key].t().to(x.dtype)) @ self.b[key].t().to(x.dtype) * (self.alpha / self.rank)
-            else:
-                extra = x @ self.d[key].t().to(x.dtype)
-            return output + extra
+            if self.kind == "lora":  # two thin products, never the (out, in) matrix
+                return output + (x @ self.a[key].t().to(x.dtype)) @ self.b[key].t().to(x.dtype) * self.scale
+            return output + x @ self.d[key].t().to(x.dtype)
 
         return hook
 
@@ -106,6 +120,15 @@ class DraftAdapter(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    @contextmanager
+    def disabled(self):
+        """The plain draft for the duration (hooks attached but inactive), switched back on after."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     # ------------------------------------------------------------ inference: merged weights
 
@@ -126,14 +149,8 @@ class DraftAdapter(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name in self.names:
-            key = self._key(name)
-            if self.kind == "lora":
-                tensors[f"{name}.lora_A"] = self.a[key].detach().to("cpu", dtype).contiguous()
-                tensors[f"{name}.lora_B"] = self.b[key].detach().to("cpu", dtype).contiguous()
-            else:
-                tensors[f"{name}.delta"] = self.d[key].detach().to("cpu", dtype).contiguous()
+        state = self.state_dict()
+        tensors = {file_key: state[k].detach().to("cpu", dtype).contiguous() for k, file_key in self.file_keys().items()}
         save_file(tensors, str(folder / "adapter.safetensors"))
         meta = {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "modules": self.names,
                 "parameters": sum(t.numel() for t in tensors.values()), **(extra or {})}
@@ -173,13 +190,7 @@ def load_adapter(folder: str | Path, model) -> DraftAdapter:
     if missing:
         raise UserInputError(f"draft adapter {folder} was trained for another draft (no layer {missing[0]}): {fix}")
     adapter = DraftAdapter(kind, {n: tuple(linears[n].weight.shape) for n in names}, rank, alpha)
-    state = {}
-    for n in names:
-        key = DraftAdapter._key(n)
-        if kind == "lora":
-            state[f"a.{key}"], state[f"b.{key}"] = tensors.get(f"{n}.lora_A"), tensors.get(f"{n}.lora_B")
-        else:
-            state[f"d.{key}"] = tensors.get(f"{n}.delta")
+    state = {k: tensors.get(file_key) for k, file_key in adapter.file_keys().items()}
     expected = adapter.state_dict()
     for k, v in state.items():
         if v is None or v.shape != expected[k].shape:

@@ -45,8 +45,9 @@ class SpeculativePipeline:
              device_map: str | None = None, compile: bool = False, enable_thinking: bool = False,
              log=None) -> "SpeculativePipeline":
         """Draft and target: Hub ids or local folders; `fuser`: a C2C checkpoint folder (None: no fusion;
-        a `draft_adapter/` beside its `final/` is applied to the fused runs' draft). `device` auto/cuda/cuda:N/cpu, `dtype` auto/bfloat16/float16/float32 (auto: bf16 on GPU, float32
-        on CPU), `compile`: static caches and CUDA graphs (call `generate` once untimed first)."""
+        a `draft_adapter/` beside its `final/` is applied to the fused runs' draft). `device`
+        auto/cuda/cuda:N/cpu, `dtype` auto/bfloat16/float16/float32 (auto: bf16 on GPU, float32 on CPU),
+        `compile`: static caches and CUDA graphs (call `generate` once untimed first)."""
         cfg = runner.RunConfig(
             draft_model=draft, target_model=target, fuser_checkpoint=fuser or "", fuser_explicit=fuser is not None,
             prefill_fusion=fuser is not None, decode_fusion=fuser is not None, device=device, dtype=dtype,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cache as kv
+from .adapter import KINDS, DraftAdapter
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser, save_fuser
 
@@ -75,8 +76,8 @@ class TrainConfig:
     fusion: bool = True  # False (with an adapter): the draft adapter alone, no projectors (the study's control arm)
 
     def __post_init__(self):
-        if self.draft_adapter not in ("none", "lora", "full"):
-            raise UserInputError(f"--draft_adapter must be none, lora or full, got {self.draft_adapter!r}")
+        if self.draft_adapter not in ("none", *KINDS):
+            raise UserInputError(f"--draft_adapter must be none, {' or '.join(KINDS)}, got {self.draft_adapter!r}")
         if not self.fusion and self.draft_adapter == "none":
             raise UserInputError("--no-fusion trains the draft adapter alone: also pass --draft_adapter lora or full")
         if self.objective not in ("kl", "ce"):
@@ -300,16 +301,14 @@ def paired_agreement(fuser, target, draft, heldout: SplitData, tokens: int, batc
     for x, m, s in heldout.evaluation(tokens, batch_size):
         x = x.to(device)
         t_logits, fused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
-        if adapter is not None:
-            counts["adapter_only"] += int((fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1].argmax(-1)
-                                           == t_logits.argmax(-1)).sum())
-            adapter.enabled = False
-        try:
-            _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)  # the plain draft
-        finally:
-            if adapter is not None:
-                adapter.enabled = True
         want = t_logits.argmax(-1)  # (B, s)
+        if adapter is None:
+            _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)
+        else:
+            alone = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1] if fuse else fused
+            counts["adapter_only"] += int((alone.argmax(-1) == want).sum())
+            with adapter.disabled():
+                _, unfused = fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)  # the plain draft
         right_f, right_u = fused.argmax(-1) == want, unfused.argmax(-1) == want
         counts["fused"] += int(right_f.sum())
         counts["unfused"] += int(right_u.sum())
@@ -350,8 +349,6 @@ class FuserTrainer:
         self.adapter = None
         groups = [{"params": list(self.fuser.parameters())}] if cfg.fusion else []
         if cfg.draft_adapter != "none":
-            from .adapter import DraftAdapter
-
             draft.requires_grad_(False)
             self.adapter = DraftAdapter.create(draft, cfg.draft_adapter, cfg.adapter_rank).to(device)
             self.adapter.attach(draft)

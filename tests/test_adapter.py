@@ -11,6 +11,7 @@ import torch
 from c2c import runner, train_fuser, training
 from c2c.adapter import DraftAdapter, adapted_linears, find_adapter, load_adapter
 from c2c.errors import UserInputError
+from tests.test_training import config, new_trainer
 
 
 def randomize(adapter: DraftAdapter, seed: int = 0) -> None:
@@ -71,28 +72,8 @@ def test_files_round_trip_and_bad_files_name_the_fix(draft, tmp_path):
         load_adapter(tmp_path / "fz" / "draft_adapter", draft)
 
 
-@pytest.fixture(scope="module")
-def windows(target):
-    from c2c.engine import standard_generate
-    from c2c.sampling import SamplingConfig
-
-    with torch.inference_mode():
-        streams = [standard_generate(target, [s * 11 % 300, 7], 48, SamplingConfig(), set()).output_ids for s in range(8)]
-    return training.make_windows(streams, 32, None)
-
-
-def trainer_for(tmp_path, target, draft, windows, **kw):
-    args = dict(draft_model="d", target_model="t", data="synthetic", output_dir=str(tmp_path / "f"), steps=20,
-                batch_size=4, seq_len=32, gamma=3, hidden_dim=16, intermediate_dim=16, lr=3e-3, warmup_steps=2,
-                eval_every=1000, eval_tokens=64, save_every=1000, dropout=0.0, initial_gate_logit=1.0, seed=0)
-    cfg = training.TrainConfig(**(args | kw))
-    data = training.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
-    return training.FuserTrainer(cfg, target, draft, data, training.SplitData.from_windows(windows[:4], cfg.min_prefix, cfg.gamma),
-                                 torch.device("cpu"))
-
-
 def test_the_draft_prefix_carries_gradients_when_the_draft_trains(tmp_path, target, draft, windows):
-    trainer = trainer_for(tmp_path, target, draft, windows, draft_adapter="full")
+    trainer = new_trainer(config(tmp_path, draft_adapter="full"), target, draft, windows)
     try:
         x, m, s = windows[:2], 12, 3
         grads = {}
@@ -110,7 +91,7 @@ def test_the_draft_prefix_carries_gradients_when_the_draft_trains(tmp_path, targ
 
 def test_joint_training_moves_adapter_and_projectors_and_alone_arm_only_the_adapter(tmp_path, target, draft, windows):
     for fusion in (True, False):
-        trainer = trainer_for(tmp_path, target, draft, windows, draft_adapter="lora", adapter_rank=4, fusion=fusion)
+        trainer = new_trainer(config(tmp_path, draft_adapter="lora", adapter_rank=4, fusion=fusion), target, draft, windows)
         try:
             proj = [p.detach().clone() for p in trainer.fuser.parameters()]
             adapt = [p.detach().clone() for p in trainer.adapter.parameters()]

@@ -14,6 +14,7 @@ from c2c.loading import eos_token_ids, load_model, load_tokenizer
 from c2c.presets import PRESET_ROOT, PRESETS
 
 ARITH = PRESET_ROOT / "arith"
+ADAPTER_FUSER = ARITH / "fuser_adapter"  # the option: projectors and a draft adapter trained jointly
 sys.path.insert(0, str(PRESET_ROOT))
 import arith_task  # noqa: E402
 import build_arith  # noqa: E402
@@ -68,23 +69,35 @@ def test_demo_preset_arith_is_lossless_and_the_target_is_right(tmp_path):
         assert entry["standard"]["text"] == arith_task.answer(entry["prompt"])  # additions and chains
 
 
-def test_shipped_fuser_raises_the_drafts_agreement_on_heldout_problems():
-    """Regression guard: fails if the shipped fuser (or the fusion code) stops transferring what the target knows."""
+def shipped_agreement(fuser_folder, with_adapter: bool = False) -> dict:
+    """Held-out paired agreement of the preset's draft with its target through a shipped fuser folder
+    (and its draft adapter), on 60 additions and 20 chains."""
+    from c2c.adapter import find_adapter, load_adapter
+
     preset, cpu = PRESETS["arith"], torch.device("cpu")
     target = load_model(preset["teacher_model"], "target", torch.float32, cpu)
     draft = load_model(preset["base_model"], "draft", torch.float32, cpu)
     tok = load_tokenizer(preset["teacher_model"])
-    fuser = load_fuser(preset["fuser_checkpoint"], KVShape.of(draft.config), KVShape.of(target.config), device=cpu,
-                       dtype=torch.float32)
+    fuser = load_fuser(fuser_folder, KVShape.of(draft.config), KVShape.of(target.config), device=cpu, dtype=torch.float32)
     prompts = eval_prompts("additions")[:60] + eval_prompts("chains")[:20]
-    items = training.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok))
-    figures = training.paired_agreement(fuser, target, draft, training.SplitData.from_answers(items, 4), 600, 32)
+    data = training.SplitData.from_answers(training.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok)), 4)
+    if not with_adapter:
+        return training.paired_agreement(fuser, target, draft, data, 600, 32)
+    adapter = load_adapter(find_adapter(fuser_folder), draft)
+    adapter.attach(draft)
+    try:
+        return training.paired_agreement(fuser, target, draft, data, 600, 32, adapter=adapter)
+    finally:
+        adapter.detach()
+
+
+def test_shipped_fuser_raises_the_drafts_agreement_on_heldout_problems():
+    """Regression guard: fails if the shipped fuser (or the fusion code) stops transferring what the target knows."""
+    figures = shipped_agreement(PRESETS["arith"]["fuser_checkpoint"])
     # measured 0.864 vs 0.766, won 77 vs lost 13 on 654 tokens; a fuser with no effect gives about even
     assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.08
     assert figures["won"] >= 3 * figures["lost"]
 
-
-ADAPTER_FUSER = ARITH / "fuser_adapter"
 
 
 def test_adapter_fuser_is_lossless_in_the_demo_and_reported(tmp_path):
@@ -99,22 +112,7 @@ def test_adapter_fuser_is_lossless_in_the_demo_and_reported(tmp_path):
 
 def test_adapter_fuser_gain_comes_from_fusion_not_from_the_adapter_alone():
     """Regression guard for the option: the jointly trained adapter must need the target's cache."""
-    from c2c.adapter import find_adapter, load_adapter
-
-    preset, cpu = PRESETS["arith"], torch.device("cpu")
-    target = load_model(preset["teacher_model"], "target", torch.float32, cpu)
-    draft = load_model(preset["base_model"], "draft", torch.float32, cpu)
-    tok = load_tokenizer(preset["teacher_model"])
-    fuser = load_fuser(ADAPTER_FUSER, KVShape.of(draft.config), KVShape.of(target.config), device=cpu, dtype=torch.float32)
-    adapter = load_adapter(find_adapter(ADAPTER_FUSER), draft)
-    prompts = eval_prompts("additions")[:60] + eval_prompts("chains")[:20]
-    items = training.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok))
-    adapter.attach(draft)
-    try:
-        figures = training.paired_agreement(fuser, target, draft, training.SplitData.from_answers(items, 4), 600, 32,
-                                            adapter=adapter)
-    finally:
-        adapter.detach()
+    figures = shipped_agreement(ADAPTER_FUSER, with_adapter=True)
     # measured 0.936 fused vs 0.766 plain and 0.775 adapted without fusion, won 117 vs lost 6 on 654 tokens
     assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.12
     assert figures["agreement_fused"] >= figures["agreement_adapter_only"] + 0.12

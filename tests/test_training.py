@@ -16,19 +16,6 @@ def config(tmp_path, **kw):
     return training.TrainConfig(**(args | kw))
 
 
-@pytest.fixture(scope="module")
-def windows(target):
-    """Windows of the target's own greedy text: structured data the fuser can learn from."""
-    from c2c.engine import standard_generate
-    from c2c.sampling import SamplingConfig
-
-    streams = []
-    with torch.inference_mode():
-        for start in range(12):
-            streams.append(standard_generate(target, [start * 7 % 300, 5], 64, SamplingConfig(), set()).output_ids)
-    return training.make_windows(streams, 32, None)
-
-
 def new_trainer(cfg, target, draft, windows):
     data = training.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
     heldout = training.SplitData.from_windows(windows[:8], cfg.min_prefix, cfg.gamma)

@@ -4,7 +4,7 @@ target's KV cache into the draft.
 
 For each prompt it runs the target alone (standard), then speculative decoding, prints both and
 their comparison, and ends with a summary; `--save_results` writes everything to a JSON file.
-Run `python qwen3_14b_speculative_demo.py --help` for the flags; see README.md for the metrics.
+Run `python qwen3_14b_speculative_demo.py --help` for the flags; see docs/report.md for the metrics.
 """
 
 from __future__ import annotations

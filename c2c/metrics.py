@@ -1,6 +1,6 @@
 """Figures reported per run, per comparison and over all prompts.
 
-Definitions (see README, "Metrics"):
+Definitions (see docs/report.md, "Metrics"):
 - acceptance_rate = accepted draft tokens / drafted tokens, as vLLM reports it. It also counts the
   drafts after a round's first rejection (never even looked at), so it falls as gamma grows.
 - acceptance_probability (alpha) = accepted / (accepted + rejections): the per-token probability

@@ -4,7 +4,7 @@ Trains C2C projectors for any draft/target pair (Hub ids or local folders), both
 and writes the official C2C layout (`<output_dir>/final/`) plus `<output_dir>/config.json`.
 Optional, not C2C: `--draft_adapter lora|full` trains a draft adapter jointly with the projectors,
 written to `<output_dir>/draft_adapter/` and applied by the demo whenever that fuser is used.
-Example (the recipe for Qwen3-0.6B <- Qwen3-14B is in README.md):
+Example (the recipe for Qwen3-0.6B <- Qwen3-14B is in docs/training.md):
 
     python -m c2c.train_fuser --base_model Qwen/Qwen3-0.6B --teacher_model Qwen/Qwen3-14B \\
         --data corpus.jsonl --output_dir output/fusers/qwen3_0.6b+qwen3_14b_Fuser --steps 4000

@@ -3,12 +3,14 @@
 # shipped presets' correctness on CUDA. Steps run in order of value, each under what is left of
 # BUDGET seconds (default 420), each writing its log/JSON under ${OUT:-output/gpu_check} as it goes:
 #   1. losslessness on CUDA: --preset tiny and --preset arith, eager (outputs must equal the target's)
-#   2. --preset tiny compiled on CUDA (lossless with CUDA graphs; one untimed warm-up run)
+#   2. --preset tiny and --preset arith compiled on CUDA (lossless with CUDA graphs, the one-graph greedy
+#      draft round, batched fusion and pooled caches; one untimed warm-up run)
 #   3. synthetic compiled (CUDA graphs) timings, gamma 4 (about 4-5 minutes on a fresh H100, mostly compiling;
 #      it also times the eager 14B and 0.6B steps)
 #   4. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
 #      (measured twice already; runs if budget is left)
 #   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
+# Afterwards: unpack json.tgz and commit its synthetic_*.json under bench/results/ (the docs cite them).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
@@ -41,6 +43,8 @@ step arith_eager 60 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}"
   --modes target speculative speculative_fused --num_prompts 20
 step tiny_compiled 150 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
   --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 4 --compile --warmup 1
+step arith_compiled 120 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}" \
+  --modes target speculative speculative_fused --num_prompts 8 --compile --warmup 1
 step synthetic_compiled 360 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
 step synthetic_eager 150 "$PY" speculative_benchmark.py --synthetic qwen3 --dtype bfloat16 --gammas 2 4 6 \

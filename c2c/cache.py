@@ -19,16 +19,71 @@ from functools import lru_cache
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 
 def new_cache(model, max_length: int | None = None) -> DynamicCache | StaticCache:
     """A fresh, empty cache for `model` (never reuse one across prompts or repeats).
 
-    With `max_length`, a static cache of that many positions; otherwise a dynamic one.
+    With `max_length`, a static cache of that many positions, its layers pooled when they can be
+    (see `_pool`); otherwise a dynamic one.
     """
     if max_length is not None:
-        return StaticCache(config=model.config, max_cache_len=max_length)
+        cache = StaticCache(config=model.config, max_cache_len=max_length)
+        _pool(cache, model)
+        return cache
     return DynamicCache(config=model.config)
+
+
+class _Pool:
+    """One tensor each for every layer's keys, values and write position of a static cache; the
+    layers hold views of them. Fusion then reads and writes many layers in one op each, and a
+    rollback is one fill instead of one per layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        self.keys, self.values, self.lengths = keys, values, lengths  # (L, B, H, T, D), (L,)
+
+
+def _pool(cache: StaticCache, model) -> None:
+    """Allocate the static cache's layers up front as views of one pooled tensor each (keys,
+    values, write positions), when the model sits on one device and every layer is a plain static
+    layer of the same shape; otherwise leave the cache as transformers builds it (lazily, per layer)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    layers = cache.layers
+    if len(devices) > 1 or not layers or any(type(layer) is not StaticLayer for layer in layers):
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, capacity = config.num_key_value_heads, layers[0].max_cache_len
+    if any(layer.max_cache_len != capacity for layer in layers):
+        return
+    weight = model.get_input_embeddings().weight
+    dtype, device = weight.dtype, weight.device
+    shape = (len(layers), 1, heads, capacity, head_dim)
+    pool = _Pool(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                 torch.zeros(len(layers), dtype=torch.long, device=device))
+    probe = torch.zeros((1, heads, 1, head_dim), dtype=dtype, device=device)
+    for i, layer in enumerate(layers):
+        layer.lazy_initialization(probe, probe)  # sets the layer's own fields, as transformers would
+        layer.keys, layer.values, layer.cumulative_length = pool.keys[i], pool.values[i], pool.lengths[i]
+        for tensor in (layer.keys, layer.values, layer.cumulative_length):
+            torch._dynamo.mark_static_address(tensor)
+    cache._c2c_pool = pool
+
+
+def _pooled(cache) -> _Pool | None:
+    return getattr(cache, "_c2c_pool", None)
+
+
+def reset(cache) -> None:
+    """Empty a static cache in place (same tensors: compiled graphs keep replaying on them)."""
+    pool = _pooled(cache)
+    if pool is None:
+        cache.reset()
+        return
+    pool.keys.zero_()
+    pool.values.zero_()
+    pool.lengths.zero_()
 
 
 def is_static(cache) -> bool:
@@ -39,6 +94,11 @@ def is_static(cache) -> bool:
 def _cache_keyword(forward_cls: type) -> str:
     params = inspect.signature(forward_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that takes the cache: `cache` in newer transformers, `past_key_values` before."""
+    return _cache_keyword(type(model))
 
 
 def forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: int = 0, call=None):
@@ -78,6 +138,10 @@ def crop(cache, new_length: int) -> None:
     Static caches: moves the write position back, in place on the device.
     """
     if is_static(cache):
+        pool = _pooled(cache)
+        if pool is not None:  # one launch for every layer
+            pool.lengths.fill_(new_length)
+            return
         for layer in cache.layers:
             if layer.is_initialized:
                 layer.cumulative_length.fill_(new_length)
@@ -122,3 +186,55 @@ def write_kv_at(cache, layer: int, positions: torch.Tensor, keys: torch.Tensor, 
     entry = cache.layers[layer]
     entry.keys.index_copy_(2, positions, keys.to(entry.keys.dtype))
     entry.values.index_copy_(2, positions, values.to(entry.values.dtype))
+
+
+# ---------------------------------------------------------------- many layers at once (fusion)
+
+
+def _span(layers: tuple[int, ...]) -> slice | None:
+    """The slice covering `layers` when they are consecutive and ascending (C2C's maps are)."""
+    if layers and list(layers) == list(range(layers[0], layers[0] + len(layers))):
+        return slice(layers[0], layers[0] + len(layers))
+    return None
+
+
+def read_layers(cache, layers: tuple[int, ...], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of `layers` at positions [start, end), each (n, B, H_kv, end-start, D)."""
+    pool, span = _pooled(cache), _span(layers)
+    if pool is not None and span is not None:
+        return pool.keys[span, :, :, start:end], pool.values[span, :, :, start:end]
+    return (torch.stack([cache.layers[i].keys[:, :, start:end] for i in layers]),
+            torch.stack([cache.layers[i].values[:, :, start:end] for i in layers]))
+
+
+def write_layers(cache, layers: tuple[int, ...], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Overwrite `layers`' K and V in place at positions [start, start + keys.shape[-2])."""
+    pool, span = _pooled(cache), _span(layers)
+    end = start + keys.shape[-2]
+    if pool is not None and span is not None:
+        pool.keys[span, :, :, start:end] = keys.to(pool.keys.dtype)
+        pool.values[span, :, :, start:end] = values.to(pool.values.dtype)
+        return
+    for j, i in enumerate(layers):
+        write_kv(cache, i, start, keys[j], values[j])
+
+
+def read_layers_at(cache, layers: tuple[int, ...], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of `layers` at the given positions (W,) of a static cache, each (n, B, H_kv, W, D):
+    one gather each when the cache is pooled."""
+    pool, span = _pooled(cache), _span(layers)
+    if pool is not None and span is not None:
+        return pool.keys[span].index_select(3, positions), pool.values[span].index_select(3, positions)
+    pairs = [read_kv_at(cache, i, positions) for i in layers]
+    return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
+
+def write_layers_at(cache, layers: tuple[int, ...], positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Overwrite `layers`' K and V in place at the given positions (W,): one scatter each when pooled."""
+    pool, span = _pooled(cache), _span(layers)
+    if pool is not None and span is not None:
+        pool.keys[span].index_copy_(3, positions, keys.to(pool.keys.dtype))
+        pool.values[span].index_copy_(3, positions, values.to(pool.values.dtype))
+        return
+    for j, i in enumerate(layers):
+        write_kv_at(cache, i, positions, keys[j], values[j])

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import cache as kv
-from .fuser import C2CFuser
+from .fuser import C2CFuser, StackedProjectors
 from .sampling import SamplingConfig, accept_greedy, accept_sampled, next_token, probabilities
 
 
@@ -181,7 +181,7 @@ class CompiledSteps:
         held = self._caches.get(key)
         if held is not None and held[0] is model:
             with torch.inference_mode():  # its tensors may be inference tensors, made in an earlier run
-                held[1].reset()
+                kv.reset(held[1])
             return held[1]
         cache = kv.new_cache(model, capacity)
         self._caches[key] = (model, cache)
@@ -296,6 +296,23 @@ def standard_generate(
     return GenerationResult(out, time.perf_counter() - t0 - hook.seconds, ttft, counters)
 
 
+def draft_block(model, cache, feed: torch.Tensor, position_ids: torch.Tensor, steps: int, keyword: str) -> torch.Tensor:
+    """`steps` greedy draft tokens in one function: the compiled fast path captures it as one graph
+    (one replay per round instead of one per draft step), the next token chosen on the device.
+
+    feed (1, k): the tokens the draft has not seen (k = 1, or 2 after an all-accepted round) at
+    position_ids (1, k); `keyword`: the forward's cache keyword (kv.cache_keyword). Returns the drafted
+    ids (steps,). Same ops as `SpeculativeDecoder._draft`'s greedy loop, so the same tokens."""
+    tokens = []
+    for _ in range(steps):
+        logits = model(input_ids=feed, position_ids=position_ids, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
+        token = logits[0, -1].argmax(-1)
+        tokens.append(token)
+        feed = token.view(1, 1)
+        position_ids = position_ids[:, -1:] + 1
+    return torch.stack(tokens)
+
+
 def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
     """The target's top-1 minus top-2 logit after prompt + output_prefix: how near a tie the next
     token was (a greedy divergence in bf16 is a rounding flip only where this is small)."""
@@ -305,32 +322,28 @@ def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> floa
     return (top[0] - top[1]).item()
 
 
-def fuse_positions(fuser: C2CFuser, target_cache, draft_cache, start: int, end: int) -> int:
-    """Overwrite the draft's K/V at positions [start, end) with the fuser's output, layer by layer."""
+def fuse_positions(fuser: C2CFuser | StackedProjectors, target_cache, draft_cache, start: int, end: int) -> int:
+    """Overwrite the draft's K/V at positions [start, end) with the fuser's output, every mapped layer
+    at once (a C2CFuser is first turned into its stacked form when it can be, see C2CFuser.batched)."""
     if end <= start:
         return 0
-    for layer in range(kv.num_layers(draft_cache)):
-        if layer not in fuser.layer_map:
-            continue
-        target_layer, _ = fuser.layer_map[layer]
-        fused = fuser.fuse_layer(
-            layer,
-            kv.read_kv(target_cache, target_layer, start, end),
-            kv.read_kv(draft_cache, layer, start, end),
-        )
-        kv.write_kv(draft_cache, layer, start, *fused)
+    fusion = fuser.batched() if isinstance(fuser, C2CFuser) else fuser
+    fused = fusion.fuse_layers(*kv.read_layers(target_cache, fusion.target_layers, start, end),
+                               *kv.read_layers(draft_cache, fusion.draft_layers, start, end))
+    kv.write_layers(draft_cache, fusion.draft_layers, start, *fused)
     return end - start
 
 
-def fuse_window(fuser: C2CFuser, target_cache, draft_cache, positions: torch.Tensor, keep: torch.Tensor) -> None:
+def fuse_window(fusion: C2CFuser | StackedProjectors, target_cache, draft_cache, positions: torch.Tensor, keep: torch.Tensor) -> None:
     """Decode fusion with fixed shapes, for static caches and compilation: fuse the draft's K/V at
     `positions` (W,) but write back only where `keep` (W,) is true (the newly committed positions;
-    the rest of the window is already fused and keeps its values)."""
-    mask = keep.view(1, 1, -1, 1)
-    for layer, (target_layer, _) in fuser.layer_map.items():
-        old_k, old_v = kv.read_kv_at(draft_cache, layer, positions)  # (B, Hd, W, Dd)
-        new_k, new_v = fuser.fuse_layer(layer, kv.read_kv_at(target_cache, target_layer, positions), (old_k, old_v))
-        kv.write_kv_at(draft_cache, layer, positions, torch.where(mask, new_k, old_k), torch.where(mask, new_v, old_v))
+    the rest of the window is already fused and keeps its values). `fusion` as the engine resolved
+    it (C2CFuser.batched()); with pooled caches the reads and writes are one op each."""
+    mask = keep.view(1, 1, 1, -1, 1)
+    old_k, old_v = kv.read_layers_at(draft_cache, fusion.draft_layers, positions)  # (n, B, Hd, W, Dd)
+    new_k, new_v = fusion.fuse_layers(*kv.read_layers_at(target_cache, fusion.target_layers, positions), old_k, old_v)
+    kv.write_layers_at(draft_cache, fusion.draft_layers, positions,
+                       torch.where(mask, new_k, old_k), torch.where(mask, new_v, old_v))
 
 
 class SpeculativeDecoder:
@@ -354,17 +367,27 @@ class SpeculativeDecoder:
         NOT the target's, so nothing user-facing sets it."""
         self.target, self.draft, self.spec, self.sampling = target, draft, spec, sampling
         self.eos_ids, self.fuser, self.generator, self.on_round = eos_ids, fuser, generator, on_round
+        self.fusion = fuser.batched() if fuser is not None else None  # every layer at once where it can be
         self.device = model_device(draft)  # sampling and acceptance happen here
         self.target_device = model_device(target)
         self.compiled, self.force_accept = compiled, force_accept
         self.draft_step = compiled(draft) if compiled else None
         self.verify_step = compiled(target) if compiled else None
         self.fuse_step = compiled.function(fuse_window, self.device) if compiled and fuser is not None else None
+        # greedy drafting as one graph per round; sampling keeps one graph per draft step (its generator
+        # draws on the host side of torch and can't live inside a captured graph)
+        self.draft_graph = compiled.function(draft_block, self.device) if compiled and sampling.greedy else None
 
     # ---------------------------------------------------------------- the round's steps
 
     def _draft(self, feed: torch.Tensor, start: int, g: int):
         """g autoregressive draft tokens. feed (1, k): tokens the draft has not seen yet."""
+        if self.draft_graph is not None and g == self.spec.gamma and feed.shape[-1] <= 2:
+            positions = torch.arange(start, start + feed.shape[-1], device=feed.device).unsqueeze(0)
+            CompiledSteps.step_begin(self.device)
+            drafted = self.draft_graph(self.draft, self.draft_cache, feed, positions, g, kv.cache_keyword(self.draft))
+            self.counters.draft_calls += g
+            return drafted, None
         tokens, qs = [], []
         for _ in range(g):
             # compiled: one token, or the 2-token catch-up after an all-accepted round (its own graph;
@@ -401,7 +424,7 @@ class SpeculativeDecoder:
         return accept_sampled(drafted, q, p, self.generator)
 
     def _fuse(self, start: int, end: int) -> None:
-        self.counters.fused_tokens += fuse_positions(self.fuser, self.target_cache, self.draft_cache, start, end)
+        self.counters.fused_tokens += fuse_positions(self.fusion, self.target_cache, self.draft_cache, start, end)
 
     def _fuse_decode(self, start: int, end: int) -> None:
         """Decode fusion of positions [start, end): a compiled fixed window of gamma+1 positions when
@@ -412,7 +435,7 @@ class SpeculativeDecoder:
         positions = (torch.arange(end - width, end, device=self.device)).clamp_min(0)  # (W,)
         keep = positions >= start  # clamped duplicates of position 0 are never kept
         CompiledSteps.step_begin(self.device)
-        self.fuse_step(self.fuser, self.target_cache, self.draft_cache, positions, keep)
+        self.fuse_step(self.fusion, self.target_cache, self.draft_cache, positions, keep)
         self.counters.fused_tokens += end - start
 
     # ---------------------------------------------------------------- the loop

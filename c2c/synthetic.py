@@ -127,6 +127,7 @@ def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, wa
     from .engine import fuse_positions, fuse_window, static_capacity
 
     device = model_device(pair.draft)
+    fusion = pair.fuser.batched()  # what the engine fuses with
     if compiled:
         capacity = static_capacity(context + 1)
         t_cache, d_cache = compiled.cache(pair.target, capacity), compiled.cache(pair.draft, capacity, "draft")
@@ -137,14 +138,14 @@ def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, wa
         kv.forward(pair.target, prompt, t_cache, 0, logits_to_keep=1)
         kv.forward(pair.draft, prompt, d_cache, 0, logits_to_keep=1)
         if compiled is None:
-            return time_it(lambda: fuse_positions(pair.fuser, t_cache, d_cache, context - tokens, context), device, iters, warmup)
+            return time_it(lambda: fuse_positions(fusion, t_cache, d_cache, context - tokens, context), device, iters, warmup)
         step = compiled.function(fuse_window, device)
         positions = torch.arange(context - tokens, context, device=device)
         keep = torch.zeros(tokens, dtype=torch.bool, device=device)  # same work; values stay put across iterations
 
         def fuse():
             CompiledSteps.step_begin(device)
-            step(pair.fuser, t_cache, d_cache, positions, keep)
+            step(fusion, t_cache, d_cache, positions, keep)
 
         return time_it(fuse, device, iters, warmup)
 

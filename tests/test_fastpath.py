@@ -189,3 +189,19 @@ def test_after_the_warm_up_timed_compiled_runs_compile_nothing(target, draft):
             runs.append(forced.generate(PROMPT[:4]))
         assert counters["stats"]["unique_graphs"] == graphs
         assert runs[-1].counters.total_accepted == runs[-1].counters.total_drafted
+
+
+def test_greedy_rounds_draft_in_one_compiled_call_and_sampling_per_step(target, draft, fuser, reference, traced):
+    """The fast path drafts a full greedy round in one compiled function (one graph replay on CUDA);
+    sampling keeps the per-step path (its generator can't live in a captured graph)."""
+    calls = []
+    with torch.inference_mode():
+        dec = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(), set(), fuser=fuser, compiled=traced)
+        inner = dec.draft_graph
+        dec.draft_graph = lambda *args: calls.append(args[4]) or inner(*args)
+        result = dec.generate(PROMPT)
+        sampled = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(temperature=0.8), set(),
+                                     compiled=traced)
+    assert result.output_ids == reference
+    assert calls and set(calls) == {3} and len(calls) == result.counters.drafted_at[2]  # every full round, once
+    assert sampled.draft_graph is None

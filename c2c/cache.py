@@ -121,6 +121,15 @@ def forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: i
     return out.logits
 
 
+def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with a custom 4-D boolean mask
+    (B, 1, N, held + N; True = may attend) over the keys `cache` holds followed by the new ones.
+    Returns logits (B, N, V). The trainer's all-position objective uses it."""
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+                **{_cache_keyword(type(model)): cache})
+    return out.logits
+
+
 def length(cache) -> int:
     """Number of positions held (the same in every layer). Reads the device for static caches: tests only."""
     return int(cache.get_seq_length())

@@ -123,15 +123,23 @@ class C2CProjector(nn.Module):
                 nn.init.zeros_(getattr(self, f"{kind}_proj_out").bias)
         self.register_buffer("gate_temperature", torch.tensor(float(initial_temperature)), persistent=True)
 
+    gate_noise = "gumbel"  # training noise of the gates: "gumbel" (C2C's), "logistic" or "none"; not saved
+
     def gate(self, kind: str, shape: torch.Size | tuple = ()) -> torch.Tensor:
         """Hard gate at inference (1 if logit > 0, a scalar); in training a Gumbel-sigmoid with the
-        current temperature, its noise drawn per element of `shape` (batch, head, token, 1) as C2C does."""
+        current temperature, its noise drawn per element of `shape` (batch, head, token, 1) as C2C does.
+
+        Noise: "gumbel" adds one Gumbel(0, 1) sample, -log(-log u), as C2C's code does; "logistic"
+        adds the difference of two (a logistic sample, symmetric around 0: what our shipped presets
+        were trained with); "none" adds nothing (deterministic, for tests across process counts)."""
         logit = getattr(self, f"{kind}_gate_logit")
         if not self.training:  # float32 and 4-d as C2C's: g * alpha * P is then computed in float32
             return (logit > 0).float().view(1, 1, 1, 1)
+        if self.gate_noise == "none":
+            return torch.sigmoid(logit / self.gate_temperature).expand(shape)
         u = torch.rand(shape, device=logit.device, dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
-        gumbel = torch.log(u) - torch.log1p(-u)
-        return torch.sigmoid((logit + gumbel) / self.gate_temperature)
+        noise = -torch.log(-torch.log(u)) if self.gate_noise == "gumbel" else torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid((logit + noise) / self.gate_temperature)
 
     def set_anneal_step(self, step: int) -> None:
         """Exponential anneal of the Gumbel temperature from initial to final over anneal_steps."""

@@ -14,13 +14,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
 import torch
 
 from .cli import OneLineParser, apply_threads, run_main
+from .errors import UserInputError
 from .training import TrainConfig
+
+HELP = {
+    "steps": "optimizer steps",
+    "batch_size": "sequences per step, over all processes (the global batch: the same run on 1 or N processes)",
+    "seq_len": "window length in tokens for plain-text data",
+    "gamma": "draft tokens per round the fuser is trained for: blocks (or suffixes) of gamma+1 positions",
+    "min_prefix": "plain text: the shortest prefix before the first supervised position",
+    "objective": "kl: KL(target || draft) over the vocabulary; ce: cross-entropy on the target's greedy token",
+    "lr": "peak learning rate of the projectors (AdamW, linear warm-up, cosine decay to 10%%)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warm-up steps",
+    "grad_clip": "gradient-norm clip",
+    "hidden_dim": "projector hidden size (C2C's released fusers: 1024)",
+    "intermediate_dim": "projector MLP inner size (C2C's released fusers: 1024)",
+    "num_layers": "projector depth, >= 3 (C2C's: 3)",
+    "dropout": "projector dropout while training",
+    "anneal_steps": "steps over which the gate temperature anneals from 1.0 to 0.001 (default: all steps)",
+    "initial_gate_logit": "starting gate logits (C2C: 0, gates closed at inference until training opens them)",
+    "zero_init": "start with zero projections (fusion starts as the identity)",
+    "heldout_fraction": "share of the sequences held out for the held-out figure (never trained on)",
+    "eval_every": "steps between held-out evaluations (a line of metrics.jsonl each)",
+    "eval_tokens": "held-out suffix tokens per evaluation, at least (paired fused/unfused, won/lost)",
+    "save_every": "steps between checkpoints in output_dir/checkpoints (for --resume)",
+    "seed": "seed of the data order, split points, block offsets and the fuser's initialisation",
+    "device": "auto (CUDA if present), cuda, cuda:N or cpu; under accelerate launch each process takes its own",
+    "dtype": "models' dtype: auto = bfloat16 on GPU, float32 on CPU (the projectors train in float32)",
+    "save_dtype": "dtype of the saved fuser: auto = bfloat16 when the models run in bf16 (as released fusers)",
+    "generate_from_target": "> 0: each text is a prompt the target answers (at most this many tokens); the loss only on answers",
+    "threads": "torch CPU threads; 0 = one per physical core (use 1 on busy or shared cores)",
+    "draft_adapter": "none (C2C: frozen draft), lora or full: a draft change trained jointly (not C2C)",
+    "adapter_rank": "rank of the LoRA draft adapter",
+    "adapter_lr": "learning rate of the draft adapter; 0 = --lr",
+    "fusion": "--no-fusion: train the draft adapter alone (the upper-bound study's control arm)",
+    "suffixes": "all: every supervised position in blocks of gamma+1 (one target pass); one: one split per batch",
+    "gate_noise": "gate noise while training: gumbel (C2C's), logistic (the shipped presets') or none",
+    "keep_checkpoints": "checkpoints kept in output_dir/checkpoints; older ones are deleted",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="plain text file, or JSONL with a 'text' or 'prompt' field per line")
     p.add_argument("--output_dir", required=True, help="fuser folder to write (final/, config.json, checkpoints/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="train into an output_dir that already holds a trained fuser")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     defaults = TrainConfig("", "", "", "")
     skip = {"draft_model", "target_model", "data", "output_dir"}
@@ -39,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=value)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=value, help=HELP[f.name])
         else:
-            p.add_argument(f"--{f.name}", type=type(value) if value is not None else int, default=value)
+            p.add_argument(f"--{f.name}", type=type(value) if value is not None else int, default=value, help=HELP[f.name])
     return p
 
 
@@ -58,8 +98,28 @@ def run(args) -> int:
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
+    out = Path(cfg.output_dir)
+    if (training.find_trained(out) is not None) and not (args.overwrite or args.resume):
+        raise UserInputError(f"{out} already holds a trained fuser ({training.find_trained(out)}): pass --overwrite "
+                             "to train over it, --resume to continue its checkpoints, or choose another --output_dir")
     threads = apply_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    processes = training.Processes()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` (or torchrun)
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cfg.device == "cpu")
+        processes = training.Processes(state.process_index, state.num_processes)
+        device = state.device
+    else:
+        device = resolve_device(cfg.device)
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ:
+            print("WARNING: `accelerate launch --cpu` started this one process only (accelerate needs mpirun for "
+                  "several CPU processes); for N processes on CPU use `accelerate launch --multi_gpu "
+                  "--num_processes N -m c2c.train_fuser --device cpu ...` or `torchrun --nproc_per_node N -m "
+                  "c2c.train_fuser --device cpu ...`", file=sys.stderr)
+    say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if processes.main else (lambda *a, **k: None)
+    if processes.main and args.overwrite and not args.resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     dtype = resolve_dtype(cfg.dtype, device)
     texts = training.read_texts(cfg.data)
     tokenizer = load_tokenizer(cfg.target_model)
@@ -67,8 +127,8 @@ def run(args) -> int:
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     eos = eos_token_ids(target, tokenizer)
     if cfg.generate_from_target:
-        print(f"target answering {len(texts)} prompts (at most {cfg.generate_from_target} tokens each)", file=sys.stderr)
-        items = training.target_generations(target, tokenizer, texts, cfg.generate_from_target, eos)
+        say(f"target answering {len(texts)} prompts (at most {cfg.generate_from_target} tokens each)")
+        items = training.target_generations(target, tokenizer, texts, cfg.generate_from_target, eos, processes)
         train_items, held_items = training.split_heldout(items, cfg.heldout_fraction)
         data = training.SplitData.from_answers(train_items, cfg.gamma)
         heldout = training.SplitData.from_answers(held_items, cfg.gamma)
@@ -80,20 +140,31 @@ def run(args) -> int:
         data = training.SplitData.from_windows(torch.stack(train_windows), cfg.min_prefix, cfg.gamma)
         heldout = training.SplitData.from_windows(torch.stack(held_windows), cfg.min_prefix, cfg.gamma)
         unit = f"windows of {cfg.seq_len} tokens"
-    print(f"{data.rows} training and {heldout.rows} held-out {unit}; {threads} CPU thread(s)", file=sys.stderr)
-    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device)
+    say(f"{data.rows} training and {heldout.rows} held-out {unit}; {threads} CPU thread(s); "
+        f"{processes.count} process(es); objective {cfg.objective}, suffixes {cfg.suffixes}")
+    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device, processes)
     if args.resume:
         latest = training.latest_checkpoint(cfg.output_dir)
         if latest is None:
-            print(f"no checkpoint in {cfg.output_dir}/checkpoints: starting from step 0", file=sys.stderr)
+            say(f"no checkpoint in {cfg.output_dir}/checkpoints: starting from step 0")
         else:
             trainer.load_checkpoint(latest)
-            print(f"resumed from {latest} (step {trainer.step})", file=sys.stderr)
-    result = trainer.train(progress=not args.no_progress)
+            say(f"resumed from {latest} (step {trainer.step})")
+    try:
+        result = trainer.train(progress=not args.no_progress)
+    except KeyboardInterrupt:
+        latest = training.latest_checkpoint(cfg.output_dir)
+        where = (f"--resume continues from {latest} (step {int(latest.name.removeprefix('step_'))})" if latest
+                 else f"no checkpoint was written yet (every {cfg.save_every} steps): nothing was saved")
+        say(f"\ninterrupted (Ctrl-C) at step {trainer.step}: {where}")
+        return 130
+    if not processes.main:
+        return 0
     save_dtype = (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
     extra = {"sequences": {"train": data.rows, "heldout": heldout.rows}, "history": result["history"],
-             "train_seconds": result["seconds"]}
-    out, config = Path(cfg.output_dir), training.run_config(cfg, extra)
+             "train_seconds": result["seconds"], "processes": processes.count,
+             "target_tokens": result["target_tokens"], "supervised_tokens": result["supervised_tokens"]}
+    config = training.run_config(cfg, extra)
     if cfg.fusion:
         final = training.save_fuser(trainer.fuser, out, config=config, dtype=save_dtype)
     else:  # the adapter-alone arm: no projectors were trained, so none are written (not loadable as a fuser)

@@ -152,7 +152,8 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
             "--intermediate_dim", str(args.fuser_hidden), "--lr", str(args.fuser_lr), "--warmup_steps", "50",
             "--dropout", "0.0", "--initial_gate_logit", "1.0", "--eval_every", str(max(steps // 6, 1)),
             "--save_every", str(10**9), "--seed", str(seed), "--device", "cpu", "--dtype", "float32",
-            "--save_dtype", "bfloat16", "--threads", str(args.threads), "--no_progress", *extra]
+            "--save_dtype", "bfloat16", "--threads", str(args.threads), "--no_progress",
+            "--suffixes", args.fuser_suffixes, "--gate_noise", args.fuser_gate_noise, "--overwrite", *extra]
     started = time.perf_counter()
     rc = train_fuser.main(argv)
     if rc != 0:
@@ -265,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuser_problems", type=int, default=6000)
     p.add_argument("--fuser_hidden", type=int, default=128)
     p.add_argument("--fuser_lr", type=float, default=2e-3)
+    p.add_argument("--fuser_suffixes", choices=("one", "all"), default="one",
+                   help="the trainer's objective; the shipped fusers were trained with one split per batch")
+    p.add_argument("--fuser_gate_noise", choices=("logistic", "gumbel", "none"), default="logistic",
+                   help="gate noise while training; the shipped fusers were trained with logistic noise")
     p.add_argument("--fuser_chain_fraction", type=float, default=0.25)
     p.add_argument("--adapter_steps", type=int, default=12000, help="fuser_adapter stage: steps")
     p.add_argument("--adapter_rank", type=int, default=8, help="fuser_adapter stage: LoRA rank of the draft adapter")

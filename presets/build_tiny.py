@@ -237,6 +237,7 @@ def main() -> int:
         steps=args.fuser_steps, batch_size=16, seq_len=128, gamma=4, hidden_dim=64, intermediate_dim=64,
         lr=3e-3, warmup_steps=30, eval_every=100, eval_tokens=2048, save_every=10**9, seed=args.seed,
         initial_gate_logit=1.0, dropout=0.0, device="cpu", dtype="float32",
+        suffixes="one", gate_noise="logistic",  # the recipe the shipped fuser was trained with
     )
     windows = training.make_windows([train_ids.tolist()], cfg.seq_len, None)
     train_w, val_w = training.split_heldout(list(windows), cfg.heldout_fraction)

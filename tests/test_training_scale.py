@@ -1,0 +1,169 @@
+"""Training at scale: the all-position objective equals the per-split computation block by block,
+data-parallel training across processes equals one process, and the trainer's bookkeeping
+(metrics.jsonl, checkpoints kept, refusing to overwrite, Ctrl-C) does what it says."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2c import train_fuser, training
+from c2c.fuser import C2CProjector, KVShape, load_fuser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARITH = ROOT / "presets" / "arith"
+
+
+def test_block_layout_tiles_the_supervised_span():
+    starts, supervised = training.block_layout(20, 5, 18, 4, [2, 0])
+    assert starts[0].tolist() == list(range(5)) + [5, 5, 7, 7, 7, 7, 11, 11, 11, 11, 15, 15, 15, 15, 19]
+    assert starts[1].tolist() == list(range(5)) + [5] * 4 + [9] * 4 + [13] * 4 + [17] * 3
+    assert supervised[0].tolist() == [False] * 5 + [True] * 13 + [False] * 2
+    for row in starts:  # every supervised block is a split (m, s) with s <= gamma+1, m + s <= m_end
+        blocks = {}
+        for p in range(5, 18):
+            blocks.setdefault(int(row[p]), []).append(p)
+        assert all(1 <= len(ps) <= 4 and ps == list(range(m, m + len(ps))) for m, ps in blocks.items())
+
+
+def test_block_mask_sees_the_fused_prefix_and_its_own_block():
+    starts = torch.tensor([[0, 1, 2, 2, 2]])
+    mask = training.block_mask(starts)[0, 0].int()
+    assert mask[3].tolist() == [1, 1, 0, 0, 0] + [0, 0, 1, 1, 0]  # fused 0-1, own 2-3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_block_equals_the_per_split_computation(target, draft, fuser, seed):
+    """For random sequences and offsets, the draft's logits in every block equal those of the one-split
+    objective with m = the block's start (float32, 1e-5), and the target's logits too."""
+    rng = random.Random(seed)
+    B, L, gamma, m_min = 3, 24, 3, 6
+    x = torch.randint(0, 300, (B, L), generator=torch.Generator().manual_seed(seed))
+    offsets = [rng.randrange(gamma + 1) for _ in range(B)]
+    starts, supervised = training.block_layout(L, m_min, L, gamma + 1, offsets)
+    with torch.no_grad():
+        t_all, d_all = training.all_position_logits(fuser, target, draft, x, starts)
+        checked = 0
+        for row in range(B):
+            for m in sorted({int(s) for s, sup in zip(starts[row], supervised[row]) if sup}):
+                s = int(((starts[row] == m) & supervised[row]).sum())
+                t_one, d_one = training.fused_suffix_logits(fuser, target, draft, x[row : row + 1], m, s)
+                assert torch.allclose(d_all[row, m : m + s], d_one[0], atol=1e-5, rtol=0), (row, m, s)
+                assert torch.allclose(t_all[row, m : m + s], t_one[0], atol=1e-5, rtol=0)
+                checked += s
+    assert checked == int(supervised.sum())
+    unfused = training.all_position_logits(fuser, target, draft, x, starts, fuse=False)[1]
+    assert not torch.allclose(unfused, d_all, atol=1e-3)  # fusion reached the blocks
+
+
+def test_gate_noise_is_c2cs_gumbel_by_default():
+    p = C2CProjector(4, 4, 1, 1, hidden_dim=8, intermediate_dim=8).train()
+    torch.manual_seed(0)
+    gumbel = p.gate("key", (200_000,)).mean().item()
+    p.gate_noise = "logistic"
+    logistic = p.gate("key", (200_000,)).mean().item()
+    p.gate_noise = "none"
+    none = p.gate("key", (3,))
+    assert gumbel > 0.58 and abs(logistic - 0.5) < 0.005 and torch.equal(none, torch.full((3,), 0.5))
+
+
+def config(tmp_path, **kw):
+    args = dict(draft_model="d", target_model="t", data="synthetic", output_dir=str(tmp_path / "fuser"), steps=6,
+                batch_size=4, seq_len=32, gamma=3, hidden_dim=32, intermediate_dim=32, lr=3e-3, warmup_steps=2,
+                eval_every=3, eval_tokens=64, save_every=2, dropout=0.0, initial_gate_logit=1.0, seed=0)
+    return training.TrainConfig(**(args | kw))
+
+
+def test_metrics_jsonl_and_checkpoint_pruning(tmp_path, target, draft, windows):
+    cfg = config(tmp_path, keep_checkpoints=2)
+    data = training.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
+    heldout = training.SplitData.from_windows(windows[:8], cfg.min_prefix, cfg.gamma)
+    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, torch.device("cpu"))
+    result = trainer.train(progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "fuser" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6]
+    keys = {"step", "heldout_agreement_fused", "heldout_agreement_unfused", "won", "lost", "target_tokens",
+            "supervised_tokens", "processes", "lr", "open_gates"}
+    assert keys <= set(lines[0]) and lines[0]["processes"] == 1
+    # all-position: every window's positions min_prefix..31 are supervised, the target reads all 32
+    assert lines[1]["target_tokens"] == 6 * 4 * 32 == result["target_tokens"]
+    assert lines[1]["supervised_tokens"] == 6 * 4 * (32 - cfg.min_prefix)
+    kept = sorted(p.name for p in (tmp_path / "fuser" / "checkpoints").iterdir())
+    assert kept == ["step_000002", "step_000004"]  # step 6 is the end: saved as the fuser, not a checkpoint
+
+
+def test_one_split_objective_supervises_one_suffix_per_batch(tmp_path, target, draft, windows):
+    cfg = config(tmp_path, suffixes="one", steps=3, eval_every=3, save_every=100)
+    trainer = training.FuserTrainer(cfg, target, draft, training.SplitData.from_windows(windows, 8, 3),
+                                    training.SplitData.from_windows(windows[:8], 8, 3), torch.device("cpu"))
+    trainer.train(progress=False)
+    assert 3 * 4 <= trainer.supervised_tokens <= 3 * 4 * 4 < trainer.target_tokens
+
+
+def arith_command(out: Path, *extra: str) -> list[str]:
+    data = out.parent / "prompts.jsonl"
+    if not data.exists():
+        lines = [p for p in (ARITH / "eval_additions.txt").read_text().splitlines() if not p.startswith("#")][:24]
+        data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines))
+    return ["--base_model", str(ARITH / "draft"), "--teacher_model", str(ARITH / "target"), "--data", str(data),
+            "--output_dir", str(out), "--generate_from_target", "6", "--steps", "4", "--batch_size", "4",
+            "--gamma", "3", "--hidden_dim", "16", "--intermediate_dim", "16", "--lr", "1e-2", "--warmup_steps", "1",
+            "--dropout", "0.0", "--gate_noise", "none", "--initial_gate_logit", "1.0", "--eval_every", "4",
+            "--eval_tokens", "32", "--save_every", "2", "--device", "cpu", "--dtype", "float32",
+            "--save_dtype", "float32", "--threads", "1", "--no_progress", "--heldout_fraction", "0.2", *extra]
+
+
+def test_two_processes_train_the_same_fuser_as_one(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m c2c.train_fuser --device cpu` on the shipped arith
+    models (accelerate 1.x starts several CPU processes through its torchrun launcher, `--multi_gpu`;
+    its `--cpu` launcher starts one unless mpirun is set up) writes a fuser that loads and matches the
+    one-process run of the same command."""
+    if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
+        pytest.fail("accelerate's launcher is not installed (it is a dependency in requirements.txt)")
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    one = subprocess.run([sys.executable, "-m", "c2c.train_fuser", *arith_command(tmp_path / "one")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                          "-m", "c2c.train_fuser", *arith_command(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stderr and two.stdout.count("saved ") == 1  # only the main process writes
+    shapes = KVShape(1, 1, 16), KVShape(4, 2, 32)
+    a, b = (load_fuser(tmp_path / name, *shapes) for name in ("one", "two"))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), name
+    m1, m2 = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1]) for n in ("one", "two"))
+    assert m2["processes"] == 2 and m1["processes"] == 1
+    assert m1["target_tokens"] == m2["target_tokens"] and m1["supervised_tokens"] == m2["supervised_tokens"]
+    # resume across process counts: one process continues the two-process run's checkpoint
+    resumed = subprocess.run([sys.executable, "-m", "c2c.train_fuser",
+                              *arith_command(tmp_path / "two", "--steps", "6", "--resume")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+
+
+def test_a_trained_fuser_is_not_overwritten_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "fuser"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "projector_0.json").write_text("{}")
+    rc = train_fuser.main(["--base_model", "d", "--teacher_model", "t", "--data", "x.txt", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a trained fuser" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--suffixes", "some"),
+                                         ("--gate_noise", "uniform"), ("--keep_checkpoints", "0")])
+def test_bad_trainer_numbers_exit_2(tmp_path, capsys, flag, value):
+    rc = train_fuser.main(["--base_model", "d", "--teacher_model", "t", "--data", "x.txt",
+                           "--output_dir", str(tmp_path / "f"), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and flag.lstrip("-") in err and "Traceback" not in err

@@ -122,9 +122,11 @@ def forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: i
 
 
 def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with a custom 4-D boolean mask
-    (B, 1, N, held + N; True = may attend) over the keys `cache` holds followed by the new ones.
-    Returns logits (B, N, V). The trainer's all-position objective uses it."""
+    """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with an attention mask: a custom 4-D
+    boolean one (B, 1, N, held + N; True = may attend) over the keys `cache` holds followed by the new
+    ones (the trainer's all-position objective), or a 2-D padding mask (B, held + N; 1 = a real token)
+    that the model combines with causality (batched generation with left padding).
+    Returns logits (B, N, V)."""
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
                 **{_cache_keyword(type(model)): cache})
     return out.logits

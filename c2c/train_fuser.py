@@ -50,7 +50,8 @@ HELP = {
     "device": "auto (CUDA if present), cuda, cuda:N or cpu; under accelerate launch each process takes its own",
     "dtype": "models' dtype: auto = bfloat16 on GPU, float32 on CPU (the projectors train in float32)",
     "save_dtype": "dtype of the saved fuser: auto = bfloat16 when the models run in bf16 (as released fusers)",
-    "generate_from_target": "> 0: each text is a prompt the target answers (at most this many tokens); the loss only on answers",
+    "generate_from_target": "> 0: text records and conversations ending with a user turn are prompts the target answers (at most this many tokens, batched); the loss only on answers",
+    "enable_thinking": "Qwen3's chat-template thinking switch for chat data and prompts, as in the demo",
     "threads": "torch CPU threads; 0 = one per physical core (use 1 on busy or shared cores)",
     "draft_adapter": "none (C2C: frozen draft), lora or full: a draft change trained jointly (not C2C)",
     "adapter_rank": "rank of the LoRA draft adapter",
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base_model", required=True, help="draft (C2C receiver): Hub id or folder")
     p.add_argument("--teacher_model", required=True, help="target (C2C sharer): Hub id or folder")
-    p.add_argument("--data", required=True, help="plain text file, or JSONL with a 'text' or 'prompt' field per line")
+    p.add_argument("--data", required=True, help="plain text file; or JSONL (or parquet, with pyarrow) records: "
+                   "'messages' (OpenAI chat), 'conversations' (ShareGPT), 'text' or 'prompt'")
     p.add_argument("--output_dir", required=True, help="fuser folder to write (final/, config.json, checkpoints/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="train into an output_dir that already holds a trained fuser")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from pathlib import Path
 
-    from . import training
+    from . import chat_data, training
     from .loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
@@ -121,20 +123,20 @@ def run(args) -> int:
     if processes.main and args.overwrite and not args.resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     dtype = resolve_dtype(cfg.dtype, device)
-    texts = training.read_texts(cfg.data)
+    records = chat_data.read_records(cfg.data)
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, "target", dtype, device)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     eos = eos_token_ids(target, tokenizer)
-    if cfg.generate_from_target:
-        say(f"target answering {len(texts)} prompts (at most {cfg.generate_from_target} tokens each)")
-        items = training.target_generations(target, tokenizer, texts, cfg.generate_from_target, eos, processes)
+    if cfg.generate_from_target or any(r.is_chat for r in records):
+        items = answer_items(cfg, records, tokenizer, target, eos, processes, say)
         train_items, held_items = training.split_heldout(items, cfg.heldout_fraction)
         data = training.SplitData.from_answers(train_items, cfg.gamma)
         heldout = training.SplitData.from_answers(held_items, cfg.gamma)
-        unit = "problems (suffixes inside the answers)"
+        unit = "answers (the loss on assistant tokens only)"
     else:
-        streams = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # verbose=False: a long text is cut into windows here, so the tokenizer's length warning means nothing
+        streams = [tokenizer(r.text, add_special_tokens=False, verbose=False)["input_ids"] for r in records]
         windows = training.make_windows(streams, cfg.seq_len, tokenizer.eos_token_id)
         train_windows, held_windows = training.split_heldout(list(windows), cfg.heldout_fraction)
         data = training.SplitData.from_windows(torch.stack(train_windows), cfg.min_prefix, cfg.gamma)
@@ -186,6 +188,32 @@ def run(args) -> int:
     if cfg.fusion and last["open_gates"] == 0:
         print("WARNING: no gate is open: this fuser changes nothing (every gate logit <= 0)", file=sys.stderr)
     return 0
+
+
+def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[tuple[list[int], int]]:
+    """(ids, answer start) per answer, in the records' order: the assistant turns a conversation holds,
+    and the target's own answers to prompts (text records and conversations ending with a user turn)."""
+    from . import chat_data, training
+
+    prompts = [r.text if not r.is_chat else r.messages for r in records if not r.is_chat or r.needs_answer]
+    answers = iter(())
+    if prompts:
+        if not cfg.generate_from_target:
+            raise UserInputError(f"{len(prompts)} record(s) of {cfg.data} have no answer (a text or prompt line, or a "
+                                 "conversation ending with a user turn): pass --generate_from_target N to let the "
+                                 "target answer them, or give every conversation its assistant turn")
+        say(f"target answering {len(prompts)} prompts (at most {cfg.generate_from_target} tokens each)")
+        answers = iter(training.target_generations(target, tokenizer, prompts, cfg.generate_from_target, eos, processes,
+                                                   cfg.enable_thinking))
+    items = []
+    for r in records:
+        if not r.is_chat or r.needs_answer:
+            items.append(next(answers))
+        else:
+            items.extend(chat_data.assistant_items(tokenizer, r.messages, eos, cfg.enable_thinking))
+    if not items:
+        raise UserInputError(f"{cfg.data} holds no assistant turn to train on")
+    return items
 
 
 if __name__ == "__main__":

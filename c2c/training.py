@@ -80,6 +80,7 @@ class TrainConfig:
     dtype: str = "auto"
     save_dtype: str = "auto"  # auto: bfloat16 when the models run in bf16 (as released fusers), else float32
     generate_from_target: int = 0  # >0: texts are prompts; the target answers each (at most this many tokens)
+    enable_thinking: bool = False  # Qwen3's chat-template thinking switch, as in the demo
     threads: int = 0  # CPU threads for torch; 0: one per physical core (a guess: half the logical CPUs)
     draft_adapter: str = "none"  # none (C2C: frozen draft), lora or full: trained jointly with the projectors
     adapter_rank: int = 8
@@ -147,8 +148,9 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], batch_size: int = 256) -> list[list[int]]:
-    """Greedy continuations of many prompts, batched: prompts of equal length run together (no padding).
+def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations of many prompts, batched with left padding (prompts sorted by length, so
+    a batch pads little; the padding is masked out and positions count real tokens only).
 
     Each continuation ends at its first end-of-sequence token (included) or after max_new_tokens.
     The reference for single prompts is `engine.standard_generate`; a test checks they agree.
@@ -157,41 +159,50 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
 
     device = model_device(model)
     eos = torch.tensor(sorted(eos_ids), device=device)
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
-    for n, rows in by_length.items():
-        for first in range(0, len(rows), batch_size):
-            chunk = rows[first : first + batch_size]
-            cache = kv.new_cache(model)
-            x = torch.tensor([prompts[i] for i in chunk], device=device)  # (B, n)
-            tokens = []
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for step in range(max_new_tokens):
-                start = 0 if step == 0 else n + step - 1  # the prompt first, then one token per step
-                x = kv.forward(model, x, cache, start, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
-                tokens.append(x)
-                done |= torch.isin(x, eos)
-                if bool(done.all()):  # sync: once per generated position
-                    break
-                x = x.view(-1, 1)
-            block = torch.stack(tokens, 1).tolist()  # (B, steps)
-            for i, row in zip(chunk, block):
-                ends = [k for k, t in enumerate(row) if t in eos_ids]
-                outputs[i] = row[: ends[0] + 1] if ends else row
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], device=device)
+            mask[row, width - len(prompts[i]):] = 1
+        cache = kv.new_cache(model)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        tokens = []
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        x = ids
+        for _ in range(max_new_tokens):
+            logits = kv.forward_masked(model, x, cache, positions, mask)  # 2-D mask: padding out, causal in
+            x = logits[:, -1].argmax(-1)  # (B,)
+            tokens.append(x)
+            done |= torch.isin(x, eos)
+            if bool(done.all()):  # sync: once per generated position
+                break
+            x = x.view(-1, 1)
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
+        block = torch.stack(tokens, 1).tolist()  # (B, steps)
+        for i, row in zip(chunk, block):
+            ends = [k for k, t in enumerate(row) if t in eos_ids]
+            outputs[i] = row[: ends[0] + 1] if ends else row
     return outputs
 
 
 @torch.no_grad()
-def target_generations(target, tokenizer, prompts: list[str], max_new_tokens: int, eos_ids: set[int],
-                       processes=None) -> list[tuple[list[int], int]]:
-    """Each prompt (chat template applied) followed by the target's own greedy continuation, as
-    (token ids, prompt length): training on what the draft will see, split points inside the answers.
-    Across several processes each answers its share of the prompts and all get every answer."""
+def target_generations(target, tokenizer, prompts: list, max_new_tokens: int, eos_ids: set[int],
+                       processes=None, enable_thinking: bool = False) -> list[tuple[list[int], int]]:
+    """Each prompt (a string, or a conversation ending with a user turn; chat template applied)
+    followed by the target's own greedy continuation, as (token ids, prompt length): training on
+    what the draft will see, split points inside the answers. Across several processes each answers
+    its share of the prompts and all get every answer."""
+    from .chat_data import prompt_ids
     from .prompts import encode_prompt
 
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, enable_thinking) if isinstance(p, str) else prompt_ids(tokenizer, p, enable_thinking)
+               for p in prompts]
     count, rank = (processes.count, processes.rank) if processes is not None else (1, 0)
     mine = greedy_batch(target, encoded[rank::count], max_new_tokens, eos_ids)
     if count > 1:

@@ -1,0 +1,126 @@
+"""Training data as conversations: JSONL (or local parquet) records in OpenAI style (`messages`:
+[{"role", "content"}]) or ShareGPT style (`conversations`: [{"from", "value"}]), plus the plain
+`text` / `prompt` records the trainer has always read.
+
+A conversation becomes one training item per assistant turn: the tokens of the conversation up to
+the end of that turn (rendered with the target tokenizer's chat template) and where the turn's
+content starts. The loss then falls on assistant tokens only (the turn's content and its end
+token); everything before, earlier assistant turns included, is the fused prefix. A conversation
+that ends with a user turn is a prompt: the target answers it (`--generate_from_target N`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserInputError
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+         "bot": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One line of training data: plain text, or a conversation (a list of {"role", "content"})."""
+
+    text: str | None = None
+    messages: tuple[dict, ...] | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def needs_answer(self) -> bool:
+        """A conversation whose last turn is the user's: a prompt for the target to answer."""
+        return self.messages is not None and self.messages[-1]["role"] != "assistant"
+
+
+def _messages(record: dict, where: str) -> tuple[dict, ...]:
+    if "messages" in record:
+        raw, role_key, text_key = record["messages"], "role", "content"
+    else:
+        raw, role_key, text_key = record["conversations"], "from", "value"
+    if not isinstance(raw, list) or not raw:
+        raise UserInputError(f"{where}: expected a non-empty list of turns")
+    out = []
+    for turn in raw:
+        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str) or turn.get(role_key) not in ROLES:
+            raise UserInputError(f"{where}: each turn needs {role_key!r} ({', '.join(sorted(ROLES))}) and a "
+                                 f"{text_key!r} string, got {turn!r:.120}")
+        out.append({"role": ROLES[turn[role_key]], "content": turn[text_key]})
+    return tuple(out)
+
+
+def parse_record(record, where: str) -> Record:
+    if isinstance(record, str):
+        return Record(text=record)
+    if isinstance(record, dict):
+        if "messages" in record or "conversations" in record:
+            return Record(messages=_messages(record, where))
+        text = record.get("text") or record.get("prompt")
+        if isinstance(text, str):
+            return Record(text=text)
+    raise UserInputError(f"{where}: expected an object with \"messages\", \"conversations\", \"text\" or \"prompt\"")
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Plain text (the whole file is one text), JSONL (one record per line) or parquet (one per row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"training data not found: {path}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserInputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
+        rows = pq.read_table(path).to_pylist()
+        records = [parse_record(row, f"{path} row {n}") for n, row in enumerate(rows, 1)]
+    elif path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"{path}:{n}: not JSON ({e.msg})") from None
+            records.append(parse_record(raw, f"{path}:{n}"))
+    else:
+        return [Record(text=path.read_text(encoding="utf-8"))]
+    if not records:
+        raise UserInputError(f"{path} holds no records")
+    return records
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool, enable_thinking: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=enable_thinking)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer, messages, enable_thinking: bool = False) -> list[int]:
+    """The conversation so far, ready for the assistant's answer (the generation prompt appended)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserInputError("chat data needs a tokenizer with a chat template (the target's has none)")
+    return _render(tokenizer, messages, True, enable_thinking)
+
+
+def assistant_items(tokenizer, messages, eos_ids: set[int], enable_thinking: bool = False) -> list[tuple[list[int], int]]:
+    """(ids, n0) per assistant turn: the conversation up to the end of that turn (its end-of-turn token
+    included, nothing after it) and the position where the turn's content starts."""
+    items = []
+    for k, turn in enumerate(messages):
+        if turn["role"] != "assistant" or k == 0:
+            continue
+        before = prompt_ids(tokenizer, messages[:k], enable_thinking)
+        full = _render(tokenizer, messages[: k + 1], False, enable_thinking)
+        n0 = 0  # the common prefix: templates may render the turn's opening differently once it is written
+        while n0 < min(len(before), len(full)) and before[n0] == full[n0]:
+            n0 += 1
+        end = next((i + 1 for i in range(n0, len(full)) if full[i] in eos_ids), len(full))
+        if end - n0 >= 2:  # at least one supervised position (the last token predicts nothing)
+            items.append((full[:end], n0))
+    return items

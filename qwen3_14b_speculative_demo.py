@@ -23,7 +23,7 @@ DEFAULT_PROMPTS = HERE / "example_prompts.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="UTF-8 file, one prompt per line (# lines skipped)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per prompt (at most)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculation round")
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     report = Report(args.lang, write=tqdm.write)
     report.write(report.L["loading"])
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
+    runner.check_context(session, [runner.encode(session, p) for p in prompts], cfg.max_new_tokens, cfg.gamma)
     config = runner.config_record(session, str(args.prompts), command_line(argv))
     report.header(config, len(prompts))
     run_standard = not args.skip_standard
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if args.compile else ""))
     printer = None
     if args.stream:
-        printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color))
-        report.write(legend(printer.colour))
+        printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color), lang=args.lang)
+        report.write(legend(printer.colour, args.lang))
     entries = []
     for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=args.stream), 1):
         report.prompt(i, len(prompts), prompt)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from c2c.benchmark import ALL_MODES, GAMMA_FREE
@@ -87,9 +86,8 @@ def run(args, argv) -> int:
         return run_synthetic(args, argv)
 
     from c2c import benchmark, runner
-    from c2c.plots import plot_all
     from c2c.prompts import read_prompts
-    from c2c.results import check_output_dir, command_line, environment, save_json_atomic
+    from c2c.results import check_output_dir, command_line, environment, timestamp
 
     if min(args.gammas) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.warmup < 0:
         raise UserInputError("--gammas and --max_new_tokens must be >= 1, --repeats >= 1, --warmup >= 0")
@@ -100,16 +98,25 @@ def run(args, argv) -> int:
         print("warning: --compile with --warmup 0: the timed runs include compilation and CUDA graph recording, "
               "so their tokens/s are not the fast path's; use --warmup 1 or more", file=sys.stderr)
     prompts = read_prompts(args.prompts)[: args.num_prompts]
+    gammas, requested = list(dict.fromkeys(args.gammas)), list(dict.fromkeys(args.modes))
+    if len(gammas) < len(args.gammas) or len(requested) < len(args.modes):
+        print(f"warning: repeated --gammas or --modes run once each: gammas {' '.join(map(str, gammas))}, "
+              f"modes {' '.join(requested)}", file=sys.stderr)
     cfg = runner.RunConfig(
         draft_model=args.base_model, target_model=args.teacher_model,
         fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER, fuser_explicit=args.fuser_checkpoint is not None,
-        gamma=args.gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+        gamma=gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
         compile=args.compile, fuse_last_prompt=not args.no_fuse_last_prompt, threads=apply_threads(args.threads),
     )
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     ids = [runner.encode(session, p) for p in prompts]
-    modes, skipped = benchmark.available_modes(args.modes, session.fuser is not None)
-    plan = [(m, g) for m in modes for g in ([args.gammas[0]] if m in GAMMA_FREE else args.gammas)]
+    runner.check_context(session, ids, args.max_new_tokens, max(gammas))
+    modes, skipped = benchmark.available_modes(requested, session.fuser is not None)
+    for mode, why in skipped.items():
+        print(f"warning: mode {mode} skipped: {why}", file=sys.stderr)
+    if not modes:
+        raise UserInputError("no mode left to run (" + "; ".join(f"{m}: {w}" for m, w in skipped.items()) + ")")
+    plan = [(m, g) for m in modes for g in ([gammas[0]] if m in GAMMA_FREE else gammas)]
     plan.sort(key=lambda item: item[0] != "target")  # the target first: its step time feeds the predictions
     bar = tqdm(total=len(plan) * len(ids) * args.repeats, desc="benchmark", unit="run", file=sys.stderr)
     rows, target_step = [], None
@@ -122,26 +129,52 @@ def run(args, argv) -> int:
     benchmark.compare_to_target(rows)
     table = benchmark.markdown_table(rows)
     print(table)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
+    stamp = timestamp()
     out = Path(args.output_dir)
-    plots = [] if args.no_plots else plot_all(rows, out / f"plots_{stamp}")
+    config = runner.config_record(session, args.prompts, command_line(argv))
+    config.pop("gamma", None)  # a sweep: `gammas` says which
     results = {
-        "config": runner.config_record(session, args.prompts, command_line(argv)) | {
-            "gammas": args.gammas, "modes": modes, "skipped_modes": skipped, "repeats": args.repeats,
+        "config": config | {
+            "gammas": gammas, "modes": modes, "skipped_modes": skipped, "repeats": args.repeats,
             "warmup": args.warmup, "num_prompts": len(prompts),
             "hf_assisted_settings": {m: benchmark.hf_assistant_settings(m, "gamma") for m in ("hf_assisted", "hf_assisted_default")},
         },
         "environment": environment(session.device),
         "rows": rows,
         "table": table,
-        "plots": [str(p) for p in plots],
     }
-    path = save_json_atomic(results, out, prefix="benchmark")
-    (path.with_suffix(".md")).write_text(table + "\n", encoding="utf-8")
+    path = write_outputs(results, rows, table, out, stamp, plots=not args.no_plots)
     print(f"results: {path}", file=sys.stderr)
     keys = ("mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
     print(json.dumps({"results": [{k: r.get(k) for k in keys} for r in rows], "output_dir": str(out)}, separators=(",", ":")))
     return 0
+
+
+def write_outputs(results: dict, rows: list[dict], table: str, out: Path, stamp: str, plots: bool) -> Path:
+    """The plots, the JSON and the markdown table of one run, all named with `stamp`. If any write
+    fails (a full disk), everything this run wrote is removed and the error says nothing was saved."""
+    from c2c.plots import plot_all
+    from c2c.results import save_json_atomic
+
+    plot_dir, written = out / f"plots_{stamp}", []
+    try:
+        results["plots"] = [str(p) for p in (plot_all(rows, plot_dir) if plots else [])]
+        path = save_json_atomic(results, out, prefix="benchmark", stamp=stamp)
+        written.append(path)
+        written.append(path.with_suffix(".md"))
+        path.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+        return path
+    except (OSError, UserInputError) as e:
+        for item in written:
+            item.unlink(missing_ok=True)
+        if plot_dir.is_dir():
+            for leftover in plot_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+            plot_dir.rmdir()
+        if isinstance(e, UserInputError):
+            raise
+        raise UserInputError(f"cannot write the results to {out}: {e.strerror or e} (free some space or pass another "
+                             "--output_dir); nothing was saved") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@
     out = pipe.generate("Explain KV caches in one sentence.", max_new_tokens=64, gamma=4)
     print(out.text, out.metrics["average_accepted_length"])
 
+    pipe = SpeculativePipeline.from_preset("tiny")   # the shipped offline pair, from any folder
+
 Everything the demo does, without the command line: the same loading checks (errors are
 `c2c.errors.UserInputError`, a ValueError, with the fix in the message), the same engine, the
 same metrics dict as the demo's JSON (`out.metrics`), and optionally the target-only run with the
@@ -18,8 +20,36 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TextIO
 
+import math
+import numbers
+
 from . import runner
+from .cli import apply_threads
+from .errors import UserInputError
 from .stream import StreamPrinter, use_colour
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _integer(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise UserInputError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UserInputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise UserInputError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 @dataclass
@@ -43,17 +73,38 @@ class SpeculativePipeline:
     @classmethod
     def load(cls, draft: str, target: str, fuser: str | None = None, *, device: str = "auto", dtype: str = "auto",
              device_map: str | None = None, compile: bool = False, enable_thinking: bool = False,
-             log=None) -> "SpeculativePipeline":
+             threads: int = 0, log=None) -> "SpeculativePipeline":
         """Draft and target: Hub ids or local folders; `fuser`: a C2C checkpoint folder (None: no fusion;
         a `draft_adapter/` beside its `final/` is applied to the fused runs' draft). `device`
         auto/cuda/cuda:N/cpu, `dtype` auto/bfloat16/float16/float32 (auto: bf16 on GPU, float32 on CPU),
-        `compile`: static caches and CUDA graphs (call `generate` once untimed first)."""
+        `compile`: static caches and CUDA graphs (call `generate` once untimed first). `threads`: torch's
+        CPU threads, set for the whole process as the demo's --threads does (0: one per physical core;
+        torch's own default, one per logical CPU, collapses on busy or shared cores)."""
+        for name, value in (("draft", draft), ("target", target)):
+            if not isinstance(value, str) or not value.strip():
+                raise UserInputError(f"{name} must be a Hub id or a folder (a non-empty string), got {value!r}")
+        if fuser is not None and (not isinstance(fuser, str) or not fuser.strip()):
+            raise UserInputError(f"fuser must be a folder or a Hub pair name (a non-empty string) or None, got {fuser!r}")
+        for name, value in (("compile", compile), ("enable_thinking", enable_thinking)):
+            _flag(name, value)
+        apply_threads(_integer("threads", threads, 0))
         cfg = runner.RunConfig(
             draft_model=draft, target_model=target, fuser_checkpoint=fuser or "", fuser_explicit=fuser is not None,
             prefill_fusion=fuser is not None, decode_fusion=fuser is not None, device=device, dtype=dtype,
             device_map=device_map, compile=compile, enable_thinking=enable_thinking,
         )
         return cls(runner.prepare(cfg, log=log or (lambda message: None)))
+
+    @classmethod
+    def from_preset(cls, name: str, *, fuser: str | None = "preset", **kwargs) -> "SpeculativePipeline":
+        """A shipped offline pair (`tiny` or `arith`: CPU, float32, no download), found wherever c2c is
+        installed. `fuser`: "preset" (its own), None (no fusion) or another fuser folder."""
+        from .presets import preset_defaults
+
+        values = preset_defaults(name)
+        kwargs = {"device": values["device"], "dtype": values["dtype"], **kwargs}
+        chosen = values["fuser_checkpoint"] if fuser == "preset" else fuser
+        return cls.load(values["base_model"], values["teacher_model"], fuser=chosen, **kwargs)
 
     @property
     def fusion(self) -> dict:
@@ -67,6 +118,19 @@ class SpeculativePipeline:
         """Speculative decoding of one prompt (the chat template is applied). Greedy at temperature 0,
         else sampling whose output follows the target's distribution. `stream`: a text file (e.g.
         sys.stdout) to print the output to as rounds commit, marked (colour: default on a terminal)."""
+        if not isinstance(prompt, str):
+            raise UserInputError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}"
+                                 + (": call generate once per prompt" if isinstance(prompt, (list, tuple)) else ""))
+        if not prompt.strip():
+            raise UserInputError("prompt is empty: pass the text to continue")
+        max_new_tokens, gamma = _integer("max_new_tokens", max_new_tokens, 1), _integer("gamma", gamma, 1)
+        temperature, top_p = _real("temperature", temperature), _real("top_p", top_p)
+        top_k, seed = _integer("top_k", top_k, 0), _integer("seed", seed, *SEED_RANGE)
+        for name, value in (("prefill_fusion", prefill_fusion), ("decode_fusion", decode_fusion), ("compare", compare),
+                            ("rounds", rounds)):
+            _flag(name, value)
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise UserInputError(f"stream must be a text file (with .write), e.g. sys.stdout, got {stream!r}")
         has_fuser = self.session.fuser is not None
         cfg = dataclasses.replace(
             self.session.config, max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_p=top_p,
@@ -74,6 +138,7 @@ class SpeculativePipeline:
         )
         runner.validate(cfg)
         session = dataclasses.replace(self.session, config=cfg)
+        runner.check_context(session, [runner.encode(session, prompt)], max_new_tokens, gamma)
         printer = None
         if stream is not None:
             printer = StreamPrinter(session.tokenizer, stream, colour=use_colour(stream) if color is None else color)

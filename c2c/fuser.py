@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserInputError
+from .errors import UserInputError, clip
 
 PROJECTOR_CLASS = "C2CProjector"
 
@@ -466,7 +466,7 @@ def load_fuser(folder: str | os.PathLike, draft: KVShape, target: KVShape, devic
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a damaged file; all mean the same to the user
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FuserError(f"{weights} cannot be read ({first[:160]}): the file is damaged; download or train the fuser again") from e
+            raise FuserError(f"{weights} cannot be read ({clip(first)}): the file is damaged; download or train the fuser again") from e
         try:
             proj.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

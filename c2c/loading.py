@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserInputError
+from .errors import UserInputError, clip
 from .fuser import FuserError, find_final_dir
 
 FUSER_HUB_REPO = "nics-efc/C2C_Fuser"
@@ -45,6 +45,40 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+_HUB_STATE: dict[str, bool] = {}
+
+
+def hub_offline() -> bool:
+    """True when the Hub is not to be asked: HF_HUB_OFFLINE is set, or its host does not answer a
+    TCP connection within 3 s (checked once per process). Loading then uses the local cache only,
+    so an offline run fails in seconds with a clear error instead of ~30 s of download retries."""
+    if "offline" not in _HUB_STATE:
+        flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if not flag:
+            import socket
+            from urllib.parse import urlparse
+
+            url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+            except OSError:
+                flag = True
+        _HUB_STATE["offline"] = flag
+    return _HUB_STATE["offline"]
+
+
+def _hub_kwargs(name: str) -> dict:
+    """from_pretrained's arguments for `name`: local folders as they are; Hub ids from the cache only when offline."""
+    return {} if Path(name).expanduser().exists() or not hub_offline() else {"local_files_only": True}
+
+
+def _offline_hint(name: str) -> str:
+    if Path(name).expanduser().exists() or not hub_offline():
+        return ""
+    return (f" (the Hugging Face Hub can't be reached and {name!r} is not in the local cache: download it once "
+            "with network access, or pass a local folder)")
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -55,12 +89,10 @@ def load_config(name: str, role: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **_hub_kwargs(name))
     except (OSError, ValueError) as e:
-        raise UserInputError(
-            f"cannot load the {role} model {name!r}: {_first_line(e)} "
-            "(check the Hub id or local path, your network, and HF_TOKEN for gated models)"
-        ) from None
+        hint = _offline_hint(name) or " (check the Hub id or local path, your network, and HF_TOKEN for gated models)"
+        raise UserInputError(f"cannot load the {role} model {name!r}: {clip(_first_line(e), 200)}{hint}") from None
 
 
 def estimate_parameters(config) -> float:
@@ -99,11 +131,11 @@ def load_model(name: str, role: str, dtype: torch.dtype, device: torch.device, d
 
     try:
         if device_map:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map, **_hub_kwargs(name))
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_hub_kwargs(name)).to(device)
     except (OSError, ValueError) as e:
-        raise UserInputError(f"cannot load the {role} model {name!r}: {_first_line(e)}") from None
+        raise UserInputError(f"cannot load the {role} model {name!r}: {clip(_first_line(e), 200)}{_offline_hint(name)}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -111,9 +143,9 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **_hub_kwargs(name))
     except (OSError, ValueError) as e:
-        raise UserInputError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from None
+        raise UserInputError(f"cannot load the tokenizer of {name!r}: {clip(_first_line(e), 200)}{_offline_hint(name)}") from None
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -172,7 +204,7 @@ def _download_from_hub(name: str) -> Path | str:
     from huggingface_hub import snapshot_download
 
     try:
-        root = snapshot_download(repo_id=FUSER_HUB_REPO, allow_patterns=[f"{name}/*"])
+        root = snapshot_download(repo_id=FUSER_HUB_REPO, allow_patterns=[f"{name}/*"], local_files_only=hub_offline())
     except (OSError, ValueError) as e:  # offline, no network, unknown repo: all OSError subclasses
         return f"Hub not reachable: {type(e).__name__}"
     folder = Path(root) / name

@@ -1,9 +1,13 @@
 """PNG plots of benchmark rows (matplotlib, headless): speedup and accepted length against gamma,
-per-position acceptance, and the per-round time split as stacked bars."""
+per-position acceptance (one panel per mode), and the per-round time split as stacked bars.
+Text is at least 8 pt, positions and gammas are integers, and legends sit outside the data."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+FONT = 9  # points: every label, tick and legend is at least 8
 
 
 def _pyplot():
@@ -12,21 +16,35 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT + 1, "axes.labelsize": FONT,
+                         "xtick.labelsize": FONT, "ytick.labelsize": FONT, "legend.fontsize": FONT})
     return plt
+
+
+def _modes(rows: list[dict]) -> list[str]:
+    order = [r["mode"] for r in rows]
+    return sorted({r["mode"] for r in rows}, key=order.index)
 
 
 def plot_all(rows: list[dict], folder: Path) -> list[Path]:
     plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
     spec_rows = [r for r in rows if r["gamma"] is not None]
-    modes = sorted({r["mode"] for r in spec_rows}, key=lambda m: [r["mode"] for r in rows].index(m))
+    paths = [_speedup(plt, spec_rows, folder)]
+    with_pos = [r for r in spec_rows if r.get("accepted_per_position")]
+    if with_pos:
+        paths += [_per_position(plt, with_pos, folder), _round_split(plt, with_pos, folder)]
+    return paths
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+
+def _speedup(plt, spec_rows: list[dict], folder: Path) -> Path:
+    modes = _modes(spec_rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     markers = "osD^vP*X"
-    width = 0.08 * (len(modes) - 1)  # modes that coincide stay visible: each is shifted a little along gamma
+    step = 0.08
+    width = step * (len(modes) - 1)  # modes that coincide stay visible: each is shifted a little along gamma
     for i, mode in enumerate(modes):
-        shift = (i - (len(modes) - 1) / 2) * 0.08 if len(modes) > 1 else 0.0
+        shift = (i - (len(modes) - 1) / 2) * step if len(modes) > 1 else 0.0
         pts = sorted((r["gamma"], r.get("speedup_vs_target"), r.get("average_accepted_length"), r.get("predicted_speedup"))
                      for r in spec_rows if r["mode"] == mode)
         style = dict(marker=markers[i % len(markers)], markersize=5, label=mode)
@@ -34,50 +52,73 @@ def plot_all(rows: list[dict], folder: Path) -> list[Path]:
             line, = ax1.plot([p[0] + shift for p in pts], [p[1] for p in pts], **style)
             if all(p[3] is not None for p in pts):  # the prediction beside the measurement, same colour
                 ax1.plot([p[0] + shift for p in pts], [p[3] for p in pts], ls=":", marker="x", markersize=4,
-                         color=line.get_color(), label=f"{mode} (predicted)")
+                         color=line.get_color())
         if all(p[2] is not None for p in pts):
             ax2.plot([p[0] + shift for p in pts], [p[2] for p in pts], **style)
     ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax1.set(xlabel="gamma", ylabel="tokens/s vs target-only", title="Speedup: measured (solid), predicted (dotted)")
+    ax1.set(xlabel="gamma", ylabel="tokens/s vs target-only", title="Speedup: measured (solid), predicted (dotted x)")
     ax2.set(xlabel="gamma", ylabel="tokens per target call", title="Average accepted length")
     ax2.set_ylim(bottom=1.0)
     gammas = sorted({r["gamma"] for r in spec_rows})
     for ax in (ax1, ax2):
         ax.set_xticks(gammas)  # integer gammas only
         ax.set_xlim(min(gammas, default=0) - 0.5 - width, max(gammas, default=1) + 0.5 + width)
-        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "speedup_and_accepted_length.png")
-    fig.savefig(paths[-1], dpi=90)
+    by_label = {}  # every mode once (the HF rows have a speedup but no accepted length)
+    for ax in (ax1, ax2):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    labels, handles = list(by_label), list(by_label.values())
+    ncol = min(len(labels), 4) or 1
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)  # below the panels, off the data
+    rows_of_legend = math.ceil(len(labels) / ncol) if labels else 0
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend + 0.02, 1, 1))
+    path = folder / "speedup_and_accepted_length.png"
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
-    with_pos = [r for r in spec_rows if r.get("accepted_per_position")]
-    if with_pos:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in with_pos:
-            ax.plot(range(1, len(r["accepted_per_position"]) + 1), [a or 0 for a in r["accepted_per_position"]],
-                    marker=".", label=f"{r['mode']} g={r['gamma']}")
-        ax.set(xlabel="draft position k", ylabel="P(token k accepted | drafted)", title="Per-position acceptance", ylim=(0, 1))
-        ax.legend(fontsize=6, ncol=2)
+
+def _per_position(plt, with_pos: list[dict], folder: Path) -> Path:
+    """One panel per mode (lines of one mode, one per gamma, rarely overlap much), integer positions."""
+    modes = _modes(with_pos)
+    cols = min(len(modes), 3)
+    rows_n = math.ceil(len(modes) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n + 0.6), squeeze=False, sharey=True)
+    longest = max(len(r["accepted_per_position"]) for r in with_pos)
+    for ax, mode in zip(axes.flat, modes):
+        for r in sorted((r for r in with_pos if r["mode"] == mode), key=lambda r: r["gamma"]):
+            values = [a or 0 for a in r["accepted_per_position"]]
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=4, label=f"gamma {r['gamma']}")
+        ax.set(title=mode, xlabel="draft position k", ylim=(0, 1.02))
+        ax.set_xticks(range(1, longest + 1))
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(folder / "acceptance_per_position.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        ax.legend(loc="upper right", frameon=False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("P(token k accepted | drafted)")
+    for ax in list(axes.flat)[len(modes):]:
+        ax.set_visible(False)
+    fig.suptitle("Per-position acceptance")
+    fig.tight_layout()
+    path = folder / "acceptance_per_position.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(with_pos)), 4))
-        labels = [f"{r['mode'].replace('speculative', 'spec')}\ng={r['gamma']}" for r in with_pos]
-        bottom = [0.0] * len(with_pos)
-        for part in ("draft", "target", "fusion", "overhead"):
-            values = [1000 * (r["round_time_split"][part] or 0) for r in with_pos]
-            ax.bar(labels, values, bottom=bottom, label=part)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set(ylabel="ms per round", title="Time per speculation round")
-        ax.tick_params(axis="x", labelsize=6)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(folder / "round_time_split.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
-    return paths
+
+def _round_split(plt, with_pos: list[dict], folder: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.75 * len(with_pos) + 2.5), 4.6))
+    labels = [f"{r['mode'].replace('speculative', 'spec')} g={r['gamma']}" for r in with_pos]
+    bottom = [0.0] * len(with_pos)
+    for part in ("draft", "target", "fusion", "overhead"):
+        values = [1000 * (r["round_time_split"][part] or 0) for r in with_pos]
+        ax.bar(range(len(with_pos)), values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(with_pos)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="ms per round", title="Time per speculation round")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars
+    fig.tight_layout()
+    path = folder / "round_time_split.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

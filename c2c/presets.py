@@ -13,7 +13,23 @@ from pathlib import Path
 
 from .errors import UserInputError
 
-PRESET_ROOT = Path(__file__).resolve().parent.parent / "presets"
+
+
+def _preset_root() -> Path:
+    """presets/ of a source checkout (or an editable install), else the copy `pip install .` put
+    beside the package (package data `c2c.presets_data`)."""
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    if (checkout / "tiny").is_dir():
+        return checkout
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("c2c.presets_data")))
+    except ModuleNotFoundError:
+        return checkout
+
+
+PRESET_ROOT = _preset_root()
 
 def _shipped(name: str, max_new_tokens: int) -> dict:
     """A shipped pair's flag defaults: presets/<name>/{draft,target,fuser,prompts.txt}, CPU, float32."""

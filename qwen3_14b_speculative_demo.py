@@ -60,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --save_results: each speculative round (drafted, accepted, token ids) in the JSON")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: one per physical core; on busy shared cores use 1)")
-    p.add_argument("--compile", action="store_true",
-                   help="static KV caches + torch.compile'd draft step and verify step (CUDA graphs on GPU); compile time is reported apart")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="static KV caches + torch.compile'd draft round, verify and fusion (CUDA graphs on GPU); "
+                   "compile time is reported apart. Default: on with a CUDA device (eager PyTorch on a GPU is "
+                   "launch-bound and can't win), off on CPU; --no-compile (or --no_compile) turns it off")
+    p.add_argument("--no_compile", dest="compile", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="tiny (Shakespeare) or arith (addition, the fusion control): shipped offline Qwen3-architecture "
                    "pairs and fusers (CPU, float32); other flags still override")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         dtype=args.dtype,
         device_map=args.device_map,
         enable_thinking=args.enable_thinking,
-        compile=args.compile,
+        compile=runner.choose_compile(args.compile, args.device),
         threads=apply_threads(args.threads),
     )
     runner.validate(cfg)
@@ -113,10 +116,17 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     report.header(config, len(prompts))
     run_standard = not args.skip_standard
     warmup_seconds = None
-    if not args.no_warmup or args.compile:
+    if cfg.compile:
+        print("compiling the fast path (static caches, CUDA graphs): the first run on a machine takes minutes for "
+              "real-size models, later runs reuse torch's compile cache; the timings below exclude it", file=sys.stderr)
+    elif session.device.type == "cuda":
+        print("WARNING: eager PyTorch on a GPU (--no-compile): kernel launches bound both models, so the 0.6B draft "
+              "step costs about as much as the 14B step and speculation can't be faster than the target alone here; "
+              "the numbers below are not the fast path's (drop --no-compile)", file=sys.stderr)
+    if not args.no_warmup or cfg.compile:
         report.write(report.L["warmup"])
         warmup_seconds = runner.warmup(session, prompts, run_standard)
-        report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if args.compile else ""))
+        report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if cfg.compile else ""))
     printer = None
     if args.stream:
         printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color), lang=args.lang)

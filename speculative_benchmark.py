@@ -109,6 +109,9 @@ def run(args, argv) -> int:
         compile=args.compile, fuse_last_prompt=not args.no_fuse_last_prompt, threads=apply_threads(args.threads),
     )
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
+    if session.device.type == "cuda" and not args.compile:
+        print("warning: eager PyTorch on a GPU is launch-bound (the 0.6B draft step costs about as much as the 14B "
+              "step), so our eager rows are not the fast path's speed: add --compile", file=sys.stderr)
     ids = [runner.encode(session, p) for p in prompts]
     runner.check_context(session, ids, args.max_new_tokens, max(gammas))
     modes, skipped = benchmark.available_modes(requested, session.fuser is not None)

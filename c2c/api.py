@@ -72,12 +72,13 @@ class SpeculativePipeline:
 
     @classmethod
     def load(cls, draft: str, target: str, fuser: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             device_map: str | None = None, compile: bool = False, enable_thinking: bool = False,
+             device_map: str | None = None, compile: bool | None = None, enable_thinking: bool = False,
              threads: int = 0, log=None) -> "SpeculativePipeline":
         """Draft and target: Hub ids or local folders; `fuser`: a C2C checkpoint folder (None: no fusion;
         a `draft_adapter/` beside its `final/` is applied to the fused runs' draft). `device`
         auto/cuda/cuda:N/cpu, `dtype` auto/bfloat16/float16/float32 (auto: bf16 on GPU, float32 on CPU),
-        `compile`: static caches and CUDA graphs (call `generate` once untimed first). `threads`: torch's
+        `compile`: static caches and CUDA graphs (None: on for a CUDA device, as the demo; the first
+        `generate` of each shape compiles, so call it once untimed first). `threads`: torch's
         CPU threads, set for the whole process as the demo's --threads does (0: one per physical core;
         torch's own default, one per logical CPU, collapses on busy or shared cores)."""
         for name, value in (("draft", draft), ("target", target)):
@@ -85,8 +86,10 @@ class SpeculativePipeline:
                 raise UserInputError(f"{name} must be a Hub id or a folder (a non-empty string), got {value!r}")
         if fuser is not None and (not isinstance(fuser, str) or not fuser.strip()):
             raise UserInputError(f"fuser must be a folder or a Hub pair name (a non-empty string) or None, got {fuser!r}")
-        for name, value in (("compile", compile), ("enable_thinking", enable_thinking)):
-            _flag(name, value)
+        if compile is not None:
+            _flag("compile", compile)
+        _flag("enable_thinking", enable_thinking)
+        compile = runner.choose_compile(compile, device)
         apply_threads(_integer("threads", threads, 0))
         cfg = runner.RunConfig(
             draft_model=draft, target_model=target, fuser_checkpoint=fuser or "", fuser_explicit=fuser is not None,

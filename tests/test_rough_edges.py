@@ -195,3 +195,15 @@ def test_stream_labels_follow_the_report_language(saved_models, tmp_path, capsys
     out = capsys.readouterr().out
     assert rc == 0 and "图例" in out and "标准 (仅目标模型):" in out and "推测解码 (gamma 4):" in out
     assert "legend" not in out and "standard (target only)" not in out
+
+
+def test_compile_is_the_default_on_cuda_only():
+    from c2c.runner import choose_compile
+
+    assert choose_compile(None, "cpu") is False
+    assert choose_compile(True, "cpu") is True and choose_compile(False, "cuda") is False
+    assert choose_compile(None, "auto") is torch.cuda.is_available()
+    parser = demo.build_parser()
+    assert parser.parse_args([]).compile is None
+    assert parser.parse_args(["--no_compile"]).compile is False and parser.parse_args(["--no-compile"]).compile is False
+    assert parser.parse_args(["--compile"]).compile is True

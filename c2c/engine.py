@@ -385,7 +385,9 @@ class SpeculativeDecoder:
         if self.draft_graph is not None and g == self.spec.gamma and feed.shape[-1] <= 2:
             positions = torch.arange(start, start + feed.shape[-1], device=feed.device).unsqueeze(0)
             CompiledSteps.step_begin(self.device)
-            drafted = self.draft_graph(self.draft, self.draft_cache, feed, positions, g, kv.cache_keyword(self.draft))
+            # a copy: with CUDA graphs the graph's output memory is reused once the verify step begins,
+            # and the drafted ids are read again after it (acceptance, the round's record)
+            drafted = self.draft_graph(self.draft, self.draft_cache, feed, positions, g, kv.cache_keyword(self.draft)).clone()
             self.counters.draft_calls += g
             return drafted, None
         tokens, qs = [], []

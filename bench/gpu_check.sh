@@ -7,7 +7,9 @@
 #      draft round, batched fusion and pooled caches; one untimed warm-up run)
 #   3. synthetic compiled (CUDA graphs) timings, gamma 4 (about 4-5 minutes on a fresh H100, mostly compiling;
 #      it also times the eager 14B and 0.6B steps)
-#   4. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
+#   4. one fuser training step at real shapes (random weights, bf16, batch 8 x 512, all-position objective):
+#      seconds, supervised tokens/s, peak memory, for the training recipe
+#   5. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
 #      (measured twice already; runs if budget is left)
 #   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
 # Afterwards: unpack json.tgz and commit its synthetic_*.json under bench/results/ (the docs cite them).
@@ -47,6 +49,8 @@ step arith_compiled 120 "$PY" speculative_benchmark.py --preset arith "${COMMON[
   --modes target speculative speculative_fused --num_prompts 8 --compile --warmup 1
 step synthetic_compiled 360 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
+step train_step 150 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 --seq_len 512 --steps 3 --warmup 1 \
+  --output_dir "$JSON_DIR"
 step synthetic_eager 150 "$PY" speculative_benchmark.py --synthetic qwen3 --dtype bfloat16 --gammas 2 4 6 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
 tar czf "$OUT_DIR/json.tgz" -C "$OUT_DIR" json && rm -rf "$JSON_DIR"

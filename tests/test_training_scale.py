@@ -167,3 +167,18 @@ def test_bad_trainer_numbers_exit_2(tmp_path, capsys, flag, value):
                            "--output_dir", str(tmp_path / "f"), flag, value])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and flag.lstrip("-") in err and "Traceback" not in err
+
+
+def test_train_step_timer_reports_the_recipes_figures(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_step
+
+    assert train_step.main(["--synthetic", "tiny", "--batch_size", "2", "--seq_len", "32", "--steps", "2", "--warmup", "1",
+                            "--device", "cpu", "--threads", "1", "--output_dir", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("train_step_*.json")).read_text())
+    t = data["timings"]
+    assert t["seconds_per_step"] > 0 and t["peak_memory_gb"] > 0 and len(t["seconds"]) == 2
+    assert t["target_tokens_per_step"] == 2 * 32 and t["supervised_tokens_per_step"] == 2 * (32 - 8)
+    assert data["environment"]["device_name"] and data["config"]["suffixes"] == "all"
+    assert train_step.main(["--synthetic", "qwen3", "--device", "cpu", "--output_dir", str(tmp_path)]) == 2
+    assert "needs a GPU" in capsys.readouterr().err

@@ -122,31 +122,6 @@ class TrainConfig:
 # ---------------------------------------------------------------- data
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Plain text (the whole file is one text) or JSONL with a "text" or "prompt" field per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"training data not found: {path}")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl":
-        return [raw]
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserInputError(f"{path}:{n}: not JSON ({e.msg})") from None
-        text = record.get("text") or record.get("prompt") if isinstance(record, dict) else record
-        if not isinstance(text, str):
-            raise UserInputError(f"{path}:{n}: expected an object with a \"text\" or \"prompt\" string")
-        texts.append(text)
-    if not texts:
-        raise UserInputError(f"{path} holds no texts")
-    return texts
-
-
 @torch.no_grad()
 def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], batch_size: int = 64) -> list[list[int]]:
     """Greedy continuations of many prompts, batched with left padding (prompts sorted by length, so

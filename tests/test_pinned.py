@@ -10,7 +10,6 @@ from c2c import metrics
 from c2c.engine import Counters, GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
 from c2c.fuser import C2CFuser, C2CProjector, KVShape
 from c2c.sampling import SamplingConfig
-from tests import tiny
 
 PROMPT = [5, 17, 33, 80, 91, 12, 7, 44]
 

@@ -62,16 +62,18 @@ def test_checkpoint_round_trip_and_resume_continue_exactly(tmp_path, target, dra
         assert torch.equal(a, b), name
 
 
-def test_read_texts_plain_and_jsonl(tmp_path):
+def test_read_records_plain_and_jsonl(tmp_path):
+    from c2c.chat_data import read_records
+
     (tmp_path / "a.txt").write_text("hello world", encoding="utf-8")
-    assert training.read_texts(tmp_path / "a.txt") == ["hello world"]
+    assert [r.text for r in read_records(tmp_path / "a.txt")] == ["hello world"]
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"prompt": "two"}\n', encoding="utf-8")
-    assert training.read_texts(tmp_path / "b.jsonl") == ["one", "two"]
+    assert [r.text for r in read_records(tmp_path / "b.jsonl")] == ["one", "two"]
     (tmp_path / "c.jsonl").write_text('{"nope": 1}\n', encoding="utf-8")
     with pytest.raises(training.UserInputError, match="c.jsonl:1"):
-        training.read_texts(tmp_path / "c.jsonl")
+        read_records(tmp_path / "c.jsonl")
     with pytest.raises(training.UserInputError, match="not found"):
-        training.read_texts(tmp_path / "missing.txt")
+        read_records(tmp_path / "missing.txt")
 
 
 def test_command_line_writes_the_official_layout_and_resumes(saved_models, tmp_path, capsys):

@@ -98,7 +98,7 @@ def read_records(path: str | Path) -> list[Record]:
 def _render(tokenizer, messages, add_generation_prompt: bool, enable_thinking: bool) -> list[int]:
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
                                          enable_thinking=enable_thinking)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # long ones are fine here
 
 
 def prompt_ids(tokenizer, messages, enable_thinking: bool = False) -> list[int]:

@@ -49,12 +49,13 @@ _HUB_STATE: dict[str, bool] = {}
 
 
 def hub_offline() -> bool:
-    """True when the Hub is not to be asked: HF_HUB_OFFLINE is set, or its host does not answer a
-    TCP connection within 3 s (checked once per process). Loading then uses the local cache only,
+    """True when the Hub is not to be asked: HF_HUB_OFFLINE is set, or (without a proxy configured) its
+    host does not answer a TCP connection within 3 s (checked once per process). Loading then uses the local cache only,
     so an offline run fails in seconds with a clear error instead of ~30 s of download retries."""
     if "offline" not in _HUB_STATE:
         flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if not flag:
+        proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+        if not flag and not proxied:  # behind a proxy a direct connection says nothing: let the Hub client try
             import socket
             from urllib.parse import urlparse
 

@@ -207,3 +207,39 @@ def test_compile_is_the_default_on_cuda_only():
     assert parser.parse_args([]).compile is None
     assert parser.parse_args(["--no_compile"]).compile is False and parser.parse_args(["--no-compile"]).compile is False
     assert parser.parse_args(["--compile"]).compile is True
+
+
+def test_hub_check_respects_offline_flag_and_proxies(monkeypatch):
+    monkeypatch.setattr(loading, "_HUB_STATE", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert loading.hub_offline() is True
+    monkeypatch.setattr(loading, "_HUB_STATE", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert loading.hub_offline() is False  # no direct probe behind a proxy: the Hub client decides
+    monkeypatch.setattr(loading, "_HUB_STATE", {})
+    monkeypatch.delenv("HTTPS_PROXY")
+    for name in ("https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port here
+    assert loading.hub_offline() is True
+    monkeypatch.setattr(loading, "_HUB_STATE", {"offline": True})  # the suite runs offline
+
+
+def test_trainer_says_nothing_about_token_indices_on_long_texts(saved_models, tmp_path):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(saved_models / "target", target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 64}))
+    data = tmp_path / "long.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "c2c.train_fuser", "--base_model", str(saved_models / "draft"),
+                          "--teacher_model", str(target), "--data", str(data), "--output_dir", str(tmp_path / "f"),
+                          "--steps", "1", "--batch_size", "2", "--seq_len", "32", "--hidden_dim", "8",
+                          "--intermediate_dim", "8", "--eval_every", "1", "--eval_tokens", "8", "--device", "cpu",
+                          "--threads", "1", "--no_progress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert "Token indices" not in run.stderr + run.stdout

@@ -182,3 +182,23 @@ def test_train_step_timer_reports_the_recipes_figures(tmp_path, capsys):
     assert data["environment"]["device_name"] and data["config"]["suffixes"] == "all"
     assert train_step.main(["--synthetic", "qwen3", "--device", "cpu", "--output_dir", str(tmp_path)]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_checkpoint_resume_continues_from(tmp_path, capsys, monkeypatch):
+    real = training.FuserTrainer.train_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(training.FuserTrainer, "train_step", interrupted)
+    out = tmp_path / "f"
+    argv = arith_command(out, "--steps", "10")
+    assert train_fuser.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C) at step 3" in err and "--resume continues from" in err and "step_000002" in err
+    assert not (out / "final").exists()  # nothing half-written as a fuser
+    monkeypatch.setattr(training.FuserTrainer, "train_step", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train_fuser.main(arith_command(tmp_path / "g")) == 130
+    assert "no checkpoint was written yet" in capsys.readouterr().err

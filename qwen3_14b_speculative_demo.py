@@ -111,7 +111,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     report = Report(args.lang, write=tqdm.write)
     report.write(report.L["loading"])
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
-    runner.check_context(session, [runner.encode(session, p) for p in prompts], cfg.max_new_tokens, cfg.gamma)
+    for warning in runner.check_context(session, [runner.encode(session, p) for p in prompts], cfg.max_new_tokens, cfg.gamma):
+        print(warning, file=sys.stderr)
     config = runner.config_record(session, str(args.prompts), command_line(argv))
     report.header(config, len(prompts))
     run_standard = not args.skip_standard

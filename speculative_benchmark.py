@@ -113,7 +113,8 @@ def run(args, argv) -> int:
         print("warning: eager PyTorch on a GPU is launch-bound (the 0.6B draft step costs about as much as the 14B "
               "step), so our eager rows are not the fast path's speed: add --compile", file=sys.stderr)
     ids = [runner.encode(session, p) for p in prompts]
-    runner.check_context(session, ids, args.max_new_tokens, max(gammas))
+    for warning in runner.check_context(session, ids, args.max_new_tokens, max(gammas)):
+        print(warning, file=sys.stderr)
     modes, skipped = benchmark.available_modes(requested, session.fuser is not None)
     for mode, why in skipped.items():
         print(f"warning: mode {mode} skipped: {why}", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import TextIO
 
 import math
 import numbers
+import warnings
 
 from . import runner
 from .cli import apply_threads
@@ -141,7 +142,8 @@ class SpeculativePipeline:
         )
         runner.validate(cfg)
         session = dataclasses.replace(self.session, config=cfg)
-        runner.check_context(session, [runner.encode(session, prompt)], max_new_tokens, gamma)
+        for warning in runner.check_context(session, [runner.encode(session, prompt)], max_new_tokens, gamma):
+            warnings.warn(warning.removeprefix("WARNING: "), stacklevel=2)
         printer = None
         if stream is not None:
             printer = StreamPrinter(session.tokenizer, stream, colour=use_colour(stream) if color is None else color)

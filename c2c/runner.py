@@ -216,19 +216,29 @@ def context_length(session: Session) -> int | None:
     return min(limits) if limits else None
 
 
-def check_context(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> None:
-    """A prompt that leaves no room for the output in the models' context is an error before any run
-    (past it, Qwen3's rotary positions go beyond what it was trained on and the output degrades)."""
+def check_context(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> list[str]:
+    """Prompts against the models' context (max_position_embeddings), before any run. A prompt that
+    leaves no room for one round is an error (past the context Qwen3's rotary positions go beyond what
+    it was trained on and the output degrades: a 42k-token prompt on the tiny pair printed "you you
+    you..."). A prompt that fits but whose output could run past the context at --max_new_tokens gets
+    a warning (returned, for the caller to print): most outputs end at an end-of-sequence token first."""
     limit = context_length(session)
     if limit is None:
-        return
+        return []
+    warnings = []
     for i, ids in enumerate(prompts, 1):
-        need = len(ids) + max_new_tokens + gamma + 1
-        if need > limit:
+        if len(ids) + gamma + 2 > limit:
             raise UserInputError(
-                f"prompt {i} is {len(ids):,} tokens: with --max_new_tokens {max_new_tokens} (and gamma {gamma}) a run "
-                f"needs {need:,} positions, but the models hold {limit:,} (max_position_embeddings): shorten the "
-                f"prompt to at most {max(limit - max_new_tokens - gamma - 1, 0):,} tokens or lower --max_new_tokens")
+                f"prompt {i} is {len(ids):,} tokens, but the models hold {limit:,} positions "
+                f"(max_position_embeddings) and a speculative round needs {gamma + 2} more: shorten the prompt "
+                f"to at most {max(limit - gamma - 2 - 1, 0):,} tokens")
+        if len(ids) + max_new_tokens + gamma + 1 > limit and not warnings:
+            room = max(limit - len(ids) - gamma - 1, 1)
+            warnings.append(
+                f"WARNING: prompt {i} is {len(ids):,} tokens: an output of --max_new_tokens {max_new_tokens} would run "
+                f"past the models' {limit:,} positions (max_position_embeddings), where they degrade; outputs that "
+                f"end earlier are unaffected (lower --max_new_tokens to {room:,} to stay inside)")
+    return warnings
 
 
 @torch.inference_mode()

@@ -67,8 +67,18 @@ def test_a_prompt_longer_than_the_context_is_an_error_before_any_run(saved_model
     rc = demo.main(demo_args(saved_models, long, out, "--save_results", "--output_dir", str(out)))
     err = capsys.readouterr().err
     line = one_error_line(err)
-    assert rc == 2 and "prompt 2 is" in line and "2,048" in line and "--max_new_tokens" in line
+    assert rc == 2 and "prompt 2 is" in line and "2,048" in line and "shorten the prompt" in line
     assert not list(out.glob("*.json"))
+
+
+def test_an_output_that_could_run_past_the_context_is_a_warning(capsys):
+    rc = demo.main(["--preset", "arith", "--max_new_tokens", "200", "--no_warmup", "--threads", "1", "--lang", "en"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "WARNING: prompt 1 is" in captured.err and "lower --max_new_tokens to" in captured.err
+    pipe = SpeculativePipeline.from_preset("arith", threads=1)
+    with pytest.warns(UserWarning, match="past the models' 128 positions"):
+        out = pipe.generate("123+456=", max_new_tokens=200)
+    assert out.text.strip() == "579"  # ended at its end token, long before the context
 
 
 def test_a_full_disk_is_one_error_line_and_leaves_no_files(saved_models, tmp_path, capsys, monkeypatch):

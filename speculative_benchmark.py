@@ -75,6 +75,13 @@ def run_synthetic(args, argv) -> int:
     summary = {"steps_ms": {k: round(v["ms"], 4) for k, v in timings["steps"].items()},
                "predicted_vs_hf_generate": {a: round(pred[a]["best_vs_hf_generate"], 3) for a in ("0.6", "0.7", "0.8")},
                "best_gamma": {a: pred[a]["best_gamma"] for a in ("0.6", "0.7", "0.8")}, "output_dir": args.output_dir}
+    for gamma in args.gammas:  # from the engine's measured round: what the goals are stated in
+        row = {a: pred[a]["per_gamma"][gamma] for a in ("0.6", "0.7", "0.8")}
+        if "round_ms_measured" in row["0.7"]:
+            print(f"gamma {gamma}: round {row['0.7']['round_ms_measured']:.2f} ms = {row['0.7']['round_in_target_steps']:.2f} "
+                  "target steps; predicted vs target-only at alpha 0.6/0.7/0.8: with fusion "
+                  + "/".join(f"{row[a]['vs_target_only_measured_round']:.2f}x" for a in row) + ", without "
+                  + "/".join(f"{row[a]['vs_target_only_measured_round_no_fusion']:.2f}x" for a in row), file=sys.stderr)
     print(json.dumps(summary, separators=(",", ":")))
     return 0
 

@@ -238,9 +238,17 @@ def predict(steps: dict, per_gamma: dict, compiled: bool, hf_ms: float) -> dict:
         for gamma, rounds in per_gamma.items():
             round_s = gamma * draft_step + steps[f"target_verify_{gamma + 1}_{key}"]["seconds"] \
                 + steps[f"fusion_{gamma + 1}_tokens"]["seconds"] + rounds["overhead"]
-            per_token = round_s / expected_tokens_per_round(alpha, gamma)
+            tokens = expected_tokens_per_round(alpha, gamma)
+            per_token = round_s / tokens
             rows[gamma] = {"vs_target_only": target_step / per_token, "vs_hf_generate": hf_ms / 1e3 / per_token,
                            "ms_per_token": per_token * 1e3}
+            measured = sum(rounds.get(phase, 0.0) for phase in ("draft", "target", "fusion", "overhead"))
+            if measured > 0:  # from the engine's own forced-accept round, with and without its fusion phase
+                rows[gamma] |= {
+                    "round_ms_measured": measured * 1e3, "round_in_target_steps": measured / target_step,
+                    "vs_target_only_measured_round": target_step / (measured / tokens),
+                    "vs_target_only_measured_round_no_fusion": target_step / ((measured - rounds.get("fusion", 0.0)) / tokens),
+                }
         best = max(rows, key=lambda g: rows[g]["vs_hf_generate"])
         out[str(alpha)] = {"per_gamma": rows, "best_gamma": best, "best_vs_hf_generate": rows[best]["vs_hf_generate"],
                            "best_vs_target_only": rows[best]["vs_target_only"]}

@@ -205,3 +205,16 @@ def test_greedy_rounds_draft_in_one_compiled_call_and_sampling_per_step(target, 
     assert result.output_ids == reference
     assert calls and set(calls) == {3} and len(calls) == result.counters.drafted_at[2]  # every full round, once
     assert sampled.draft_graph is None
+
+
+def test_prediction_from_the_measured_round_with_and_without_fusion():
+    """Target step 10 ms; the engine's forced-accept round at gamma 4 measured 16 ms, 2 of them fusion:
+    1.6 target steps; at alpha 0.7, E = 2.773 tokens per round."""
+    steps = {"target_step_compiled": {"seconds": 0.010}, "draft_step_compiled": {"seconds": 0.001},
+             "target_verify_5_compiled": {"seconds": 0.011}, "fusion_5_tokens": {"seconds": 0.002}}
+    rounds = {4: {"draft": 0.004, "target": 0.0095, "fusion": 0.002, "overhead": 0.0005}}
+    row = synthetic.predict(steps, rounds, compiled=True, hf_ms=20.0)["0.7"]["per_gamma"][4]
+    e = (1 - 0.7**5) / 0.3
+    assert row["round_ms_measured"] == pytest.approx(16.0) and row["round_in_target_steps"] == pytest.approx(1.6)
+    assert row["vs_target_only_measured_round"] == pytest.approx(0.010 / (0.016 / e))
+    assert row["vs_target_only_measured_round_no_fusion"] == pytest.approx(0.010 / (0.014 / e))

@@ -47,7 +47,7 @@ step tiny_compiled 150 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]
   --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 4 --compile --warmup 1
 step arith_compiled 120 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}" \
   --modes target speculative speculative_fused --num_prompts 8 --compile --warmup 1
-step synthetic_compiled 360 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 3 \
+step synthetic_compiled 360 "$PY" speculative_benchmark.py --synthetic qwen3 --compile --dtype bfloat16 --gammas 4 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
 step train_step 150 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 --seq_len 512 --steps 3 --warmup 1 \
   --output_dir "$JSON_DIR"

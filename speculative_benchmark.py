@@ -165,7 +165,7 @@ def write_outputs(results: dict, rows: list[dict], table: str, out: Path, stamp:
     """The plots, the JSON and the markdown table of one run, all named with `stamp`. If any write
     fails (a full disk), everything this run wrote is removed and the error says nothing was saved."""
     from c2c.plots import plot_all
-    from c2c.results import save_json_atomic
+    from c2c.results import save_json_atomic, write_failed
 
     plot_dir, written = out / f"plots_{stamp}", []
     try:
@@ -184,8 +184,7 @@ def write_outputs(results: dict, rows: list[dict], table: str, out: Path, stamp:
             plot_dir.rmdir()
         if isinstance(e, UserInputError):
             raise
-        raise UserInputError(f"cannot write the results to {out}: {e.strerror or e} (free some space or pass another "
-                             "--output_dir); nothing was saved") from None
+        raise write_failed(out, e) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,6 @@ from .cli import apply_threads
 from .errors import UserInputError
 from .stream import StreamPrinter, use_colour
 
-SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
-
-
 def _integer(name: str, value, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise UserInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -129,7 +126,7 @@ class SpeculativePipeline:
             raise UserInputError("prompt is empty: pass the text to continue")
         max_new_tokens, gamma = _integer("max_new_tokens", max_new_tokens, 1), _integer("gamma", gamma, 1)
         temperature, top_p = _real("temperature", temperature), _real("top_p", top_p)
-        top_k, seed = _integer("top_k", top_k, 0), _integer("seed", seed, *SEED_RANGE)
+        top_k, seed = _integer("top_k", top_k, 0), _integer("seed", seed, *runner.SEED_RANGE)
         for name, value in (("prefill_fusion", prefill_fusion), ("decode_fusion", decode_fusion), ("compare", compare),
                             ("rounds", rounds)):
             _flag(name, value)

@@ -318,8 +318,9 @@ class StackedProjectors:
         self.stacks: dict[str, torch.Tensor] = {}
         names = [n.removeprefix("key_") for n, _ in first.named_parameters() if n.startswith("key_")]
         self._views: list[tuple[nn.Parameter, int]] = []
+        by_name = [dict(p.named_parameters()) for p in projectors]
         for name in names:
-            params = [dict(p.named_parameters())[f"{kind}_{name}"] for kind in ("key", "value") for p in projectors]
+            params = [named[f"{kind}_{name}"] for kind in ("key", "value") for named in by_name]
             with torch.no_grad():
                 stack = torch.stack([q.detach() for q in params])
             if not torch.compiler.is_compiling():

@@ -68,13 +68,18 @@ def hub_offline() -> bool:
     return _HUB_STATE["offline"]
 
 
+def _cache_only(name: str) -> bool:
+    """A Hub id (not a local folder) while the Hub can't be reached: only the local cache can serve it."""
+    return not Path(name).expanduser().exists() and hub_offline()
+
+
 def _hub_kwargs(name: str) -> dict:
     """from_pretrained's arguments for `name`: local folders as they are; Hub ids from the cache only when offline."""
-    return {} if Path(name).expanduser().exists() or not hub_offline() else {"local_files_only": True}
+    return {"local_files_only": True} if _cache_only(name) else {}
 
 
 def _offline_hint(name: str) -> str:
-    if Path(name).expanduser().exists() or not hub_offline():
+    if not _cache_only(name):
         return ""
     return (f" (the Hugging Face Hub can't be reached and {name!r} is not in the local cache: download it once "
             "with network access, or pass a local folder)")

@@ -52,14 +52,19 @@ def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "r
 
     A write that fails (a full disk, a folder that went away) is a UserInputError that says nothing
     was saved, and leaves no partial file behind."""
-    from .errors import UserInputError
-
     folder = Path(output_dir)
     try:
         return _save_json(data, folder, prefix, stamp or timestamp())
     except OSError as e:
-        raise UserInputError(f"cannot write the results to {folder}: {e.strerror or e} (free some space or pass "
-                             "another --output_dir); nothing was saved") from None
+        raise write_failed(folder, e) from None
+
+
+def write_failed(folder: str | os.PathLike, error: OSError):
+    """The error for results that could not be written (a full disk, a folder that went away)."""
+    from .errors import UserInputError
+
+    return UserInputError(f"cannot write the results to {folder}: {error.strerror or error} (free some space or pass "
+                          "another --output_dir); nothing was saved")
 
 
 def _save_json(data: dict, folder: Path, prefix: str, stamp: str) -> Path:

@@ -101,8 +101,9 @@ def run(args) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
     out = Path(cfg.output_dir)
-    if (training.find_trained(out) is not None) and not (args.overwrite or args.resume):
-        raise UserInputError(f"{out} already holds a trained fuser ({training.find_trained(out)}): pass --overwrite "
+    trained = training.find_trained(out)
+    if trained is not None and not (args.overwrite or args.resume):
+        raise UserInputError(f"{out} already holds a trained fuser ({trained}): pass --overwrite "
                              "to train over it, --resume to continue its checkpoints, or choose another --output_dir")
     threads = apply_threads(cfg.threads)
     processes = training.Processes()

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import cache as kv
 from .adapter import KINDS, DraftAdapter
@@ -375,11 +374,8 @@ def token_losses(target_logits: torch.Tensor, draft_logits: torch.Tensor, object
 
 
 def loss_fn(target_logits: torch.Tensor, draft_logits: torch.Tensor, objective: str) -> torch.Tensor:
-    log_q = draft_logits.float().log_softmax(-1)
-    if objective == "ce":
-        return F.nll_loss(log_q.flatten(0, 1), target_logits.argmax(-1).flatten())
-    log_p = target_logits.float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    """The mean of token_losses over every position given."""
+    return token_losses(target_logits, draft_logits, objective).mean()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 
 from c2c import train_fuser, training
 from c2c.fuser import C2CProjector, KVShape, load_fuser
+from tests import test_training
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "presets" / "arith"
@@ -74,17 +75,13 @@ def test_gate_noise_is_c2cs_gumbel_by_default():
 
 
 def config(tmp_path, **kw):
-    args = dict(draft_model="d", target_model="t", data="synthetic", output_dir=str(tmp_path / "fuser"), steps=6,
-                batch_size=4, seq_len=32, gamma=3, hidden_dim=32, intermediate_dim=32, lr=3e-3, warmup_steps=2,
-                eval_every=3, eval_tokens=64, save_every=2, dropout=0.0, initial_gate_logit=1.0, seed=0)
-    return training.TrainConfig(**(args | kw))
+    """The trainer tests' config, with evaluations and checkpoints every few steps of a short run."""
+    return test_training.config(tmp_path, **({"steps": 6, "eval_every": 3, "save_every": 2} | kw))
 
 
 def test_metrics_jsonl_and_checkpoint_pruning(tmp_path, target, draft, windows):
     cfg = config(tmp_path, keep_checkpoints=2)
-    data = training.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
-    heldout = training.SplitData.from_windows(windows[:8], cfg.min_prefix, cfg.gamma)
-    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, torch.device("cpu"))
+    trainer = test_training.new_trainer(cfg, target, draft, windows)
     result = trainer.train(progress=False)
     lines = [json.loads(x) for x in (tmp_path / "fuser" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [3, 6]

@@ -313,6 +313,41 @@ def draft_block(model, cache, feed: torch.Tensor, position_ids: torch.Tensor, st
     return torch.stack(tokens)
 
 
+def accept_round(drafted: torch.Tensor, q, target_logits: torch.Tensor, sampling: SamplingConfig | None = None,
+                 generator: torch.Generator | None = None, force_accept: bool = False) -> torch.Tensor:
+    """The round's decision on the device: (g+2,) long, [n accepted, d_1..d_g, the target's token]
+    (the correction at the first rejection, else the bonus). The host reads it once; the next
+    round's draft feed is a slice of it ([d_g, token] after an all-accepted round, else [token]).
+
+    drafted (g,), q (g, V) the draft's probabilities (sampling only), target_logits (g+1, V);
+    `sampling` None or greedy: the longest prefix equal to the target's argmax. `force_accept`:
+    timing only, every draft accepted and the bonus from the target."""
+    g = drafted.shape[0]
+    if force_accept:
+        n, token = torch.full((), g, dtype=torch.long, device=drafted.device), target_logits[g].argmax(-1)
+    elif sampling is None or sampling.greedy:
+        n, token = accept_greedy(drafted, target_logits)
+    else:
+        p = probabilities(target_logits, sampling)  # (g+1, V)
+        if q is None:  # g == 0: nothing drafted, sample straight from p
+            q = p[:0]
+        n, token = accept_sampled(drafted, q, p, generator)
+    return torch.cat([n.view(1), drafted, token.view(1)])
+
+
+def verify_block(model, cache, pending: torch.Tensor, drafted: torch.Tensor, position_ids: torch.Tensor, keyword: str,
+                 force_accept: bool = False) -> torch.Tensor:
+    """The target's verify of [pending, d_1..d_g] and the greedy acceptance in one function: the
+    compiled fast path captures both as one graph, with its own code object (a compiled model call
+    shares transformers' `forward` with every other compiled step, and checks their guards too).
+
+    pending (): the token the target has not seen, drafted (g,), position_ids (1, g+1). Returns the
+    round's decision (see `accept_round`)."""
+    block = torch.cat([pending.view(1), drafted]).view(1, -1)
+    logits = model(input_ids=block, position_ids=position_ids, use_cache=True, **{keyword: cache}).logits
+    return accept_round(drafted, None, logits[0], force_accept=force_accept)
+
+
 def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
     """The target's top-1 minus top-2 logit after prompt + output_prefix: how near a tie the next
     token was (a greedy divergence in bf16 is a rounding flip only where this is small)."""
@@ -377,6 +412,9 @@ class SpeculativeDecoder:
         # greedy drafting as one graph per round; sampling keeps one graph per draft step (its generator
         # draws on the host side of torch and can't live inside a captured graph)
         self.draft_graph = compiled.function(draft_block, self.device) if compiled and sampling.greedy else None
+        # greedy verify and acceptance as one graph, where the two models share a device
+        same_device = self.device == self.target_device
+        self.verify_graph = compiled.function(verify_block, self.device) if self.draft_graph and same_device else None
 
     # ---------------------------------------------------------------- the round's steps
 
@@ -405,25 +443,26 @@ class SpeculativeDecoder:
         drafted = torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long, device=self.device)  # (g,)
         return drafted, (torch.stack(qs) if qs and qs[0] is not None else None)
 
-    def _verify(self, pending: torch.Tensor, drafted: torch.Tensor, start: int) -> torch.Tensor:
-        """One target forward over [pending, d_1..d_g] -> logits (g+1, V) on the sampling device."""
-        block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)
-        call = self.verify_step if drafted.shape[0] == self.spec.gamma else None  # shorter last rounds stay eager
-        logits = step_forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
+    def _verify(self, pending: torch.Tensor, drafted: torch.Tensor, q, start: int, clock: "PhaseClock") -> torch.Tensor:
+        """One target forward over [pending, d_1..d_g] and the acceptance -> the round's decision
+        (`accept_round`) on the sampling device. A full greedy round on the fast path is one compiled
+        call; otherwise the verify (compiled when full) and then the acceptance, eager."""
+        g = drafted.shape[0]
         self.counters.target_calls += 1
-        return logits[0].to(self.device)
-
-    def _accept(self, drafted, q, target_logits):
-        """Returns (n, token) as 0-d device tensors."""
-        if self.force_accept:  # timing only: every draft accepted, the bonus from the target
-            g = drafted.shape[0]
-            return torch.tensor(g, device=self.device), target_logits[g].argmax(-1)
-        if self.sampling.greedy:
-            return accept_greedy(drafted, target_logits)
-        p = probabilities(target_logits, self.sampling)  # (g+1, V)
-        if q is None:  # g == 0: nothing drafted, sample straight from p
-            q = p[:0]
-        return accept_sampled(drafted, q, p, self.generator)
+        if self.verify_graph is not None and g == self.spec.gamma:
+            positions = torch.arange(start, start + g + 1, device=self.device).unsqueeze(0)
+            CompiledSteps.step_begin(self.device)
+            # a copy: with CUDA graphs the graph's output memory is reused by the next replay, and the
+            # next round's feed and pending token are slices of it
+            decision = self.verify_graph(self.target, self.target_cache, pending, drafted, positions,
+                                         kv.cache_keyword(self.target), self.force_accept).clone()
+            clock.lap("target")
+            return decision
+        block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)
+        call = self.verify_step if g == self.spec.gamma else None  # shorter last rounds stay eager
+        logits = step_forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
+        clock.lap("target")
+        return accept_round(drafted, q, logits[0].to(self.device), self.sampling, self.generator, self.force_accept)
 
     def _fuse(self, start: int, end: int) -> None:
         self.counters.fused_tokens += fuse_positions(self.fusion, self.target_cache, self.draft_cache, start, end)
@@ -493,13 +532,12 @@ class SpeculativeDecoder:
             # 1. draft
             drafted, q = self._draft(feed, draft_len, g)
             clock.lap("draft")
-            # 2. verify
-            target_logits = self._verify(pending, drafted, committed - 1)
-            clock.lap("target")
-            # 3. accept: the round's one host synchronisation
-            n_t, token = self._accept(drafted, q, target_logits)
-            decision = torch.cat([n_t.view(1), token.view(1), drafted]).tolist()
-            n, new_tokens = decision[0], decision[2 : 2 + decision[0]] + [decision[1]]
+            # 2. verify and accept; 3. read the decision: the round's one host synchronisation
+            decided = self._verify(pending, drafted, q, committed - 1, clock)  # (g+2,): n, d_1..d_g, token
+            decision = decided.tolist()
+            n, drafted_ids = decision[0], decision[1 : 1 + g]
+            new_tokens = drafted_ids[:n] + [decision[-1]]
+            token = decided[g + 1]  # a view: no launch
             # 4. roll back both caches to what is committed
             old_committed = committed
             committed += n + 1
@@ -508,12 +546,12 @@ class SpeculativeDecoder:
                 draft_len = old_committed + min(n, g - 1)
                 kv.crop(self.draft_cache, draft_len)
                 all_accepted = n == g
-                feed = torch.stack([drafted[-1], token]).view(1, 2) if all_accepted else token.view(1, 1)
+                feed = decided[g : g + 2].view(1, 2) if all_accepted else decided[g + 1 :].view(1, 1)
             else:
                 feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
             pending = token
             # 5. record (drafts after an end-of-sequence token are never counted), emit up to the first one
-            counted = next((k + 1 for k, t in enumerate(decision[2 : 2 + g]) if t in self.eos_ids), g)
+            counted = next((k + 1 for k, t in enumerate(drafted_ids) if t in self.eos_ids), g)
             emitted = len(out)
             for t in new_tokens:
                 out.append(t)
@@ -528,7 +566,7 @@ class SpeculativeDecoder:
                 clock.lap("fusion")
             if self.on_round is not None:
                 hook(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), counted,
-                               min(n, counted), c.rounds, tuple(out[emitted:]), tuple(decision[2 : 2 + counted])))
+                               min(n, counted), c.rounds, tuple(out[emitted:]), tuple(drafted_ids[:counted])))
                 clock.lap(HOOK_PHASE)  # the hook's time: in no phase, and out of the latency
         sync_device(self.device)
         latency = time.perf_counter() - t_start - hook.seconds

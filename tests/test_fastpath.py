@@ -192,19 +192,37 @@ def test_after_the_warm_up_timed_compiled_runs_compile_nothing(target, draft):
 
 
 def test_greedy_rounds_draft_in_one_compiled_call_and_sampling_per_step(target, draft, fuser, reference, traced):
-    """The fast path drafts a full greedy round in one compiled function (one graph replay on CUDA);
-    sampling keeps the per-step path (its generator can't live in a captured graph)."""
-    calls = []
+    """The fast path drafts a full greedy round in one compiled function and verifies and accepts it in
+    another (one graph replay each on CUDA); sampling keeps the per-step path (its generator can't
+    live in a captured graph) and the eager acceptance."""
+    calls, verifies = [], []
     with torch.inference_mode():
         dec = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(), set(), fuser=fuser, compiled=traced)
-        inner = dec.draft_graph
+        inner, inner_verify = dec.draft_graph, dec.verify_graph
         dec.draft_graph = lambda *args: calls.append(args[4]) or inner(*args)
+        dec.verify_graph = lambda *args: verifies.append(args[3].shape[0]) or inner_verify(*args)
         result = dec.generate(PROMPT)
         sampled = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(temperature=0.8), set(),
                                      compiled=traced)
     assert result.output_ids == reference
     assert calls and set(calls) == {3} and len(calls) == result.counters.drafted_at[2]  # every full round, once
-    assert sampled.draft_graph is None
+    assert verifies == calls  # and its verify with the acceptance: one call
+    assert sampled.draft_graph is None and sampled.verify_graph is None
+
+
+def test_the_round_decision_holds_the_next_feed():
+    """accept_round's decision is [n, d_1..d_g, token]: the engine slices the next round's feed out of
+    it ([d_g, token] after an all-accepted round), so the order is pinned here."""
+    from c2c.engine import accept_round
+
+    drafted = torch.tensor([5, 6, 7])
+    logits = torch.full((4, 10), -1.0)
+    for row, best in enumerate([5, 6, 2, 9]):  # the target agrees on two drafts, then picks 2
+        logits[row, best] = 1.0
+    assert accept_round(drafted, None, logits).tolist() == [2, 5, 6, 7, 2]
+    logits[2, 7] = 2.0  # now it agrees on all three; the bonus is 9
+    assert accept_round(drafted, None, logits).tolist() == [3, 5, 6, 7, 9]
+    assert accept_round(drafted, None, torch.zeros(4, 10), force_accept=True).tolist()[0] == 3
 
 
 def test_prediction_from_the_measured_round_with_and_without_fusion():

@@ -9,7 +9,9 @@
 #      it also times the eager 14B and 0.6B steps)
 #   4. one fuser training step at real shapes (random weights, bf16, batch 8 x 512, all-position objective):
 #      seconds, supervised tokens/s, peak memory, for the training recipe
-#   5. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
+#   5. the draft step with inductor's weight freezing (q/k/v and gate/up as one matrix product each)
+#      against the engine's compile: matrix products, step time, extra memory (bench/draft_kernels.py)
+#   6. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
 #      (measured twice already; runs if budget is left)
 #   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
 # Afterwards: unpack json.tgz and commit its synthetic_*.json under bench/results/ (the docs cite them).
@@ -51,6 +53,7 @@ step synthetic_compiled 360 "$PY" speculative_benchmark.py --synthetic qwen3 --c
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
 step train_step 150 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 --seq_len 512 --steps 3 --warmup 1 \
   --output_dir "$JSON_DIR"
+step draft_kernels 150 "$PY" bench/draft_kernels.py --synthetic qwen3 --device cuda --output_dir "$JSON_DIR"
 step synthetic_eager 150 "$PY" speculative_benchmark.py --synthetic qwen3 --dtype bfloat16 --gammas 2 4 6 \
   --iters 10 --max_new_tokens 32 --output_dir "$JSON_DIR"
 tar czf "$OUT_DIR/json.tgz" -C "$OUT_DIR" json && rm -rf "$JSON_DIR"

@@ -52,21 +52,30 @@ class SyntheticPair:
     fuser: C2CFuser
 
 
-def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> SyntheticPair:
-    """Random-init models and fuser of the named shapes, created directly on `device` in `dtype`."""
+def build_model(name: str, role: str, device: torch.device, dtype: torch.dtype):
+    """One random-init model of the named shapes ("target" or "draft"), created directly on `device` in
+    `dtype` (seeded by the caller)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    shapes = SHAPES[name]
-    torch.manual_seed(seed)
-    models = []
+    config = Qwen3Config(**SHAPES[name][role], max_position_embeddings=4096, eos_token_id=None, pad_token_id=None,
+                         bos_token_id=None)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        for role in ("target", "draft"):
-            config = Qwen3Config(**shapes[role], max_position_embeddings=4096, eos_token_id=None, pad_token_id=None,
-                                 bos_token_id=None)
-            with torch.device(device):
-                models.append(Qwen3ForCausalLM(config).eval().requires_grad_(False))
+        with torch.device(device):
+            return Qwen3ForCausalLM(config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> SyntheticPair:
+    """Random-init models and fuser of the named shapes, created directly on `device` in `dtype`."""
+    shapes = SHAPES[name]
+    torch.manual_seed(seed)
+    models = [build_model(name, role, device, dtype) for role in ("target", "draft")]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
         with torch.device(device):
             fuser = C2CFuser.create(KVShape.of(models[1].config), KVShape.of(models[0].config),
                                     hidden_dim=shapes["fuser_hidden"], intermediate_dim=shapes["fuser_hidden"], dtype=dtype)

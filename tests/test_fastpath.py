@@ -1,6 +1,8 @@
 """The fast path: static caches and compiled steps give the same ids; the synthetic timing mode runs."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +238,18 @@ def test_prediction_from_the_measured_round_with_and_without_fusion():
     assert row["round_ms_measured"] == pytest.approx(16.0) and row["round_in_target_steps"] == pytest.approx(1.6)
     assert row["vs_target_only_measured_round"] == pytest.approx(0.010 / (0.016 / e))
     assert row["vs_target_only_measured_round_no_fusion"] == pytest.approx(0.010 / (0.014 / e))
+
+
+def test_a_compiled_round_is_three_calls_and_a_few_launches_between_them(target, draft, fuser, traced):
+    """bench/round_ops.py's count with the traced backend: a full forced-accept round at gamma 4 is
+    three compiled calls (draft block, verify with acceptance, fusion window) and, between them, only
+    the position ranges, the two rollbacks, the two output copies and the fusion's keep-mask (before
+    the verify graph took the acceptance in, the host issued 17 launches here)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from round_ops import VIEWS, count_round_ops
+
+    with torch.inference_mode():
+        calls, ops = count_round_ops(target, draft, fuser, traced, 4, PROMPT)
+    launches = {k: v for k, v in ops.items() if k not in VIEWS}
+    assert calls == 3
+    assert launches == {"aten::arange": 3, "aten::fill_": 2, "aten::clone": 2, "aten::clamp_min": 1, "aten::ge": 1}

@@ -322,11 +322,9 @@ def accept_round(drafted: torch.Tensor, q, target_logits: torch.Tensor, sampling
     drafted (g,), q (g, V) the draft's probabilities (sampling only), target_logits (g+1, V);
     `sampling` None or greedy: the longest prefix equal to the target's argmax. `force_accept`:
     timing only, every draft accepted and the bonus from the target."""
-    g = drafted.shape[0]
-    if force_accept:
-        n, token = torch.full((), g, dtype=torch.long, device=drafted.device), target_logits[g].argmax(-1)
-    elif sampling is None or sampling.greedy:
-        n, token = accept_greedy(drafted, target_logits)
+    if force_accept or sampling is None or sampling.greedy:
+        force = torch.ones((), dtype=torch.bool, device=drafted.device) if force_accept else None
+        n, token = accept_greedy(drafted, target_logits, force)
     else:
         p = probabilities(target_logits, sampling)  # (g+1, V)
         if q is None:  # g == 0: nothing drafted, sample straight from p
@@ -336,16 +334,18 @@ def accept_round(drafted: torch.Tensor, q, target_logits: torch.Tensor, sampling
 
 
 def verify_block(model, cache, pending: torch.Tensor, drafted: torch.Tensor, position_ids: torch.Tensor, keyword: str,
-                 force_accept: bool = False) -> torch.Tensor:
+                 force: torch.Tensor) -> torch.Tensor:
     """The target's verify of [pending, d_1..d_g] and the greedy acceptance in one function: the
     compiled fast path captures both as one graph, with its own code object (a compiled model call
     shares transformers' `forward` with every other compiled step, and checks their guards too).
 
-    pending (): the token the target has not seen, drafted (g,), position_ids (1, g+1). Returns the
-    round's decision (see `accept_round`)."""
+    pending (): the token the target has not seen, drafted (g,), position_ids (1, g+1), force (): the
+    timing-only forced acceptance as a device flag (one graph, not a second 14B graph to compile).
+    Returns the round's decision (see `accept_round`)."""
     block = torch.cat([pending.view(1), drafted]).view(1, -1)
     logits = model(input_ids=block, position_ids=position_ids, use_cache=True, **{keyword: cache}).logits
-    return accept_round(drafted, None, logits[0], force_accept=force_accept)
+    n, token = accept_greedy(drafted, logits[0], force)
+    return torch.cat([n.view(1), drafted, token.view(1)])
 
 
 def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
@@ -415,6 +415,7 @@ class SpeculativeDecoder:
         # greedy verify and acceptance as one graph, where the two models share a device
         same_device = self.device == self.target_device
         self.verify_graph = compiled.function(verify_block, self.device) if self.draft_graph and same_device else None
+        self._force = torch.tensor(force_accept, device=self.device) if self.verify_graph else None
 
     # ---------------------------------------------------------------- the round's steps
 
@@ -455,7 +456,7 @@ class SpeculativeDecoder:
             # a copy: with CUDA graphs the graph's output memory is reused by the next replay, and the
             # next round's feed and pending token are slices of it
             decision = self.verify_graph(self.target, self.target_cache, pending, drafted, positions,
-                                         kv.cache_keyword(self.target), self.force_accept).clone()
+                                         kv.cache_keyword(self.target), self._force).clone()
             clock.lap("target")
             return decision
         block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)

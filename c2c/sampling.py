@@ -63,15 +63,20 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gener
     return sample(probs, generator), probs
 
 
-def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+                  force: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification.
 
     draft_tokens (gamma,), target_logits (gamma+1, V). Returns (n accepted, 0-d; next token, 0-d):
     the longest prefix where the draft equals the target's argmax, then the target's own token there.
+    `force` (0-d bool, timing only): where true, every draft counts as accepted and the token is the
+    target's bonus (a device flag, so one compiled graph serves both).
     """
     target_tokens = target_logits.argmax(-1)  # (gamma+1,)
     gamma = draft_tokens.shape[0]
     n = (draft_tokens == target_tokens[:gamma]).long().cumprod(0).sum()  # 0-d
+    if force is not None:
+        n = torch.where(force, gamma, n)
     return n, target_tokens.index_select(0, n.view(1)).squeeze(0)  # index_select: no implicit .item()
 
 

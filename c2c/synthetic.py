@@ -166,12 +166,15 @@ def _overhead_per_round(pair: SyntheticPair, gamma: int, context: int, new_token
     make = lambda: SpeculativeDecoder(pair.target, pair.draft, spec, SamplingConfig(), set(), fuser=pair.fuser,  # noqa: E731
                                       compiled=compiled, force_accept=True)
     with torch.inference_mode():
-        make().generate(prompt)  # warm-up (and compilation)
+        t0 = time.perf_counter()
+        make().generate(prompt)  # warm-up (and compilation of the round's graphs)
+        warmup = time.perf_counter() - t0
         result = make().generate(prompt)
     c = result.counters
     per_round = {phase: c.times.get(phase, 0.0) / c.rounds for phase in ("draft", "target", "fusion", "overhead")}
     per_round["latency_per_token"] = result.latency / len(result.output_ids)
     per_round["rounds"] = c.rounds
+    per_round["warmup_seconds"] = warmup  # the first run: compiling on the fast path (cached by torch on a rerun)
     return per_round
 
 
@@ -208,7 +211,8 @@ def run(name: str, device: torch.device, dtype: torch.dtype, gammas: list[int], 
         record(f"fusion_{gamma + 1}_tokens", _fusion_timer(pair, gamma + 1, context, iters, warmup, compiled))
         rounds = _overhead_per_round(pair, gamma, context, new_tokens, compiled)
         per_gamma[gamma] = rounds
-        log(f"round gamma={gamma}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in rounds.items() if k not in ("rounds",)))
+        log(f"round gamma={gamma}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in rounds.items() if k not in ("rounds", "warmup_seconds"))
+            + f" (warm-up run {rounds['warmup_seconds']:.1f} s)")
     hf_ms = hf_generate_ms_per_token(pair.target, context, new_tokens)
     log(f"{'hf_generate_per_token':32s} {hf_ms:9.3f} ms")
     prediction = predict(steps, per_gamma, compiled is not None, hf_ms)

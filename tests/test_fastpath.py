@@ -225,6 +225,12 @@ def test_the_round_decision_holds_the_next_feed():
     logits[2, 7] = 2.0  # now it agrees on all three; the bonus is 9
     assert accept_round(drafted, None, logits).tolist() == [3, 5, 6, 7, 9]
     assert accept_round(drafted, None, torch.zeros(4, 10), force_accept=True).tolist()[0] == 3
+    # the compiled verify's device flag: off changes nothing, on accepts all with the bonus
+    from c2c.sampling import accept_greedy
+
+    logits[2, 7] = -2.0  # back to two agreeing drafts
+    off, on = (accept_greedy(drafted, logits, torch.tensor(flag)) for flag in (False, True))
+    assert [t.item() for t in off] == [2, 2] and [t.item() for t in on] == [3, 9]
 
 
 def test_prediction_from_the_measured_round_with_and_without_fusion():

@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from c2c import cache as kv  # noqa: E402
 from c2c import synthetic  # noqa: E402
-from c2c.cli import apply_threads, run_main  # noqa: E402
+from c2c.cli import run_main  # noqa: E402
 from c2c.engine import CompiledSteps, sync_device  # noqa: E402
-from c2c.loading import resolve_device, resolve_dtype  # noqa: E402
 from c2c.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
 
 # calls to matrix-product kernels in inductor's generated code (cuBLAS / oneDNN / MKL)
@@ -94,19 +93,14 @@ def measure(model, device, frozen: bool, context: int, iters: int, check: int) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", choices=sorted(synthetic.SHAPES), default="tiny")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    synthetic.add_arguments(ap)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--check", type=int, default=32, help="greedy steps compared with the eager model")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output_dir", default="output")
     args = ap.parse_args(argv)
     check_output_dir(args.output_dir)
-    apply_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = synthetic.resolve(args, needs_target=False)  # the draft alone
     torch.manual_seed(0)
     model = synthetic.build_model(args.synthetic, "draft", device, dtype)
     rows = []

@@ -26,9 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from c2c import synthetic  # noqa: E402
-from c2c.cli import apply_threads, run_main  # noqa: E402
+from c2c.cli import run_main  # noqa: E402
 from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder  # noqa: E402
-from c2c.loading import resolve_device, resolve_dtype  # noqa: E402
 from c2c.sampling import SamplingConfig  # noqa: E402
 
 VIEWS = {"aten::view", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::resolve_conj",
@@ -62,18 +61,13 @@ def count_round_ops(target, draft, fuser, compiled: CompiledSteps, gamma: int, p
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", choices=sorted(synthetic.SHAPES), default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    synthetic.add_arguments(ap, device="cpu")
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5, help="timed runs of --rounds rounds each (median)")
     ap.add_argument("--rounds", type=int, default=80)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    apply_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = synthetic.resolve(args)
     pair = synthetic.build(args.synthetic, device, dtype)
     compiled = CompiledSteps()
     prompt = torch.randint(0, pair.target.config.vocab_size, (args.context,)).tolist()

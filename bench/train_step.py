@@ -24,20 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from c2c import synthetic, training  # noqa: E402
-from c2c.cli import apply_threads, run_main  # noqa: E402
+from c2c.cli import run_main  # noqa: E402
 from c2c.engine import sync_device  # noqa: E402
-from c2c.errors import UserInputError  # noqa: E402
-from c2c.loading import resolve_device, resolve_dtype  # noqa: E402
 from c2c.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
 
 
 def run(args, argv) -> int:
     check_output_dir(args.output_dir)
-    apply_threads(args.threads)
-    device = resolve_device(args.device)
-    if args.synthetic == "qwen3" and device.type != "cuda":
-        raise UserInputError("--synthetic qwen3 needs a GPU (a 14B target); use --synthetic tiny on a CPU")
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = synthetic.resolve(args)
     pair = synthetic.build(args.synthetic, device, dtype)
     vocab = pair.target.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -91,7 +85,7 @@ def run(args, argv) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--synthetic", choices=sorted(synthetic.SHAPES), default="qwen3")
+    synthetic.add_arguments(p, synthetic="qwen3", threads=0)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--gamma", type=int, default=4)
@@ -99,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suffixes", choices=training.SUFFIXES, default="all")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--output_dir", default="output/train_step")
     args = p.parse_args(argv)
     return run_main(run, args, argv)

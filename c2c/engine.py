@@ -314,16 +314,16 @@ def draft_block(model, cache, feed: torch.Tensor, position_ids: torch.Tensor, st
 
 
 def accept_round(drafted: torch.Tensor, q, target_logits: torch.Tensor, sampling: SamplingConfig | None = None,
-                 generator: torch.Generator | None = None, force_accept: bool = False) -> torch.Tensor:
+                 generator: torch.Generator | None = None, force: torch.Tensor | None = None) -> torch.Tensor:
     """The round's decision on the device: (g+2,) long, [n accepted, d_1..d_g, the target's token]
     (the correction at the first rejection, else the bonus). The host reads it once; the next
     round's draft feed is a slice of it ([d_g, token] after an all-accepted round, else [token]).
 
     drafted (g,), q (g, V) the draft's probabilities (sampling only), target_logits (g+1, V);
-    `sampling` None or greedy: the longest prefix equal to the target's argmax. `force_accept`:
-    timing only, every draft accepted and the bonus from the target."""
-    if force_accept or sampling is None or sampling.greedy:
-        force = torch.ones((), dtype=torch.bool, device=drafted.device) if force_accept else None
+    `sampling` None or greedy: the longest prefix equal to the target's argmax. `force` (0-d bool
+    device flag, timing only): the greedy rule, and where true every draft accepted and the bonus
+    from the target."""
+    if force is not None or sampling is None or sampling.greedy:
         n, token = accept_greedy(drafted, target_logits, force)
     else:
         p = probabilities(target_logits, sampling)  # (g+1, V)
@@ -344,8 +344,7 @@ def verify_block(model, cache, pending: torch.Tensor, drafted: torch.Tensor, pos
     Returns the round's decision (see `accept_round`)."""
     block = torch.cat([pending.view(1), drafted]).view(1, -1)
     logits = model(input_ids=block, position_ids=position_ids, use_cache=True, **{keyword: cache}).logits
-    n, token = accept_greedy(drafted, logits[0], force)
-    return torch.cat([n.view(1), drafted, token.view(1)])
+    return accept_round(drafted, None, logits[0], force=force)
 
 
 def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
@@ -415,7 +414,8 @@ class SpeculativeDecoder:
         # greedy verify and acceptance as one graph, where the two models share a device
         same_device = self.device == self.target_device
         self.verify_graph = compiled.function(verify_block, self.device) if self.draft_graph and same_device else None
-        self._force = torch.tensor(force_accept, device=self.device) if self.verify_graph else None
+        # the forced acceptance as a device flag: an input of the verify graph (so one graph serves both)
+        self._force = torch.tensor(force_accept, device=self.device) if self.verify_graph or force_accept else None
 
     # ---------------------------------------------------------------- the round's steps
 
@@ -463,7 +463,8 @@ class SpeculativeDecoder:
         call = self.verify_step if g == self.spec.gamma else None  # shorter last rounds stay eager
         logits = step_forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
         clock.lap("target")
-        return accept_round(drafted, q, logits[0].to(self.device), self.sampling, self.generator, self.force_accept)
+        return accept_round(drafted, q, logits[0].to(self.device), self.sampling, self.generator,
+                            self._force if self.force_accept else None)
 
     def _fuse(self, start: int, end: int) -> None:
         self.counters.fused_tokens += fuse_positions(self.fusion, self.target_cache, self.draft_cache, start, end)

@@ -18,8 +18,11 @@ from statistics import median
 import torch
 
 from . import cache as kv
+from .cli import apply_threads
 from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, step_forward, sync_device
+from .errors import UserInputError
 from .fuser import C2CFuser, KVShape
+from .loading import resolve_device, resolve_dtype
 from .metrics import expected_tokens_per_round
 from .sampling import SamplingConfig
 
@@ -50,6 +53,24 @@ class SyntheticPair:
     target: torch.nn.Module
     draft: torch.nn.Module
     fuser: C2CFuser
+
+
+def add_arguments(parser, synthetic: str = "tiny", device: str = "auto", threads: int = 1) -> None:
+    """The options the timing scripts under bench/ share: shapes, device, dtype, torch threads."""
+    parser.add_argument("--synthetic", choices=sorted(SHAPES), default=synthetic)
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: one per physical core)")
+
+
+def resolve(args, needs_target: bool = True) -> tuple[torch.device, torch.dtype]:
+    """Apply `add_arguments`' options: torch threads, then the device and dtype. The real-shape pair
+    needs a GPU (a 14B target); the real-shape draft alone (`needs_target` False) runs on a CPU."""
+    apply_threads(args.threads)
+    device = resolve_device(args.device)
+    if needs_target and args.synthetic == "qwen3" and device.type != "cuda":
+        raise UserInputError("--synthetic qwen3 needs a GPU (a 14B target); use --synthetic tiny on a CPU")
+    return device, resolve_dtype(args.dtype, device)
 
 
 def build_model(name: str, role: str, device: torch.device, dtype: torch.dtype):

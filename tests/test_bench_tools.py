@@ -29,3 +29,13 @@ def test_draft_kernels_counts_generated_kernel_calls():
             "buf2 = torch.ops.mkl._mkl_linear.default(x, w, p, None, 1)\n"
             "assert_size_stride(buf2, (1, 2), (2, 1), 'torch.ops.mkl._mkl_linear')\nextern_kernels.addmm(c, a, b, out=buf3)"]
     assert count_matmuls(code) == 3
+
+
+def test_round_ops_needs_a_gpu_for_the_real_shape_pair(capsys):
+    """The shared synthetic options refuse a 14B target on a CPU before building anything."""
+    import round_ops
+
+    from c2c.cli import run_main
+
+    assert run_main(round_ops.main, ["--synthetic", "qwen3", "--device", "cpu"]) == 2  # as the script runs it
+    assert "needs a GPU" in capsys.readouterr().err

@@ -224,7 +224,7 @@ def test_the_round_decision_holds_the_next_feed():
     assert accept_round(drafted, None, logits).tolist() == [2, 5, 6, 7, 2]
     logits[2, 7] = 2.0  # now it agrees on all three; the bonus is 9
     assert accept_round(drafted, None, logits).tolist() == [3, 5, 6, 7, 9]
-    assert accept_round(drafted, None, torch.zeros(4, 10), force_accept=True).tolist()[0] == 3
+    assert accept_round(drafted, None, torch.zeros(4, 10), force=torch.tensor(True)).tolist()[0] == 3
     # the compiled verify's device flag: off changes nothing, on accepts all with the bonus
     from c2c.sampling import accept_greedy
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "presets"))
 import arith_task as task  # noqa: E402
 import build_arith  # noqa: E402
 
-from c2c import training  # noqa: E402
+from c2c import train_data, train_objective  # noqa: E402
 from c2c.adapter import find_adapter, load_adapter  # noqa: E402
 from c2c.fuser import KVShape, find_final_dir, load_fuser  # noqa: E402
 from c2c.loading import eos_token_ids  # noqa: E402
@@ -77,7 +77,7 @@ def answered(pair: tuple, form: str, n: int, preset: Path) -> list[tuple[list[in
     (prompt + answer ids, prompt length)."""
     target, _, tokenizer = pair
     lines = [x for x in (preset / f"eval_{form}.txt").read_text().splitlines() if x and not x.startswith("#")][:n]
-    return training.target_generations(target, tokenizer, lines, 4 * task.CHAIN_TERMS + 2, eos_token_ids(target, tokenizer))
+    return train_data.target_generations(target, tokenizer, lines, 4 * task.CHAIN_TERMS + 2, eos_token_ids(target, tokenizer))
 
 
 def load_arm(folder: Path, pair: tuple) -> tuple:
@@ -92,7 +92,7 @@ def load_arm(folder: Path, pair: tuple) -> tuple:
 
 def evaluate(out: Path, preset: Path, tokens: int, pair: tuple) -> list[dict]:
     target, draft, _ = pair
-    sets = {form: training.SplitData.from_answers(answered(pair, form, 500, preset), gamma=4) for form in ("additions", "chains")}
+    sets = {form: train_data.SplitData.from_answers(answered(pair, form, 500, preset), gamma=4) for form in ("additions", "chains")}
     rows = []
     for arm in ARMS:
         folder = out / arm
@@ -103,7 +103,7 @@ def evaluate(out: Path, preset: Path, tokens: int, pair: tuple) -> list[dict]:
             adapter.attach(draft)
         try:
             for form, data in sets.items():
-                f = training.paired_agreement(fuser, target, draft, data, tokens, 64, device="cpu", adapter=adapter,
+                f = train_objective.paired_agreement(fuser, target, draft, data, tokens, 64, device="cpu", adapter=adapter,
                                               fuse=fuser is not None)
                 rows.append({"arm": arm, "form": form, "tokens": f["heldout_tokens"], "plain": f["agreement_unfused"],
                              "adapter_only": f.get("agreement_adapter_only"), "as_run": f["agreement_fused"],
@@ -136,14 +136,14 @@ def chain_breakdown(out: Path, preset: Path, arm: str, n: int = 200, gamma: int 
         answer = x.shape[1] - n0  # 8 terms of 4 tokens, then the end token
         for k in range(answer - 1):
             m, s = n0 + k, min(gamma + 1, answer - 1 - k)  # the last guess is the end token
-            want, as_run = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
+            want, as_run = train_objective.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=fuse)
             want = want.argmax(-1)
             if adapter is None:
-                plain = alone = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1]
+                plain = alone = train_objective.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1]
             else:
-                alone = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1] if fuse else as_run
+                alone = train_objective.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1] if fuse else as_run
                 with adapter.disabled():
-                    plain = training.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1]
+                    plain = train_objective.fused_suffix_logits(fuser, target, draft, x, m, s, fuse=False)[1]
             for j in range(s):
                 token = k + j + 1  # answer index of the guessed token
                 where = "a later term" if token // 4 > k // 4 else "term in progress"

@@ -5,7 +5,9 @@
 (the same 6,000 problems, seed, schedule, hidden size, learning rate and gate noise); `all` runs
 --steps steps, `one` as many steps as reach the same target tokens (measured on a short dry run).
 Then both fusers are scored on the same held-out tokens (the preset's eval problems, never trained
-on): top-1 agreement with the target, and the paired counts between them (won: right only with the
+on; every answer position in blocks of gamma+1, as the trainer's held-out figure since issue 21;
+the 2026-12-01 figures in docs/training.md were one split per batch): top-1 agreement with the
+target, and the paired counts between them (won: right only with the
 all-position fuser; lost: right only with the one-split fuser).
 
     OMP_NUM_THREADS=1 python bench/objective_compare.py --out /tmp/objectives --steps 3000 --train all
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import arith_upper_bound as study  # noqa: E402
 import build_arith  # noqa: E402
 
-from c2c import training  # noqa: E402
+from c2c import train_data, train_objective  # noqa: E402
 
 PROBE_STEPS = 500  # long enough that the one-split arm's random split lengths average out
 
@@ -66,14 +68,16 @@ def evaluate(out: Path, preset: Path, tokens: int) -> dict:
     fusers = {arm: study.load_arm(out / arm, pair)[0] for arm in ("all", "one")}
     result = {}
     for form in ("additions", "chains"):
-        data = training.SplitData.from_answers(study.answered(pair, form, 500, preset), gamma=4)
+        data = train_data.SplitData.from_answers(study.answered(pair, form, 500, preset), gamma=4)
         right = {arm: [] for arm in ("plain", *fusers)}
-        for x, m, s in data.evaluation(tokens, 64):
-            t_logits, plain = training.fused_suffix_logits(None, target, draft, x, m, s, fuse=False)
-            want = t_logits.argmax(-1)
-            right["plain"].append((plain.argmax(-1) == want).flatten())
+        for batch in data.evaluation(tokens, 64):  # every answer position, in blocks of gamma+1
+            mask = batch.supervised
+            t_logits, plain = train_objective.all_position_logits(None, target, draft, batch.x, batch.starts, fuse=False)
+            want = t_logits.argmax(-1)[mask]
+            right["plain"].append(plain.argmax(-1)[mask] == want)
             for arm, fuser in fusers.items():
-                right[arm].append((training.fused_suffix_logits(fuser, target, draft, x, m, s)[1].argmax(-1) == want).flatten())
+                fused = train_objective.all_position_logits(fuser, target, draft, batch.x, batch.starts)[1]
+                right[arm].append(fused.argmax(-1)[mask] == want)
         r = {arm: torch.cat(v) for arm, v in right.items()}
         result[form] = {"tokens": len(r["plain"]), **{f"agreement_{arm}": round(v.float().mean().item(), 4) for arm, v in r.items()},
                         "won_all_vs_one": int((r["all"] & ~r["one"]).sum()), "lost_all_vs_one": int((r["one"] & ~r["all"]).sum())}

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c import synthetic, training  # noqa: E402
+from c2c import synthetic, train_data, training  # noqa: E402
 from c2c.cli import run_main  # noqa: E402
 from c2c.engine import sync_device  # noqa: E402
 from c2c.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
@@ -36,7 +36,7 @@ def run(args, argv) -> int:
     vocab = pair.target.config.vocab_size
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, vocab, (max(4 * args.batch_size, 16), args.seq_len), generator=g)
-    data = training.SplitData.from_windows(windows, args.min_prefix, args.gamma)
+    data = train_data.SplitData.from_windows(windows, args.min_prefix, args.gamma)
     hidden = synthetic.SHAPES[args.synthetic]["fuser_hidden"]
     cfg = training.TrainConfig(draft_model=args.synthetic, target_model=args.synthetic, data="random tokens",
                                output_dir=str(Path(args.output_dir) / "train_step_scratch"), steps=10**6,

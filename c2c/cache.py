@@ -249,3 +249,27 @@ def write_layers_at(cache, layers: tuple[int, ...], positions: torch.Tensor, key
         return
     for j, i in enumerate(layers):
         write_kv_at(cache, i, positions, keys[j], values[j])
+
+
+# ---------------------------------------------------------------- training: fusion inside one draft pass
+
+
+class _FusingCache(DynamicCache):
+    """A cache that stores nothing: each layer's `update` hands attention the keys (and values)
+    [fuse(layer, K, V), K] over the same positions: the first half what the draft's cache holds at
+    those positions after fusion, the second its own K/V of this pass (the trainer's block mask
+    chooses per query which half it sees)."""
+
+    def __init__(self, config, fuse):
+        super().__init__(config=config)
+        self._fuse = fuse
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # 5.17 passes cache_kwargs, 5.2x kwargs=
+        fused_k, fused_v = self._fuse(layer_idx, key_states, value_states)
+        return torch.cat([fused_k, key_states], dim=2), torch.cat([fused_v, value_states], dim=2)
+
+
+def fusing_cache(model, fuse) -> DynamicCache:
+    """For `forward_masked` over a whole sequence: keys (B, H, 2L, D) per layer, [fused, own], where
+    `fuse(layer, keys, values) -> (keys, values)` gets this pass's own K/V of that layer (B, H, L, D)."""
+    return _FusingCache(model.config, fuse)

@@ -47,27 +47,49 @@ def _messages(record: dict, where: str) -> tuple[dict, ...]:
         raise UserInputError(f"{where}: expected a non-empty list of turns")
     out = []
     for turn in raw:
-        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str) or turn.get(role_key) not in ROLES:
-            raise UserInputError(f"{where}: each turn needs {role_key!r} ({', '.join(sorted(ROLES))}) and a "
-                                 f"{text_key!r} string, got {turn!r:.120}")
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str) or not isinstance(role, str) or role not in ROLES:
+            raise UserInputError(f"{where}: each turn needs {role_key!r} (a string: {', '.join(sorted(ROLES))}) and a "
+                                 f"{text_key!r} string; fix the turn {_short(turn)}")
         out.append({"role": ROLES[turn[role_key]], "content": turn[text_key]})
     return tuple(out)
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def parse_record(record, where: str) -> Record:
     if isinstance(record, str):
+        if not record.strip():
+            raise UserInputError(f"{where}: the text is empty: remove the record or give it text")
         return Record(text=record)
     if isinstance(record, dict):
         if "messages" in record or "conversations" in record:
             return Record(messages=_messages(record, where))
-        text = record.get("text") or record.get("prompt")
-        if isinstance(text, str):
-            return Record(text=text)
-    raise UserInputError(f"{where}: expected an object with \"messages\", \"conversations\", \"text\" or \"prompt\"")
+        for key in ("text", "prompt"):
+            if key in record:
+                if not isinstance(record[key], str) or not record[key].strip():
+                    raise UserInputError(f"{where}: {key!r} must be a non-empty string, got {_short(record[key])}: "
+                                         "remove the record or give it text")
+                return Record(text=record[key])
+    raise UserInputError(f"{where}: expected an object with \"messages\", \"conversations\", \"text\" or \"prompt\", "
+                         f"got {_short(record)}")
+
+
+def _text(path: Path, data: bytes, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise UserInputError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): "
+                             "re-save the file as UTF-8") from None
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Plain text (the whole file is one text), JSONL (one record per line) or parquet (one per row)."""
+    """Plain text (the whole file is one text), JSONL (one record per line), JSON (an array of records,
+    or one record) or parquet (one per row). A malformed record is an error naming its file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"training data not found: {path}")
@@ -78,9 +100,18 @@ def read_records(path: str | Path) -> list[Record]:
             raise UserInputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
         rows = pq.read_table(path).to_pylist()
         records = [parse_record(row, f"{path} row {n}") for n, row in enumerate(rows, 1)]
+    elif path.suffix == ".json":
+        try:
+            raw = json.loads(_text(path, path.read_bytes()))
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{path}:{e.lineno}: not JSON ({e.msg}); a .json file holds one array of records "
+                                 "(use .jsonl for one record per line)") from None
+        raw = raw if isinstance(raw, list) else [raw]
+        records = [parse_record(r, f"{path} record {n}") for n, r in enumerate(raw, 1)]
     elif path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, data in enumerate(path.read_bytes().splitlines(), 1):
+            line = _text(path, data, n)
             if not line.strip():
                 continue
             try:
@@ -89,7 +120,10 @@ def read_records(path: str | Path) -> list[Record]:
                 raise UserInputError(f"{path}:{n}: not JSON ({e.msg})") from None
             records.append(parse_record(raw, f"{path}:{n}"))
     else:
-        return [Record(text=path.read_text(encoding="utf-8"))]
+        text = _text(path, path.read_bytes())
+        if not text.strip():
+            raise UserInputError(f"{path} is empty: give the trainer text, or JSONL records")
+        return [Record(text=text)]
     if not records:
         raise UserInputError(f"{path} holds no records")
     return records
@@ -120,7 +154,26 @@ def assistant_items(tokenizer, messages, eos_ids: set[int], enable_thinking: boo
         n0 = 0  # the common prefix: templates may render the turn's opening differently once it is written
         while n0 < min(len(before), len(full)) and before[n0] == full[n0]:
             n0 += 1
+        n0 = _after_empty_think(tokenizer, full, n0)
         end = next((i + 1 for i in range(n0, len(full)) if full[i] in eos_ids), len(full))
         if end - n0 >= 2:  # at least one supervised position (the last token predicts nothing)
             items.append((full[:end], n0))
     return items
+
+
+def _after_empty_think(tokenizer, ids: list[int], n0: int) -> int:
+    """Where the turn's content starts when the template wrote an empty thinking block at n0
+    (`<think>\\n\\n</think>\\n\\n`, Qwen3's for the last assistant turn when thinking is on): the
+    target would think there while decoding, so the empty block is not supervised (a block with
+    reasoning in it is). Otherwise n0."""
+    opening, closing = tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if opening in (None, unk) or closing in (None, unk) or n0 >= len(ids) or ids[n0] != opening:
+        return n0
+    close = next((i for i in range(n0 + 1, len(ids)) if ids[i] == closing), None)
+    if close is None or tokenizer.decode(ids[n0 + 1 : close]).strip():
+        return n0
+    start = close + 1
+    while start < len(ids) and not tokenizer.decode(ids[start : start + 1]).strip():
+        start += 1
+    return start

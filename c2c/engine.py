@@ -401,7 +401,7 @@ class SpeculativeDecoder:
         NOT the target's, so nothing user-facing sets it."""
         self.target, self.draft, self.spec, self.sampling = target, draft, spec, sampling
         self.eos_ids, self.fuser, self.generator, self.on_round = eos_ids, fuser, generator, on_round
-        self.fusion = fuser.batched() if fuser is not None else None  # every layer at once where it can be
+        self.fusion = None  # what fuses: fuser.batched(), looked up again for every prompt (the fuser may have moved)
         self.device = model_device(draft)  # sampling and acceptance happen here
         self.target_device = model_device(target)
         self.compiled, self.force_accept = compiled, force_accept
@@ -488,7 +488,9 @@ class SpeculativeDecoder:
         self.counters = c
         width = max(0, min(spec.gamma, spec.max_new_tokens - 2))  # the most drafts a round can hold
         c.drafted_at, c.accepted_at = [0] * width, [0] * width
-        fusing = self.fuser is not None
+        # a fuser with every gate closed changes nothing (fused == the draft's own K/V): skip its cost
+        fusing = self.fuser is not None and self.fuser.open_gates()[0] > 0
+        self.fusion = self.fuser.batched() if fusing else None  # every layer at once where it can be
         n0 = len(prompt_ids)
         if n0 < 1:
             raise ValueError("the prompt must hold at least one token")

@@ -44,8 +44,14 @@ class ResidualBlock(nn.Module):
         self.w2 = nn.Linear(inner, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+    noise = None  # a StepNoise while the trainer runs (dropout drawn per global row); None: torch's own dropout
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.dropout(self.w2(F.gelu(self.w1(self.norm(z)))))
+        y = self.w2(F.gelu(self.w1(self.norm(z))))  # (B, N, dim)
+        p = self.dropout.p
+        if self.training and self.noise is not None and p > 0:
+            return z + y * (self.noise.rand(y.shape, seq_dim=1) >= p) / (1 - p)
+        return z + self.dropout(y)
 
 
 class ResidualMLP(nn.Module):
@@ -124,6 +130,7 @@ class C2CProjector(nn.Module):
         self.register_buffer("gate_temperature", torch.tensor(float(initial_temperature)), persistent=True)
 
     gate_noise = "gumbel"  # training noise of the gates: "gumbel" (C2C's), "logistic" or "none"; not saved
+    noise = None  # a StepNoise while the trainer runs (gate noise drawn per global row); None: torch's generator
 
     def gate(self, kind: str, shape: torch.Size | tuple = ()) -> torch.Tensor:
         """Hard gate at inference (1 if logit > 0, a scalar); in training a Gumbel-sigmoid with the
@@ -137,7 +144,10 @@ class C2CProjector(nn.Module):
             return (logit > 0).float().view(1, 1, 1, 1)
         if self.gate_noise == "none":
             return torch.sigmoid(logit / self.gate_temperature).expand(shape)
-        u = torch.rand(shape, device=logit.device, dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
+        if self.noise is not None:  # shape (B, H, N, 1): the sequence on dim 2
+            u = self.noise.rand(shape, seq_dim=2).to(logit.dtype).clamp(1e-6, 1 - 1e-6)
+        else:
+            u = torch.rand(shape, device=logit.device, dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
         noise = -torch.log(-torch.log(u)) if self.gate_noise == "gumbel" else torch.log(u) - torch.log1p(-u)
         return torch.sigmoid((logit + noise) / self.gate_temperature)
 
@@ -171,6 +181,35 @@ class C2CProjector(nn.Module):
         k = self._project("key", source_k, target_k).to(target_k.dtype)
         v = self._project("value", source_v, target_v).to(target_v.dtype)
         return k, v
+
+
+class StepNoise:
+    """The trainer's randomness in the projectors (gate noise, dropout), the same numbers however a
+    global batch is shared out: each draw is made for the whole global batch (B rows, its padded
+    width) from a generator seeded by (seed, step), and each process keeps its own rows and width.
+    So 1 and N processes train the same fuser with noise on, and a resumed run needs no RNG state."""
+
+    def __init__(self, seed: int, device):
+        self.seed, self.device = seed, torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.rows: torch.Tensor | None = None
+        self.batch = self.width = 0
+
+    def begin(self, step: int, rows: list[int], batch: int, width: int) -> None:
+        """Before a step: this process holds rows `rows` of the global batch (`batch` rows, `width` positions)."""
+        self.generator.manual_seed((self.seed * 1_000_003 + step) % 2**63)
+        self.rows = torch.tensor(rows, device=self.device)
+        self.batch, self.width = batch, width
+
+    def rand(self, shape: torch.Size | tuple, seq_dim: int) -> torch.Tensor:
+        """Uniform [0, 1) noise of `shape` (rows first, the sequence on `seq_dim`), float32; torch's own
+        generator outside a step (`begin` not called yet)."""
+        if self.rows is None:
+            return torch.rand(shape, device=self.device)
+        full = list(shape)
+        full[0], full[seq_dim] = self.batch, self.width
+        u = torch.rand(full, generator=self.generator, device=self.device)
+        return u.index_select(0, self.rows).narrow(seq_dim, 0, shape[seq_dim])
 
 
 @dataclass(frozen=True)
@@ -241,6 +280,12 @@ class C2CFuser(nn.Module):
                 + ". Use a fuser trained for this draft/target pair, or --fuser_checkpoint none."
             )
 
+    def set_noise(self, noise: StepNoise | None) -> None:
+        """Where the projectors' training noise comes from (None: torch's default generator)."""
+        for module in self.modules():
+            if isinstance(module, (C2CProjector, ResidualBlock)):
+                module.noise = noise
+
     def open_gates(self) -> tuple[int, int]:
         """(open, total) hard gates, K and V of every projector the map uses: an untrained or badly
         trained fuser has none open and changes nothing (C2C's gate opens only above logit 0)."""
@@ -296,6 +341,12 @@ class C2CFuser(nn.Module):
         return pack
 
 
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding parameter `name` ("key_in.weight") and its attribute name."""
+    path, _, attr = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), attr
+
+
 class StackedProjectors:
     """The mapped projectors' weights stacked per parameter across layers, K and V paths as one batch:
     entry j < n is the key path of draft layer `draft_layers[j]`, entry n + j its value path.
@@ -317,17 +368,18 @@ class StackedProjectors:
         self.target_heads, self.target_dim = first.target_num_heads, first.target_dim
         self.stacks: dict[str, torch.Tensor] = {}
         names = [n.removeprefix("key_") for n, _ in first.named_parameters() if n.startswith("key_")]
-        self._views: list[tuple[nn.Parameter, int]] = []
-        by_name = [dict(p.named_parameters()) for p in projectors]
+        # (module, attribute, address): where each parameter lives now, looked up again by is_current
+        self._views: list[tuple[nn.Module, str, int]] = []
         for name in names:
-            params = [named[f"{kind}_{name}"] for kind in ("key", "value") for named in by_name]
+            owners = [_owner(p, f"{kind}_{name}") for kind in ("key", "value") for p in projectors]
+            params = [getattr(module, attr) for module, attr in owners]
             with torch.no_grad():
                 stack = torch.stack([q.detach() for q in params])
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(stack)  # fixed addresses: CUDA graphs read them in place
-            for i, q in enumerate(params):
+            for i, (q, (module, attr)) in enumerate(zip(params, owners)):
                 q.data = stack[i]
-                self._views.append((q, stack[i].data_ptr()))
+                self._views.append((module, attr, stack[i].data_ptr()))
             self.stacks[name] = stack
 
     @staticmethod
@@ -339,9 +391,10 @@ class StackedProjectors:
         return len(shapes) == 1
 
     def is_current(self, fuser: C2CFuser) -> bool:
-        """False when a parameter no longer points into the stacks (the fuser was moved or re-assigned)."""
+        """False when a parameter the fuser holds now no longer points into the stacks: moved (`.to`),
+        converted, replaced by a new Parameter or loaded with `load_state_dict(..., assign=True)`."""
         return (self.draft_layers == fuser.draft_layers and self.target_layers == fuser.target_layers
-                and all(q.data_ptr() == ptr for q, ptr in self._views))
+                and all(getattr(module, attr).data_ptr() == ptr for module, attr, ptr in self._views))
 
     def _linear(self, name: str, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         weight = self.stacks[f"{name}.weight"].transpose(1, 2)  # (P, in, out), a view

@@ -145,7 +145,7 @@ def prepare(cfg: RunConfig, log=print) -> Session:
         log(f"draft adapter ({adapter.kind}) from {adapter_dir}: fused runs use the adapted draft, unfused runs the plain one")
     if open_gates is not None and open_gates[0] == 0:
         log(f"WARNING: no gate of the fuser at {choice_path} is open (all {open_gates[1]} gate logits <= 0): "
-            "fusion changes nothing; the fuser is untrained or badly trained")
+            "fusion changes nothing, so the engine skips it; the fuser is untrained or badly trained")
     fusion = {
         "enabled": fuser is not None,
         "prefill": fuser is not None and cfg.prefill_fusion,

@@ -60,6 +60,11 @@ HELP = {
     "suffixes": "all: every supervised position in blocks of gamma+1 (one target pass); one: one split per batch",
     "gate_noise": "gate noise while training: gumbel (C2C's), logistic (the shipped presets') or none",
     "keep_checkpoints": "checkpoints kept in output_dir/checkpoints; older ones are deleted",
+    "draft_kv": "decode: the fuser learns from the draft K/V decoding gives it (computed over the fused prefix); "
+                "plain: from a plain draft pass (the earlier objective)",
+    "eval_prompts": "held-out prompts the engine decodes at each evaluation, fused and unfused, for tokens per "
+                    "target call (0: none)",
+    "eval_new_tokens": "new tokens per held-out prompt in that figure, at most",
 }
 
 
@@ -72,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'messages' (OpenAI chat), 'conversations' (ShareGPT), 'text' or 'prompt'")
     p.add_argument("--output_dir", required=True, help="fuser folder to write (final/, config.json, checkpoints/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="train into an output_dir that already holds a trained fuser")
+    p.add_argument("--overwrite", action="store_true", help="train into an output_dir that already holds a trained fuser "
+                   "(its checkpoints and metrics.jsonl are removed first, so --resume can only continue this run)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     defaults = TrainConfig("", "", "", "")
     skip = {"draft_model", "target_model", "data", "output_dir"}
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from pathlib import Path
 
-    from . import chat_data, training
+    from . import chat_data, train_data, training
     from .loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
@@ -122,7 +128,11 @@ def run(args) -> int:
                   "c2c.train_fuser --device cpu ...`", file=sys.stderr)
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if processes.main else (lambda *a, **k: None)
     if processes.main and args.overwrite and not args.resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        removed = training.clear_run(out)
+        if removed:
+            say(f"--overwrite: removed the previous run's {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''} "
+                f"from {out}")
+    processes.barrier()
     dtype = resolve_dtype(cfg.dtype, device)
     records = chat_data.read_records(cfg.data)
     tokenizer = load_tokenizer(cfg.target_model)
@@ -131,21 +141,24 @@ def run(args) -> int:
     eos = eos_token_ids(target, tokenizer)
     if cfg.generate_from_target or any(r.is_chat for r in records):
         items = answer_items(cfg, records, tokenizer, target, eos, processes, say)
-        train_items, held_items = training.split_heldout(items, cfg.heldout_fraction)
-        data = training.SplitData.from_answers(train_items, cfg.gamma)
-        heldout = training.SplitData.from_answers(held_items, cfg.gamma)
+        train_items, held_items = train_data.split_heldout(items, cfg.heldout_fraction)
+        data = train_data.SplitData.from_answers(train_items, cfg.gamma)
+        heldout = train_data.SplitData.from_answers(held_items, cfg.gamma)
         unit = "answers (the loss on assistant tokens only)"
     else:
         # verbose=False: a long text is cut into windows here, so the tokenizer's length warning means nothing
         streams = [tokenizer(r.text, add_special_tokens=False, verbose=False)["input_ids"] for r in records]
-        windows = training.make_windows(streams, cfg.seq_len, tokenizer.eos_token_id)
-        train_windows, held_windows = training.split_heldout(list(windows), cfg.heldout_fraction)
-        data = training.SplitData.from_windows(torch.stack(train_windows), cfg.min_prefix, cfg.gamma)
-        heldout = training.SplitData.from_windows(torch.stack(held_windows), cfg.min_prefix, cfg.gamma)
+        windows = train_data.make_windows(streams, cfg.seq_len, tokenizer.eos_token_id)
+        train_windows, held_windows = train_data.split_heldout(list(windows), cfg.heldout_fraction)
+        data = train_data.SplitData.from_windows(torch.stack(train_windows), cfg.min_prefix, cfg.gamma)
+        heldout = train_data.SplitData.from_windows(torch.stack(held_windows), cfg.min_prefix, cfg.gamma)
         unit = f"windows of {cfg.seq_len} tokens"
-    say(f"{data.rows} training and {heldout.rows} held-out {unit}; {threads} CPU thread(s); "
-        f"{processes.count} process(es); objective {cfg.objective}, suffixes {cfg.suffixes}")
-    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device, processes)
+    say(f"{len(data)} training and {len(heldout)} held-out {unit} ({data.supervised_positions:,} and "
+        f"{heldout.supervised_positions:,} supervised positions); {threads} CPU thread(s); {processes.count} "
+        f"process(es); objective {cfg.objective}, suffixes {cfg.suffixes}, draft K/V {cfg.draft_kv}")
+    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device, processes, eos)
+    for warning in trainer.warnings():
+        say(f"WARNING: {warning}")
     if args.resume:
         latest = training.latest_checkpoint(cfg.output_dir)
         if latest is None:
@@ -164,9 +177,10 @@ def run(args) -> int:
     if not processes.main:
         return 0
     save_dtype = (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
-    extra = {"sequences": {"train": data.rows, "heldout": heldout.rows}, "history": result["history"],
+    extra = {"sequences": {"train": len(data), "heldout": len(heldout)}, "history": result["history"],
              "train_seconds": result["seconds"], "processes": processes.count,
-             "target_tokens": result["target_tokens"], "supervised_tokens": result["supervised_tokens"]}
+             "target_tokens": result["target_tokens"], "supervised_tokens": result["supervised_tokens"],
+             "padding_tokens": result["padding_tokens"]}
     config = training.run_config(cfg, extra)
     if cfg.fusion:
         final = training.save_fuser(trainer.fuser, out, config=config, dtype=save_dtype)
@@ -182,19 +196,38 @@ def run(args) -> int:
                                      extra={"draft_model": cfg.draft_model, "trained_with_fusion": cfg.fusion})
         print(f"saved the draft adapter ({cfg.draft_adapter}) to {saved}; held-out agreement of the adapted draft "
               f"without fusion {last['agreement_adapter_only']:.4f}", file=sys.stderr)
-    what = "fused" if cfg.fusion else "adapted draft"
-    print(f"saved {final} | held-out top-1 agreement {what} {last['agreement_fused']:.4f} vs unfused "
-          f"{last['agreement_unfused']:.4f} on {last['heldout_tokens']} suffix tokens (won {last['won']}, lost "
-          f"{last['lost']}); open gates {last['open_gates']}/{last['gates']}")
-    if cfg.fusion and last["open_gates"] == 0:
-        print("WARNING: no gate is open: this fuser changes nothing (every gate logit <= 0)", file=sys.stderr)
+    lines, warnings = summary(cfg, final, last)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
+
+
+def summary(cfg, final, last: dict) -> tuple[list[str], list[str]]:
+    """The run's closing lines (held-out agreement, the engine's tokens per target call) and its
+    warnings: wherever the fuser changes nothing or makes decoding worse, with the fix."""
+    what = "fused" if cfg.fusion else "adapted draft"
+    lines, warnings = [], []
+    lines.append(f"saved {final} | held-out top-1 agreement {what} {last['agreement_fused']:.4f} vs unfused "
+                 f"{last['agreement_unfused']:.4f} on {last['heldout_tokens']} positions of {last['heldout_sequences']} "
+                 f"held-out sequences (won {last['won']}, lost {last['lost']}); open gates {last['open_gates']}/{last['gates']}")
+    if "tokens_per_call_fused" in last:
+        fused, unfused = last["tokens_per_call_fused"], last["tokens_per_call_unfused"]
+        lines.append(f"engine on {last['engine_prompts']} held-out prompts (greedy, gamma {cfg.gamma}): {fused:.3f} tokens "
+                     f"per target call fused vs {unfused:.3f} unfused")
+        if fused < unfused:
+            warnings.append("fusion lowers the engine's tokens per target call on held-out prompts: this fuser makes "
+                            "decoding slower than no fuser; train longer or on more data, or run with --fuser_checkpoint none")
+    if cfg.fusion and last["open_gates"] == 0:
+        warnings.append("no gate is open: this fuser changes nothing (every gate logit <= 0; the demo skips fusion); "
+                        "train longer, raise --lr, or start the gates open with --initial_gate_logit 1")
+    return lines, warnings
 
 
 def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[tuple[list[int], int]]:
     """(ids, answer start) per answer, in the records' order: the assistant turns a conversation holds,
     and the target's own answers to prompts (text records and conversations ending with a user turn)."""
-    from . import chat_data, training
+    from . import chat_data, train_data
 
     prompts = [r.text if not r.is_chat else r.messages for r in records if not r.is_chat or r.needs_answer]
     answers = iter(())
@@ -204,14 +237,14 @@ def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[t
                                  "conversation ending with a user turn): pass --generate_from_target N to let the "
                                  "target answer them, or give every conversation its assistant turn")
         say(f"target answering {len(prompts)} prompts (at most {cfg.generate_from_target} tokens each)")
-        answers = iter(training.target_generations(target, tokenizer, prompts, cfg.generate_from_target, eos, processes,
+        answers = iter(train_data.target_generations(target, tokenizer, prompts, cfg.generate_from_target, eos, processes,
                                                    cfg.enable_thinking))
     items = []
     for r in records:
+        if r.is_chat:  # every assistant turn it holds, and the target's answer to a last user turn
+            items.extend(chat_data.assistant_items(tokenizer, r.messages, eos, cfg.enable_thinking))
         if not r.is_chat or r.needs_answer:
             items.append(next(answers))
-        else:
-            items.extend(chat_data.assistant_items(tokenizer, r.messages, eos, cfg.enable_thinking))
     if not items:
         raise UserInputError(f"{cfg.data} holds no assistant turn to train on")
     return items

@@ -112,7 +112,7 @@ def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed
 
 
 def exact_rate(model, encoder, problems: list[tuple[str, str]], eos_ids: set[int]) -> float:
-    from c2c.training import greedy_batch
+    from c2c.train_data import greedy_batch
 
     prompts = [encoder.prompt(p) for p, _ in problems]
     wanted = [[encoder.chars[c] for c in a] + [encoder.eos] for _, a in problems]

@@ -229,7 +229,7 @@ def main() -> int:
         tokenizer.save_pretrained(out / name)
 
     print("fuser:")
-    from c2c import training
+    from c2c import train_data, training
 
     fuser_dir = out / "fuser"
     cfg = training.TrainConfig(
@@ -240,9 +240,9 @@ def main() -> int:
         initial_gate_logit=1.0, dropout=0.0, device="cpu", dtype="float32",
         suffixes="one", gate_noise="logistic",  # the recipe the shipped fuser was trained with
     )
-    windows = training.make_windows([train_ids.tolist()], cfg.seq_len, None)
-    train_w, val_w = training.split_heldout(list(windows), cfg.heldout_fraction)
-    data, val = (training.SplitData.from_windows(torch.stack(w), cfg.min_prefix, cfg.gamma) for w in (train_w, val_w))
+    windows = train_data.make_windows([train_ids.tolist()], cfg.seq_len, None)
+    train_w, val_w = train_data.split_heldout(list(windows), cfg.heldout_fraction)
+    data, val = (train_data.SplitData.from_windows(torch.stack(w), cfg.min_prefix, cfg.gamma) for w in (train_w, val_w))
     trainer = training.FuserTrainer(cfg, target, draft, data, val, torch.device("cpu"))
     result = trainer.train(progress=False)
     for h in result["history"]:

@@ -51,7 +51,7 @@ def saved_models(tmp_path_factory, pair, fuser):
 @pytest.fixture(scope="module")
 def windows(target):
     """Windows of the target's own greedy text: structured data the fuser can learn from (trainer tests)."""
-    from c2c import training
+    from c2c import train_data
     from c2c.engine import standard_generate
     from c2c.sampling import SamplingConfig
 
@@ -59,4 +59,4 @@ def windows(target):
     with torch.inference_mode():
         for start in range(12):
             streams.append(standard_generate(target, [start * 7 % 300, 5], 64, SamplingConfig(), set()).output_ids)
-    return training.make_windows(streams, 32, None)
+    return train_data.make_windows(streams, 32, None)

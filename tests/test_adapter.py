@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from c2c import runner, train_fuser, training
+from c2c import runner, train_fuser, train_objective, training
 from c2c.adapter import DraftAdapter, adapted_linears, find_adapter, load_adapter
 from c2c.errors import UserInputError
 from tests.test_training import config, new_trainer
@@ -79,8 +79,8 @@ def test_the_draft_prefix_carries_gradients_when_the_draft_trains(tmp_path, targ
         grads = {}
         for draft_grad in (False, True):
             trainer.optimizer.zero_grad(set_to_none=True)
-            t, d = training.fused_suffix_logits(trainer.fuser, target, draft, x, m, s, draft_grad=draft_grad)
-            training.loss_fn(t, d, "kl").backward()
+            t, d = train_objective.fused_suffix_logits(trainer.fuser, target, draft, x, m, s, draft_grad=draft_grad)
+            train_objective.loss_fn(t, d, "kl").backward()
             grads[draft_grad] = torch.cat([p.grad.flatten() for p in trainer.adapter.parameters()])
         # with the prefix in the graph, the adapter also learns from what it writes into the fused positions
         assert not torch.allclose(grads[True], grads[False])

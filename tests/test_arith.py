@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwen3_14b_speculative_demo as demo
-from c2c import training
+from c2c import train_data, train_objective
 from c2c.fuser import KVShape, load_fuser
 from c2c.loading import eos_token_ids, load_model, load_tokenizer
 from c2c.presets import PRESET_ROOT, PRESETS
@@ -80,13 +80,13 @@ def shipped_agreement(fuser_folder, with_adapter: bool = False) -> dict:
     tok = load_tokenizer(preset["teacher_model"])
     fuser = load_fuser(fuser_folder, KVShape.of(draft.config), KVShape.of(target.config), device=cpu, dtype=torch.float32)
     prompts = eval_prompts("additions")[:60] + eval_prompts("chains")[:20]
-    data = training.SplitData.from_answers(training.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok)), 4)
+    data = train_data.SplitData.from_answers(train_data.target_generations(target, tok, prompts, 34, eos_token_ids(target, tok)), 4)
     if not with_adapter:
-        return training.paired_agreement(fuser, target, draft, data, 600, 32)
+        return train_objective.paired_agreement(fuser, target, draft, data, 600, 32)
     adapter = load_adapter(find_adapter(fuser_folder), draft)
     adapter.attach(draft)
     try:
-        return training.paired_agreement(fuser, target, draft, data, 600, 32, adapter=adapter)
+        return train_objective.paired_agreement(fuser, target, draft, data, 600, 32, adapter=adapter)
     finally:
         adapter.detach()
 
@@ -94,9 +94,11 @@ def shipped_agreement(fuser_folder, with_adapter: bool = False) -> dict:
 def test_shipped_fuser_raises_the_drafts_agreement_on_heldout_problems():
     """Regression guard: fails if the shipped fuser (or the fusion code) stops transferring what the target knows."""
     figures = shipped_agreement(PRESETS["arith"]["fuser_checkpoint"])
-    # measured 0.864 vs 0.766, won 77 vs lost 13 on 654 tokens; a fuser with no effect gives about even
-    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.08
-    assert figures["won"] >= 3 * figures["lost"]
+    # measured at every answer position of 80 problems (blocks of gamma+1): 0.816 vs 0.761, won 77 vs lost 29
+    # on 861 tokens; a fuser with no effect gives about even
+    assert figures["heldout_sequences"] == 80
+    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.04
+    assert figures["won"] >= 2 * figures["lost"]
 
 
 
@@ -113,10 +115,11 @@ def test_adapter_fuser_is_lossless_in_the_demo_and_reported(tmp_path):
 def test_adapter_fuser_gain_comes_from_fusion_not_from_the_adapter_alone():
     """Regression guard for the option: the jointly trained adapter must need the target's cache."""
     figures = shipped_agreement(ADAPTER_FUSER, with_adapter=True)
-    # measured 0.936 fused vs 0.766 plain and 0.775 adapted without fusion, won 117 vs lost 6 on 654 tokens
-    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.12
-    assert figures["agreement_fused"] >= figures["agreement_adapter_only"] + 0.12
-    assert figures["won"] >= 5 * figures["lost"]
+    # measured at every answer position of 80 problems: 0.884 fused vs 0.761 plain and 0.780 adapted without
+    # fusion, won 125 vs lost 19 on 861 tokens
+    assert figures["agreement_fused"] >= figures["agreement_unfused"] + 0.08
+    assert figures["agreement_fused"] >= figures["agreement_adapter_only"] + 0.08
+    assert figures["won"] >= 4 * figures["lost"]
 
 
 def test_study_scripts_run_on_the_shipped_preset(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from c2c import chat_data, train_fuser, training
+from c2c import chat_data, train_data, train_fuser, training
 from c2c.engine import standard_generate
 from c2c.errors import UserInputError
 from c2c.sampling import SamplingConfig
@@ -56,8 +56,8 @@ def test_padded_greedy_batch_equals_the_reference_loop_per_prompt(target):
     eos = {42, 57}
     with torch.inference_mode():
         want = [standard_generate(target, p, 10, SamplingConfig(), eos).output_ids for p in prompts]
-    assert training.greedy_batch(target, prompts, 10, eos, batch_size=3) == want
-    assert training.greedy_batch(target, prompts, 10, eos, batch_size=5) == want
+    assert train_data.greedy_batch(target, prompts, 10, eos, batch_size=3) == want
+    assert train_data.greedy_batch(target, prompts, 10, eos, batch_size=5) == want
 
 
 def test_trainer_reads_chat_data_and_answers_prompts(saved_models, tmp_path, capsys):

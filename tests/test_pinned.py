@@ -8,7 +8,7 @@ import torch
 from c2c import cache as kv
 from c2c import metrics
 from c2c.engine import Counters, GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.fuser import C2CFuser, C2CProjector, KVShape
+from c2c.fuser import C2CFuser, KVShape, StackedProjectors
 from c2c.sampling import SamplingConfig
 
 PROMPT = [5, 17, 33, 80, 91, 12, 7, 44]
@@ -94,7 +94,7 @@ def test_hard_gate_opens_only_above_zero(logit, opens):
     for k, v in (fuser.fuse_layers(tk, tv, dk, dv), fuser.batched().fuse_layers(tk, tv, dk, dv)):
         assert torch.equal(k, dk) != opens and torch.equal(v, dv) != opens
     assert torch.equal(single[0], dk[0]) != opens
-    assert isinstance(fuser.projectors[0], C2CProjector)
+    assert isinstance(fuser.batched(), StackedProjectors)  # the stacked path above is the one inference uses
 
 
 def test_acceptance_rate_counts_drafts_after_a_rejection_and_probability_does_not():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from c2c import train_fuser, training
+from c2c import train_data, train_fuser, training
 from c2c.fuser import KVShape, load_fuser
 
 
@@ -17,8 +17,8 @@ def config(tmp_path, **kw):
 
 
 def new_trainer(cfg, target, draft, windows):
-    data = training.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
-    heldout = training.SplitData.from_windows(windows[:8], cfg.min_prefix, cfg.gamma)
+    data = train_data.SplitData.from_windows(windows, cfg.min_prefix, cfg.gamma)
+    heldout = train_data.SplitData.from_windows(windows[:8], cfg.min_prefix, cfg.gamma)
     return training.FuserTrainer(cfg, target, draft, data, heldout, torch.device("cpu"))
 
 
@@ -113,20 +113,25 @@ def test_greedy_batch_equals_the_reference_loop_per_prompt(target):
     eos = {42, 57}
     with torch.inference_mode():
         want = [standard_generate(target, p, 12, SamplingConfig(), eos).output_ids for p in prompts]
-    assert training.greedy_batch(target, prompts, 12, eos, batch_size=2) == want
+    assert train_data.greedy_batch(target, prompts, 12, eos, batch_size=2) == want
 
 
 def test_answer_data_put_every_suffix_inside_the_answer():
     items = [(list(range(10 + k)), 6) for k in range(3)] * 4  # prompt of 6 tokens, answers of 4..6 tokens
-    data = training.SplitData.from_answers(items, gamma=4)
+    data = train_data.SplitData.from_answers(items, gamma=4)
     rng = __import__("random").Random(0)
     for _ in range(200):
-        x, m, s = data.sample(rng, 3)
-        assert m >= 6 and 1 <= s <= 5 and m + s <= x.shape[1] - 1  # prefix holds the prompt; suffix predicts answer tokens
-    covered = sum(x.shape[0] * s for x, m, s in data.evaluation(100, batch_size=4))
-    assert covered >= 100
-    first = [(m, s) for _, m, s in data.evaluation(100, batch_size=4)]
-    assert first == [(m, s) for _, m, s in data.evaluation(100, batch_size=4)]  # the same held-out splits every time
+        batch = data.sample(rng, 3)
+        for row, n in enumerate(batch.lengths):
+            sup = batch.supervised[row].nonzero().flatten().tolist()
+            m, s = sup[0], len(sup)
+            # the prefix holds the prompt; the suffix predicts answer tokens; one block of 1..gamma+1
+            assert m >= 6 and 1 <= s <= 5 and m + s <= n - 1 and sup == list(range(m, m + s))
+            assert batch.starts[row, m : m + s].tolist() == [m] * s
+    batches = data.evaluation(100, batch_size=4)
+    assert sum(int(b.supervised.sum()) for b in batches) >= 100
+    again = data.evaluation(100, batch_size=4)
+    assert all(torch.equal(a.starts, b.starts) for a, b in zip(batches, again))  # the same held-out blocks every time
 
 
 def test_gumbel_gate_noise_is_drawn_per_batch_head_and_token():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2c import train_fuser, training
+from c2c import train_data, train_fuser, train_objective, training
 from c2c.fuser import C2CProjector, KVShape, load_fuser
 from tests import test_training
 
@@ -22,44 +22,50 @@ ARITH = ROOT / "presets" / "arith"
 
 
 def test_block_layout_tiles_the_supervised_span():
-    starts, supervised = training.block_layout(20, 5, 18, 4, [2, 0])
-    assert starts[0].tolist() == list(range(5)) + [5, 5, 7, 7, 7, 7, 11, 11, 11, 11, 15, 15, 15, 15, 19]
-    assert starts[1].tolist() == list(range(5)) + [5] * 4 + [9] * 4 + [13] * 4 + [17] * 3
-    assert supervised[0].tolist() == [False] * 5 + [True] * 13 + [False] * 2
-    for row in starts:  # every supervised block is a split (m, s) with s <= gamma+1, m + s <= m_end
+    starts, supervised = train_data.block_layout(20, 5, 18, 4, 2)
+    # the prompt attends its own K/V from position 0 (as prefill); the last token and beyond are their own block
+    assert starts.tolist() == [0] * 5 + [5, 5, 7, 7, 7, 7, 11, 11, 11, 11, 15, 15, 15, 18, 19]
+    assert train_data.block_layout(20, 5, 18, 4, 0)[0].tolist() == [0] * 5 + [5] * 4 + [9] * 4 + [13] * 4 + [17, 18, 19]
+    assert supervised.tolist() == [False] * 5 + [True] * 13 + [False] * 2
+    for offset in range(4):  # every supervised block is a split (m, s) with s <= gamma+1, m + s <= hi
+        row, sup = train_data.block_layout(20, 5, 18, 4, offset)
         blocks = {}
         for p in range(5, 18):
             blocks.setdefault(int(row[p]), []).append(p)
         assert all(1 <= len(ps) <= 4 and ps == list(range(m, m + len(ps))) for m, ps in blocks.items())
 
 
-def test_block_mask_sees_the_fused_prefix_and_its_own_block():
+def test_block_mask_sees_the_fused_prefix_and_its_own_block_as_an_additive_mask():
     starts = torch.tensor([[0, 1, 2, 2, 2]])
-    mask = training.block_mask(starts)[0, 0].int()
-    assert mask[3].tolist() == [1, 1, 0, 0, 0] + [0, 0, 1, 1, 0]  # fused 0-1, own 2-3
+    mask = train_objective.block_mask(starts)[0, 0]
+    assert mask.dtype == torch.float32  # eager attention adds the mask: a boolean one would add 0/1
+    allowed = (mask == 0).int()
+    assert allowed[3].tolist() == [1, 1, 0, 0, 0] + [0, 0, 1, 1, 0]  # fused 0-1, own 2-3
+    assert allowed[0].tolist() == [0] * 5 + [1, 0, 0, 0, 0]  # a prompt position: its own causal keys
+    assert (mask[allowed == 0] == torch.finfo(torch.float32).min).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_each_block_equals_the_per_split_computation(target, draft, fuser, seed):
-    """For random sequences and offsets, the draft's logits in every block equal those of the one-split
-    objective with m = the block's start (float32, 1e-5), and the target's logits too."""
+    """With the plain pass's K/V (draft_kv="plain"), the draft's logits in every block equal those of
+    the one-split objective with m = the block's start (float32, 1e-5), and the target's logits too."""
     rng = random.Random(seed)
     B, L, gamma, m_min = 3, 24, 3, 6
     x = torch.randint(0, 300, (B, L), generator=torch.Generator().manual_seed(seed))
-    offsets = [rng.randrange(gamma + 1) for _ in range(B)]
-    starts, supervised = training.block_layout(L, m_min, L, gamma + 1, offsets)
+    layouts = [train_data.block_layout(L, m_min, L, gamma + 1, rng.randrange(gamma + 1)) for _ in range(B)]
+    starts, supervised = torch.stack([s for s, _ in layouts]), torch.stack([v for _, v in layouts])
     with torch.no_grad():
-        t_all, d_all = training.all_position_logits(fuser, target, draft, x, starts)
+        t_all, d_all = train_objective.all_position_logits(fuser, target, draft, x, starts, draft_kv="plain")
         checked = 0
         for row in range(B):
             for m in sorted({int(s) for s, sup in zip(starts[row], supervised[row]) if sup}):
                 s = int(((starts[row] == m) & supervised[row]).sum())
-                t_one, d_one = training.fused_suffix_logits(fuser, target, draft, x[row : row + 1], m, s)
+                t_one, d_one = train_objective.fused_suffix_logits(fuser, target, draft, x[row : row + 1], m, s)
                 assert torch.allclose(d_all[row, m : m + s], d_one[0], atol=1e-5, rtol=0), (row, m, s)
                 assert torch.allclose(t_all[row, m : m + s], t_one[0], atol=1e-5, rtol=0)
                 checked += s
     assert checked == int(supervised.sum())
-    unfused = training.all_position_logits(fuser, target, draft, x, starts, fuse=False)[1]
+    unfused = train_objective.all_position_logits(fuser, target, draft, x, starts, fuse=False)[1]
     assert not torch.allclose(unfused, d_all, atol=1e-3)  # fusion reached the blocks
 
 
@@ -97,13 +103,16 @@ def test_metrics_jsonl_and_checkpoint_pruning(tmp_path, target, draft, windows):
 
 def test_one_split_objective_supervises_one_suffix_per_batch(tmp_path, target, draft, windows):
     cfg = config(tmp_path, suffixes="one", steps=3, eval_every=3, save_every=100)
-    trainer = training.FuserTrainer(cfg, target, draft, training.SplitData.from_windows(windows, 8, 3),
-                                    training.SplitData.from_windows(windows[:8], 8, 3), torch.device("cpu"))
+    trainer = training.FuserTrainer(cfg, target, draft, train_data.SplitData.from_windows(windows, 8, 3),
+                                    train_data.SplitData.from_windows(windows[:8], 8, 3), torch.device("cpu"))
     trainer.train(progress=False)
     assert 3 * 4 <= trainer.supervised_tokens <= 3 * 4 * 4 < trainer.target_tokens
+    assert trainer.padding_tokens == 0  # windows share one length
 
 
-def arith_command(out: Path, *extra: str) -> list[str]:
+def arith_command(out: Path, *extra: str, noise: bool = False) -> list[str]:
+    """The trainer's command on the shipped arith pair; `noise`: C2C's default gate noise and dropout
+    (otherwise off, so a figure can be compared across runs exactly)."""
     data = out.parent / "prompts.jsonl"
     if not data.exists():
         lines = [p for p in (ARITH / "eval_additions.txt").read_text().splitlines() if not p.startswith("#")][:24]
@@ -111,7 +120,7 @@ def arith_command(out: Path, *extra: str) -> list[str]:
     return ["--base_model", str(ARITH / "draft"), "--teacher_model", str(ARITH / "target"), "--data", str(data),
             "--output_dir", str(out), "--generate_from_target", "6", "--steps", "4", "--batch_size", "4",
             "--gamma", "3", "--hidden_dim", "16", "--intermediate_dim", "16", "--lr", "1e-2", "--warmup_steps", "1",
-            "--dropout", "0.0", "--gate_noise", "none", "--initial_gate_logit", "1.0", "--eval_every", "4",
+            *(() if noise else ("--dropout", "0.0", "--gate_noise", "none")), "--initial_gate_logit", "1.0", "--eval_every", "4",
             "--eval_tokens", "32", "--save_every", "2", "--device", "cpu", "--dtype", "float32",
             "--save_dtype", "float32", "--threads", "1", "--no_progress", "--heldout_fraction", "0.2", *extra]
 
@@ -120,17 +129,17 @@ def test_two_processes_train_the_same_fuser_as_one(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m c2c.train_fuser --device cpu` on the shipped arith
     models (accelerate 1.x starts several CPU processes through its torchrun launcher, `--multi_gpu`;
     its `--cpu` launcher starts one unless mpirun is set up) writes a fuser that loads and matches the
-    one-process run of the same command."""
+    one-process run of the same command, with the default gate noise and dropout (drawn per global row)."""
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
         pytest.fail("accelerate's launcher is not installed (it is a dependency in requirements.txt)")
     launcher = str(Path(sys.executable).parent / "accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    one = subprocess.run([sys.executable, "-m", "c2c.train_fuser", *arith_command(tmp_path / "one")], cwd=ROOT,
+    one = subprocess.run([sys.executable, "-m", "c2c.train_fuser", *arith_command(tmp_path / "one", noise=True)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                          "-m", "c2c.train_fuser", *arith_command(tmp_path / "two")],
+                          "-m", "c2c.train_fuser", *arith_command(tmp_path / "two", noise=True)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stderr and two.stdout.count("saved ") == 1  # only the main process writes
@@ -143,7 +152,7 @@ def test_two_processes_train_the_same_fuser_as_one(tmp_path):
     assert m1["target_tokens"] == m2["target_tokens"] and m1["supervised_tokens"] == m2["supervised_tokens"]
     # resume across process counts: one process continues the two-process run's checkpoint
     resumed = subprocess.run([sys.executable, "-m", "c2c.train_fuser",
-                              *arith_command(tmp_path / "two", "--steps", "6", "--resume")],
+                              *arith_command(tmp_path / "two", "--steps", "6", "--resume", noise=True)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
 

@@ -10,10 +10,11 @@ Run `python qwen3_14b_speculative_demo.py --help` for the flags; see docs/report
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
+from c2c.cli import OneLineParser, apply_threads, default_lang, parse_with_preset, run_main
 from c2c.errors import UserInputError
 from c2c.loading import DEFAULT_FUSER
 from c2c.presets import PRESETS
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--enable_thinking", action="store_true", help="Qwen3 chat template thinking mode (off by default)")
-    p.add_argument("--lang", default="zh", choices=["zh", "en"], help="report labels")
+    p.add_argument("--lang", default=None, choices=["zh", "en"],
+                   help="report labels; default: your locale's (zh for a Chinese locale, e.g. LANG=zh_CN.UTF-8, else en)")
     p.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up run")
     p.add_argument("--stream", action="store_true",
                    help="print each run as it goes, speculative tokens marked: accepted drafts, the target's correction or bonus "
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from c2c import metrics, runner
     from c2c.prompts import read_prompts
     from c2c.report import Report
-    from c2c.results import check_output_dir, command_line, environment, save_json_atomic
+    from c2c.results import check_output_dir, command_line, save_json_atomic
     from c2c.stream import StreamPrinter, legend, use_colour
 
     if args.save_rounds and not args.save_results:
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         threads=apply_threads(args.threads),
     )
     runner.validate(cfg)
+    args.lang = args.lang or default_lang(os.environ)
     prompts = read_prompts(args.prompts)
     if args.save_results:  # find out now, not after the run, that results can't be written
         check_output_dir(args.output_dir)
@@ -133,23 +136,44 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color), lang=args.lang)
         report.write(legend(printer.colour, args.lang))
     entries = []
-    for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=args.stream), 1):
-        report.prompt(i, len(prompts), prompt)
-        entry = runner.run_prompt(session, prompt, run_standard, printer=printer, save_rounds=args.save_rounds)
-        entries.append(entry)
-        if entry["standard"]:
-            report.standard(entry["standard"])
-        report.speculative(entry["speculative"])
-        if entry["comparison"]:
-            report.comparison(entry["comparison"], sampling=cfg.temperature > 0)
+    try:
+        for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=args.stream), 1):
+            report.prompt(i, len(prompts), prompt)
+            entry = runner.run_prompt(session, prompt, run_standard, printer=printer, save_rounds=args.save_rounds)
+            entries.append(entry)
+            if entry["standard"]:
+                report.standard(entry["standard"])
+            report.speculative(entry["speculative"])
+            if entry["stopped_at_context"]:
+                report.write(report.L["context_stop"].format(tokens=entry["max_new_tokens"]))
+            if entry["comparison"]:
+                report.comparison(entry["comparison"], sampling=cfg.temperature > 0)
+    except KeyboardInterrupt:
+        if printer is not None:
+            printer.end()
+        where = "nothing was saved (--save_results keeps the finished prompts)"
+        if args.save_results and entries:
+            path = save_json_atomic(results_record(config, session, entries, warmup_seconds, interrupted=True), args.output_dir)
+            where = f"the {len(entries)} finished prompt(s) were saved to {path} (marked interrupted)"
+        elif args.save_results:
+            where = "no prompt had finished: nothing was saved"
+        print(f"\ninterrupted (Ctrl-C) after {len(entries)} of {len(prompts)} prompts: {where}", file=sys.stderr)
+        return 130
     summary = metrics.summary(entries)
     report.summary(summary, sampling=cfg.temperature > 0)
     if args.save_results:
-        results = {"config": config, "environment": environment(session.device), "prompts": entries, "summary": summary,
-                   "warmup_seconds": warmup_seconds}
-        path = save_json_atomic(results, args.output_dir)
+        path = save_json_atomic(results_record(config, session, entries, warmup_seconds), args.output_dir)
         report.write(f"{report.L['saved']}: {path}")
     return 0
+
+
+def results_record(config: dict, session, entries: list[dict], warmup_seconds, interrupted: bool = False) -> dict:
+    """The results JSON: what ran, where, every finished prompt and their summary."""
+    from c2c import metrics
+    from c2c.results import environment
+
+    return {"config": config, "environment": environment(session.device), "prompts": entries,
+            "summary": metrics.summary(entries), "warmup_seconds": warmup_seconds, "interrupted": interrupted}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,7 +155,8 @@ def run(args, argv) -> int:
         "table": table,
     }
     path = write_outputs(results, rows, table, out, stamp, plots=not args.no_plots)
-    print(f"results: {path}", file=sys.stderr)
+    plots = f"; plots: {Path(results['plots'][0]).parent} ({len(results['plots'])} PNG)" if results["plots"] else ""
+    print(f"results: {path}; table: {path.with_suffix('.md')}{plots}", file=sys.stderr)
     keys = ("mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
     print(json.dumps({"results": [{k: r.get(k) for k in keys} for r in rows], "output_dir": str(out)}, separators=(",", ":")))
     return 0

@@ -76,13 +76,13 @@ def train_tiny(out: Path, arm: str, steps: int, pair, data, held) -> dict:
             "supervised_tokens": result["supervised_tokens"], "last_eval": result["history"][-1]}
 
 
-def train_arith(out: Path, arm: str, steps: int) -> dict:
+def train_arith(out: Path, arm: str, steps: int, preset: Path) -> dict:
     import build_arith
 
     out.mkdir(parents=True, exist_ok=True)
     for role in ("target", "draft"):
         if not (out / role).exists():
-            (out / role).symlink_to((ROOT / "presets" / "arith" / role).resolve())
+            (out / role).symlink_to((preset / role).resolve())
     args = build_arith.build_parser().parse_args(["--fuser_steps", str(steps), "--fuser_suffixes", "all",
                                                   "--fuser_gate_noise", "gumbel"])
     info = build_arith.train_fuser(out, args, folder=arm, extra=("--draft_kv", arm, "--eval_prompts", "0"))
@@ -91,8 +91,7 @@ def train_arith(out: Path, arm: str, steps: int) -> dict:
             "supervised_tokens": config["supervised_tokens"], "last_eval": info["last_eval"]}
 
 
-def arith_heldout(tokenizer, target, eos):
-    preset = ROOT / "presets" / "arith"
+def arith_heldout(tokenizer, target, eos, preset: Path):
     prompts = [p for f in ("eval_additions.txt", "eval_chains.txt")
                for p in read_prompts(preset / f)[: 300 if "additions" in f else 100]]
     items = train_data.target_generations(target, tokenizer, prompts, 34, eos)
@@ -135,6 +134,9 @@ def engine(fusers: dict, target, draft, prompts, eos, max_new: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pair", choices=("tiny", "arith"), required=True)
+    p.add_argument("--preset", default=None, help="arith: the pair's folder (target/, draft/, eval_*.txt), e.g. one "
+                   "with a deeper draft built by `presets/build_arith.py --stages draft --draft_shape 2,...`; "
+                   "default presets/arith")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--tokens", type=int, default=8000, help="held-out positions scored, at least")
@@ -142,14 +144,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out) / args.pair
-    preset = ROOT / "presets" / args.pair
+    preset = Path(args.preset) if args.preset else ROOT / "presets" / args.pair
+    out = Path(args.out) / (args.pair if not args.preset else f"{args.pair}_{preset.name}")
     cpu = torch.device("cpu")
     target = load_model(str(preset / "target"), "target", torch.float32, cpu)
     draft = load_model(str(preset / "draft"), "draft", torch.float32, cpu)
     tokenizer = load_tokenizer(str(preset / "target"))
     eos = eos_token_ids(target, tokenizer)
-    result = {"pair": args.pair, "draft_layers": draft.config.num_hidden_layers, "command": " ".join(sys.argv),
+    result = {"pair": args.pair, "preset": str(preset), "draft_layers": draft.config.num_hidden_layers, "command": " ".join(sys.argv),
               "torch": torch.__version__, "threads": args.threads, "train": {}}
     if args.pair == "tiny":
         data, held, prompts = tiny_data(tokenizer)
@@ -157,8 +159,8 @@ def main() -> int:
             result["train"][arm] = train_tiny(out, arm, args.steps, (target, draft), data, held)
     else:
         for arm in ARMS:
-            result["train"][arm] = train_arith(out, arm, args.steps)
-        held, prompts = arith_heldout(tokenizer, target, eos)
+            result["train"][arm] = train_arith(out, arm, args.steps, preset)
+        held, prompts = arith_heldout(tokenizer, target, eos, preset)
     fusers = {arm: load_fuser(out / arm, KVShape.of(draft.config), KVShape.of(target.config), device=cpu, dtype=torch.float32)
               for arm in ARMS}
     result["weights_max_abs_difference"] = max(float((a - b).abs().max()) for a, b in

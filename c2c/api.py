@@ -44,6 +44,15 @@ def _real(name: str, value) -> float:
     return float(value)
 
 
+def _arg(name: str) -> str:
+    """How messages name a setting here: the argument's own name (the command line says --name)."""
+    return name
+
+
+FIRST_CONTACT = ("SpeculativePipeline.from_preset('tiny') runs a small shipped pair offline on this CPU now (or pass "
+                 "local folders as draft and target; CPU-only machines: install the CPU build of torch first, README)")
+
+
 def _flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise UserInputError(f"{name} must be True or False, got {value!r}")
@@ -94,7 +103,7 @@ class SpeculativePipeline:
             prefill_fusion=fuser is not None, decode_fusion=fuser is not None, device=device, dtype=dtype,
             device_map=device_map, compile=compile, enable_thinking=enable_thinking,
         )
-        return cls(runner.prepare(cfg, log=log or (lambda message: None)))
+        return cls(runner.prepare(cfg, log=log or (lambda message: None), first_contact=FIRST_CONTACT, arg=_arg))
 
     @classmethod
     def from_preset(cls, name: str, *, fuser: str | None = "preset", **kwargs) -> "SpeculativePipeline":
@@ -139,7 +148,10 @@ class SpeculativePipeline:
         )
         runner.validate(cfg)
         session = dataclasses.replace(self.session, config=cfg)
-        for warning in runner.check_context(session, [runner.encode(session, prompt)], max_new_tokens, gamma):
+        capped = runner.gamma_warning(gamma, max_new_tokens, arg=_arg)
+        if capped:
+            warnings.warn(capped, stacklevel=2)
+        for warning in runner.check_context(session, [runner.encode(session, prompt)], max_new_tokens, gamma, arg=_arg):
             warnings.warn(warning.removeprefix("WARNING: "), stacklevel=2)
         printer = None
         if stream is not None:

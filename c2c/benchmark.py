@@ -162,6 +162,7 @@ def speculative_statistics(counters: list, tokens: list[int], gamma: int, target
     return {
         "acceptance_rate": stats["acceptance_rate"],
         "acceptance_probability": stats["acceptance_probability"],
+        "gamma_rounds": stats["gamma"],  # the most drafts a round held (gamma capped by max_new_tokens)
         "average_accepted_length": sum(tokens) / c.target_calls,
         "rounds": c.rounds,
         "runs": c.runs,

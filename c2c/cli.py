@@ -31,8 +31,8 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: list[str] | None, e
 
 def run_main(fn, *args) -> int:
     """fn(*args), with a UserInputError reported as `error: ...` on stderr and exit code 2, and
-    Ctrl-C as one line and exit code 130 (results files are written atomically at the end, so an
-    interrupted run leaves none)."""
+    Ctrl-C as one line and exit code 130 (results files are written atomically; an entry script that
+    keeps finished work on Ctrl-C catches it itself and says where it went)."""
     try:
         return fn(*args)
     except UserInputError as e:
@@ -41,6 +41,16 @@ def run_main(fn, *args) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C): nothing was saved", file=sys.stderr)
         return 130
+
+
+def default_lang(environ) -> str:
+    """The report's language from the user's locale (LANGUAGE, LC_ALL, LC_MESSAGES, LANG, the first
+    set): zh for a Chinese locale, en otherwise. `environ`: the entry script's os.environ."""
+    for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = (environ.get(name) or "").split(":")[0].strip()
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
 
 
 def apply_threads(requested: int) -> int:

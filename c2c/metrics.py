@@ -14,7 +14,13 @@ Definitions (see docs/report.md, "Metrics"):
 - theoretical_speedup = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma*c + 1)) (Leviathan et al.),
   with c = draft step time / target one-token step time: the closed form, which ignores the
   verify's extra cost over one step, fusion and overhead.
-Both predictions need the target-only run's step time (absent with --skip_standard).
+Both predictions need the target-only run's step time (absent with --skip_standard). Both use the
+gamma the rounds really had (`gamma`: at most max_new_tokens - 2 drafts fit a round, whatever was
+asked; `gamma_requested` keeps the flag).
+- explanation (`explain`): why a measured speedup differs from the predicted one (the prediction
+  covers the rounds only: it leaves out the prefills and assumes E[tokens per round]), and, when
+  speculation loses, what would have to change by the closed form: c below (E - 1) / gamma, or alpha
+  above the value at which E(alpha, gamma) = gamma c + 1.
 """
 
 from __future__ import annotations
@@ -59,10 +65,18 @@ def acceptance_probability(accepted: int, rejections: int) -> float | None:
     return _safe_div(accepted, accepted + rejections)
 
 
+def rounds_gamma(c: Counters, gamma: int) -> int:
+    """The most drafts a round of this run could hold: `gamma`, capped by max_new_tokens (the engine
+    sizes the per-position counts to it)."""
+    return len(c.drafted_at) if c.drafted_at else gamma
+
+
 def round_statistics(c: Counters, gamma: int, target_step: float | None = None) -> dict:
     """Acceptance figures, per-step costs (decode steps only, prefills excluded), c, both predictions
     and per-position acceptance, from one run's counters or several merged. `target_step`: the
-    target-only loop's seconds per generated token (None: no prediction)."""
+    target-only loop's seconds per generated token (None: no prediction). `gamma` as asked; the
+    predictions use the gamma the rounds had."""
+    gamma = rounds_gamma(c, gamma)
     t = c.times
     draft_step = _safe_div(t.get("draft", 0.0), c.draft_calls - c.runs)
     verify_step = _safe_div(t.get("target", 0.0), c.rounds)
@@ -71,6 +85,7 @@ def round_statistics(c: Counters, gamma: int, target_step: float | None = None) 
     cost_ratio = _safe_div(draft_step, target_step) if draft_step and target_step else None
     per_round = expected_tokens_per_round(alpha, gamma) if alpha is not None else None
     return {
+        "gamma": gamma,
         "acceptance_rate": _safe_div(c.total_accepted, c.total_drafted),
         "acceptance_probability": alpha,
         "draft_step_time": draft_step,
@@ -99,6 +114,7 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
     target_time = t.get("target", 0.0) + t.get("target_prefill", 0.0)
     fusion_time = t.get("fusion", 0.0) + t.get("fusion_prefill", 0.0)
     stats = round_statistics(c, gamma, target_step)
+    prefill = t.get("target_prefill", 0.0) + t.get("draft_prefill", 0.0) + t.get("fusion_prefill", 0.0)
     return {
         "text": text,
         "output_ids": result.output_ids,
@@ -120,6 +136,9 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
         "fusion_time": fusion_time,
         "overhead_time": max(result.latency - draft_time - target_time - fusion_time, 0.0),
         "fused_tokens": c.fused_tokens,
+        "prefill_time": prefill,
+        "gamma": stats["gamma"],
+        "gamma_requested": gamma,
         "draft_step_time": stats["draft_step_time"],
         "target_verify_time": stats["target_verify_time"],
         "target_step_time": stats["target_step_time"],
@@ -129,8 +148,46 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
         "predicted_speedup": stats["predicted_speedup"],
         "theoretical_speedup": stats["theoretical_speedup"],
         "accepted_per_position": stats["accepted_per_position"],
-        "tokens_per_round_histogram": {str(k): c.tokens_per_round.get(k, 0) for k in range(1, gamma + 2)},
+        "tokens_per_round_histogram": {str(k): c.tokens_per_round.get(k, 0) for k in range(1, stats["gamma"] + 2)},
     }
+
+
+def alpha_needed(gamma: int, c: float) -> float | None:
+    """The smallest alpha at which the closed form reaches 1x: E(alpha, gamma) = gamma c + 1 (None
+    when no alpha can: c >= 1, a draft step as costly as the target's)."""
+    goal = gamma * c + 1
+    if expected_tokens_per_round(1.0, gamma) <= goal:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # E grows with alpha: bisection
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens_per_round(mid, gamma) < goal else (lo, mid)
+    return hi
+
+
+def explain(standard: dict, speculative: dict, prompts: int = 1) -> dict | None:
+    """Why the measured speedup differs from the predicted one, from the measured parts; and when
+    speculation loses, what would have to change. `standard`/`speculative`: one prompt's metrics, or
+    the summary's totals over `prompts` prompts. None without the figures (no standard run)."""
+    step, rounds = standard.get("target_step_time"), speculative.get("rounds")
+    predicted, alpha = speculative.get("predicted_speedup"), speculative.get("acceptance_probability")
+    if not step or not rounds or predicted is None or alpha is None:
+        return None
+    gamma, c = speculative["gamma"], speculative.get("cost_ratio_c")
+    expected = expected_tokens_per_round(alpha, gamma)
+    out = {
+        "measured_speedup": _safe_div(standard["latency"], speculative["latency"]),
+        "predicted_speedup": predicted,
+        "prefill_share": _safe_div(speculative["prefill_time"], speculative["latency"]),
+        "expected_tokens_per_round": expected,
+        "tokens_per_round": (speculative["num_tokens"] - prompts) / rounds,  # the prefill gives each prompt's first
+        "gamma": gamma, "alpha": alpha, "cost_ratio_c": c,
+        "c_needed": (expected - 1) / gamma if gamma else None,
+        "alpha_needed": alpha_needed(gamma, c) if c is not None else None,
+        "theoretical_speedup": speculative.get("theoretical_speedup"),
+        "verify_steps": _safe_div(speculative.get("target_verify_time") or 0, step) or None,
+    }
+    return out
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -187,6 +244,10 @@ def summary(prompts: list[dict]) -> dict:
             "target_time": sum(s["target_time"] for s in spec),
             "fusion_time": sum(s["fusion_time"] for s in spec),
             "fused_tokens": sum(s["fused_tokens"] for s in spec),
+            "prefill_time": sum(s["prefill_time"] for s in spec),
+            "gamma": max(s["gamma"] for s in spec),
+            "cost_ratio_c": _median_of(s["cost_ratio_c"] for s in spec),
+            "target_verify_time": _median_of(s["target_verify_time"] for s in spec),
             "predicted_speedup": _median_of(s["predicted_speedup"] for s in spec),
             "theoretical_speedup": _median_of(s["theoretical_speedup"] for s in spec),
         }
@@ -200,6 +261,10 @@ def summary(prompts: list[dict]) -> dict:
             "outputs_match": all(c["outputs_match"] for c in comps),
             "prompts_matching": sum(c["outputs_match"] for c in comps),
         }
+        if len(std) == len(spec):  # the gap over all prompts: the standard loop's step from its totals
+            tokens = sum(s["num_tokens"] for s in std)
+            step = _safe_div(out["standard"]["latency"] - sum(s["time_to_first_token"] for s in std), tokens - len(std))
+            out["comparison"]["explanation"] = explain(out["standard"] | {"target_step_time": step}, out["speculative"], len(spec))
     return out
 
 

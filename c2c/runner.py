@@ -6,6 +6,7 @@ and `run_prompt` with it; nothing here parses arguments or reads the environment
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -106,17 +107,42 @@ def validate(cfg: RunConfig) -> None:
         raise UserInputError(f"--seed must be between 0 and 2**64 - 1 (what torch's generator takes), got {cfg.seed}")
 
 
-def prepare(cfg: RunConfig, log=print) -> Session:
-    """Check cheap things first (device, configs, fuser shapes), then load the models."""
+def flag(name: str) -> str:
+    """How the command line names a setting (the API passes its own naming: argument names)."""
+    return f"--{name}"
+
+
+FIRST_CONTACT = ("--preset tiny runs a small shipped pair offline on this CPU now (or pass local folders for "
+                 "--base_model/--teacher_model; CPU-only machines: install the CPU build of torch first, README quick start)")
+
+
+def gamma_warning(gamma: int, max_new_tokens: int, arg=flag) -> str | None:
+    """The warning for a gamma no round can hold, in the caller's terms (None when it fits)."""
+    if gamma <= max_new_tokens - 2:
+        return None
+    return (f"{arg('gamma')} {gamma} exceeds what {arg('max_new_tokens')} {max_new_tokens} allows: a round drafts at most "
+            f"{max(max_new_tokens - 2, 0)} tokens (the first token comes from the prefill, the last from the target), "
+            "and every figure uses that gamma")
+
+
+def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=flag) -> Session:
+    """Check cheap things first (device, configs, fuser shapes), then load the models. Without a GPU, a
+    model that can't be loaded or is too large for the CPU gets `first_contact` (what to do now) added
+    to its error; `arg` names settings in messages (flags here, argument names from the API)."""
     validate(cfg)
-    if cfg.gamma > cfg.max_new_tokens - 2:
-        log(f"WARNING: --gamma {cfg.gamma} exceeds what --max_new_tokens {cfg.max_new_tokens} allows: a round drafts "
-            f"at most {max(cfg.max_new_tokens - 2, 0)} tokens (the first token comes from the prefill, the last from the target)")
+    warning = gamma_warning(cfg.gamma, cfg.max_new_tokens, arg)
+    if warning:
+        log(f"WARNING: {warning}")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    target_config = load_config(cfg.target_model, "target")
-    draft_config = load_config(cfg.draft_model, "draft")
-    check_device_fits(target_config, cfg.target_model, device, cfg.device)
+    try:
+        target_config = load_config(cfg.target_model, "target")
+        draft_config = load_config(cfg.draft_model, "draft")
+        check_device_fits(target_config, cfg.target_model, device, cfg.device)
+    except UserInputError as e:
+        if device.type == "cuda":
+            raise
+        raise UserInputError(f"{e}; no GPU here either: {first_contact}") from None
     check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
 
     fusion_wanted = cfg.prefill_fusion or cfg.decode_fusion
@@ -219,12 +245,14 @@ def context_length(session: Session) -> int | None:
     return min(limits) if limits else None
 
 
-def check_context(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> list[str]:
+def check_context(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int, arg=flag) -> list[str]:
     """Prompts against the models' context (max_position_embeddings), before any run. A prompt that
     leaves no room for one round is an error (past the context Qwen3's rotary positions go beyond what
     it was trained on and the output degrades: a 42k-token prompt on the tiny pair printed "you you
     you..."). A prompt that fits but whose output could run past the context at --max_new_tokens gets
-    a warning (returned, for the caller to print): most outputs end at an end-of-sequence token first."""
+    a warning (returned, for the caller to print): most outputs end at an end-of-sequence token first,
+    and generation stops at the context (`run_prompt`), the report and JSON saying so. `arg` names
+    the settings in the caller's terms."""
     limit = context_length(session)
     if limit is None:
         return []
@@ -233,15 +261,25 @@ def check_context(session: Session, prompts: list[list[int]], max_new_tokens: in
         if len(ids) + gamma + 2 > limit:
             raise UserInputError(
                 f"prompt {i} is {len(ids):,} tokens, but the models hold {limit:,} positions "
-                f"(max_position_embeddings) and a speculative round needs {gamma + 2} more: shorten the prompt "
+                f"(max_position_embeddings) and a speculative round at {arg('gamma')} {gamma} needs {gamma + 2} more: shorten the prompt "
                 f"to at most {max(limit - gamma - 2 - 1, 0):,} tokens")
         if len(ids) + max_new_tokens + gamma + 1 > limit and not warnings:
             room = max(limit - len(ids) - gamma - 1, 1)
             warnings.append(
-                f"WARNING: prompt {i} is {len(ids):,} tokens: an output of --max_new_tokens {max_new_tokens} would run "
-                f"past the models' {limit:,} positions (max_position_embeddings), where they degrade; outputs that "
-                f"end earlier are unaffected (lower --max_new_tokens to {room:,} to stay inside)")
+                f"WARNING: prompt {i} is {len(ids):,} tokens: an output of {arg('max_new_tokens')} {max_new_tokens} would run "
+                f"past the models' {limit:,} positions (max_position_embeddings), where they degrade: generation "
+                f"stops there, after at most {room:,} tokens, and the results say so (lower {arg('max_new_tokens')} to "
+                f"{room:,} to stay inside)")
     return warnings
+
+
+def context_room(session: Session, prompt_tokens: int, max_new_tokens: int, gamma: int) -> int:
+    """New tokens a prompt may get: max_new_tokens, or fewer where the output would run past the models'
+    context (a speculative round reads up to gamma + 1 positions past the output's end)."""
+    limit = context_length(session)
+    if limit is None:
+        return max_new_tokens
+    return max(1, min(max_new_tokens, limit - prompt_tokens - gamma - 1))
 
 
 @torch.inference_mode()
@@ -279,11 +317,13 @@ def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, 
     """
     cfg, tok = session.config, session.tokenizer
     ids = encode(session, prompt)
-    entry = {"prompt": prompt, "prompt_tokens": len(ids), "standard": None, "speculative": None, "comparison": None}
+    max_new = context_room(session, len(ids), cfg.max_new_tokens, cfg.gamma)
+    entry = {"prompt": prompt, "prompt_tokens": len(ids), "max_new_tokens": max_new, "stopped_at_context": False,
+             "standard": None, "speculative": None, "comparison": None}
     if run_standard:
         if printer is not None:
             printer.begin(printer.labels["standard"])
-        result = standard(session, ids, cfg.max_new_tokens, on_token=printer.token if printer is not None else None)
+        result = standard(session, ids, max_new, on_token=printer.token if printer is not None else None)
         if printer is not None:
             printer.end()
         entry["standard"] = metrics.standard_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True))
@@ -297,9 +337,11 @@ def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, 
 
     if printer is not None:
         printer.begin(printer.labels["speculative"].format(gamma=cfg.gamma))
-    result = decoder(session, on_round=on_round if printer is not None or save_rounds else None).generate(ids)
+    spec = cfg.spec if max_new == cfg.max_new_tokens else dataclasses.replace(cfg.spec, max_new_tokens=max_new)
+    result = decoder(session, spec, on_round=on_round if printer is not None or save_rounds else None).generate(ids)
     if printer is not None:
         printer.end()
+    entry["stopped_at_context"] = max_new < cfg.max_new_tokens and len(result.output_ids) == max_new
     step = entry["standard"]["target_step_time"] if entry["standard"] else None
     entry["speculative"] = metrics.speculative_metrics(result, tok.decode(result.output_ids, skip_special_tokens=True), cfg.gamma, step)
     if save_rounds:
@@ -309,6 +351,7 @@ def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, 
         k = comparison["first_divergence"]
         if k is not None and cfg.temperature == 0:  # greedy outputs differ: say how close the tie was
             comparison["divergence_top2_margin"] = top2_margin(session.target, ids, entry["standard"]["output_ids"][:k])
+        comparison["explanation"] = metrics.explain(entry["standard"], entry["speculative"])
         entry["comparison"] = comparison
     return entry
 

@@ -6,7 +6,8 @@ position of the answer's last token (it predicts nothing); for plain text window
 `min_prefix` and hi the window's end. A batch holds distinct sequences of any lengths, right-padded
 (causal attention never lets a real position see the padding after it, so a padded row computes
 exactly what it computes alone; tested), with each position's block start and whether it is
-supervised (`block_layout`). Rows and block offsets come from the caller's `random.Random` alone,
+supervised (`block_layout`); drawn from a length-sorted pool of a few batches' worth of rows, a
+batch pads less while every row stays as likely as any other. Rows and block offsets come from the caller's `random.Random` alone,
 so every process of a data-parallel run draws the same global batch and keeps its share.
 
 This module knows nothing about the fuser or the loss; `c2c.train_objective` turns a batch into
@@ -207,12 +208,26 @@ class SplitData:
     def supervised_positions(self) -> int:
         return sum(hi - lo for lo, hi in self.spans)
 
-    def _rows(self, rng: random.Random, batch_size: int) -> list[int]:
-        """batch_size rows, all distinct when the data hold that many (repeats only beyond that)."""
-        picked: list[int] = []
-        while len(picked) < batch_size:
-            picked += rng.sample(range(len(self.rows)), min(batch_size - len(picked), len(self.rows)))
-        return picked
+    def _rows(self, rng: random.Random, batch_size: int, pool: int = 1) -> list[int]:
+        """batch_size rows, all distinct when the data hold that many (repeats only beyond that).
+
+        `pool` > 1 buckets by length without favouring any row: pool x batch_size distinct rows are
+        drawn, sorted by length and cut into pool batches, and one of them, drawn uniformly, is this
+        batch (so every row is as likely as without the pool, and its batch mates have lengths like
+        its own: less padding)."""
+        n = len(self.rows)
+        if batch_size > n:
+            picked: list[int] = []
+            while len(picked) < batch_size:
+                picked += rng.sample(range(n), min(batch_size - len(picked), n))
+            return picked
+        chunks = max(1, min(pool, n // batch_size))
+        drawn = rng.sample(range(n), chunks * batch_size)
+        if chunks == 1:
+            return drawn
+        drawn.sort(key=lambda i: (len(self.rows[i]), i))
+        first = rng.randrange(chunks) * batch_size
+        return drawn[first : first + batch_size]
 
     def _batch(self, rows: list[int], layouts: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
         lengths = tuple(len(self.rows[i]) for i in rows)
@@ -226,18 +241,18 @@ class SplitData:
             starts[b, :n], supervised[b, :n] = row_starts, row_supervised
         return Batch(x, starts, supervised, lengths, tuple(rows))
 
-    def sample_blocks(self, rng: random.Random, batch_size: int) -> Batch:
+    def sample_blocks(self, rng: random.Random, batch_size: int, pool: int = 1) -> Batch:
         """A batch for the all-position objective: every span position supervised, in blocks of
-        gamma+1 with a random offset per row."""
-        rows = self._rows(rng, batch_size)
+        gamma+1 with a random offset per row (`pool`: see _rows)."""
+        rows = self._rows(rng, batch_size, pool)
         width = self.gamma + 1
         layouts = [block_layout(len(self.rows[i]), *self.spans[i], width, rng.randrange(width)) for i in rows]
         return self._batch(rows, layouts)
 
-    def sample(self, rng: random.Random, batch_size: int) -> Batch:
+    def sample(self, rng: random.Random, batch_size: int, pool: int = 1) -> Batch:
         """A batch for the one-split objective: per row one split (m, s), s uniform in 1..gamma+1,
-        the suffix inside the span."""
-        rows = self._rows(rng, batch_size)
+        the suffix inside the span (`pool`: see _rows)."""
+        rows = self._rows(rng, batch_size, pool)
         width, layouts = self.gamma + 1, []
         for i in rows:
             lo, hi = self.spans[i]

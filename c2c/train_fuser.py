@@ -65,6 +65,8 @@ HELP = {
     "eval_prompts": "held-out prompts the engine decodes at each evaluation, fused and unfused, for tokens per "
                     "target call (0: none)",
     "eval_new_tokens": "new tokens per held-out prompt in that figure, at most",
+    "length_pool": "rows of this many batches are drawn and sorted by length, and one batch of them is trained on: "
+                   "less padding, every row as likely as without it (1: rows drawn at random)",
 }
 
 

@@ -85,6 +85,7 @@ class TrainConfig:
     draft_kv: str = "decode"  # decode: the fuser gets the draft K/V decoding gives it; plain: a plain pass's (earlier)
     eval_prompts: int = 16  # held-out prompts the engine decodes at each evaluation, fused and unfused (0: none)
     eval_new_tokens: int = 64  # at most this many new tokens per held-out prompt in the engine figure
+    length_pool: int = 16  # batches' worth of rows drawn and sorted by length, one of them trained on (1: no bucketing)
 
     def __post_init__(self):
         if self.suffixes not in SUFFIXES:
@@ -115,7 +116,7 @@ class TrainConfig:
             raise UserInputError(f"--threads must be >= 0 (0: one per physical core), got {self.threads}")
         if self.seq_len < self.min_prefix + self.gamma + 1:
             raise UserInputError(f"--seq_len {self.seq_len} is too short for min_prefix {self.min_prefix} + gamma+1")
-        for name in ("steps", "batch_size", "gamma", "eval_every", "save_every", "eval_tokens"):
+        for name in ("steps", "batch_size", "gamma", "eval_every", "save_every", "eval_tokens", "length_pool"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -230,7 +231,8 @@ class FuserTrainer:
         for p in self.fuser.projectors:
             p.set_anneal_step(self.step)
         grad = self.adapter is not None
-        batch = self.data.sample_blocks(self.rng, cfg.batch_size) if cfg.suffixes == "all" else self.data.sample(self.rng, cfg.batch_size)
+        draw = self.data.sample_blocks if cfg.suffixes == "all" else self.data.sample
+        batch = draw(self.rng, cfg.batch_size, cfg.length_pool)
         mine = batch.share(self.processes.rank, self.processes.count)
         self.noise.begin(self.step, list(range(len(batch.rows)))[self.processes.rank :: self.processes.count],
                          len(batch.rows), batch.x.shape[1])

@@ -181,7 +181,8 @@ def test_a_14b_target_on_cpu_needs_explicit_device_cpu(saved_models, prompts_fil
 
 
 def test_shell_wrapper_runs_the_demo_with_passed_arguments(saved_models, tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("LANGUAGE", "LC_ALL", "LC_MESSAGES")}
+    env |= {"PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "LANG": "zh_CN.UTF-8"}
     out = tmp_path / "out"
     cmd = [str(ROOT / "run_qwen3_14b_speculative.sh"), "--base_model", str(saved_models / "draft"), "--teacher_model",
            str(saved_models / "target"), "--max_new_tokens", "4", "--device", "cpu", "--fuser_checkpoint", "none",
@@ -190,7 +191,7 @@ def test_shell_wrapper_runs_the_demo_with_passed_arguments(saved_models, tmp_pat
     assert proc.returncode == 0, proc.stderr
     data = json.loads(results_in(out)[0].read_text(encoding="utf-8"))
     assert len(data["prompts"]) == 7 and data["prompts"][0]["prompt"] == "请解释量子计算的基本原理。"
-    assert "推测解码" in proc.stdout  # Chinese labels by default
+    assert "推测解码" in proc.stdout  # Chinese labels in a Chinese locale
 
 
 def test_a_divergence_is_reported_not_hidden(saved_models, prompts_file, tmp_path, monkeypatch):
@@ -217,7 +218,8 @@ def test_a_divergence_is_reported_not_hidden(saved_models, prompts_file, tmp_pat
 
 
 def test_shell_wrapper_leaves_the_prompts_to_a_preset(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("LANGUAGE", "LC_ALL", "LC_MESSAGES")}
+    env |= {"PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "LANG": "zh_CN.UTF-8"}
     out = tmp_path / "out"
     cmd = [str(ROOT / "run_qwen3_14b_speculative.sh"), "--preset", "tiny", "--max_new_tokens", "4",
            "--save_results", "--output_dir", str(out), "--skip_standard"]

@@ -44,6 +44,27 @@ def test_a_batch_of_answers_of_distinct_lengths_holds_distinct_rows(objective):
         assert batch.padding == batch.x.numel() - sum(batch.lengths) > 0
 
 
+def test_a_length_sorted_pool_cuts_the_padding_and_keeps_rows_distinct():
+    data = train_data.SplitData.from_answers(distinct_length_answers(200), gamma=3)
+    padding = {}
+    for pool in (1, 16):
+        rng, pads, total = random.Random(0), 0, 0
+        for _ in range(100):
+            batch = data.sample_blocks(rng, 8, pool)
+            assert batch.distinct == 8
+            pads, total = pads + batch.padding, total + batch.x.numel()
+        padding[pool] = pads / total
+    assert padding[16] < 0.5 * padding[1]
+    # every row is as likely as without the pool: it is drawn into the pool uniformly and its chunk is drawn uniformly
+    counts = [0] * len(data)
+    rng = random.Random(1)
+    for _ in range(2000):
+        for i in data.sample_blocks(rng, 8, 16).rows:
+            counts[i] += 1
+    # seeded; were the draw uniform, each count is binomial(16000, 1/200): mean 80, sd 8.9, and 40..130 lies 4.5 sd out
+    assert 40 < min(counts) and max(counts) < 130
+
+
 def test_fewer_sequences_than_the_batch_repeat_only_beyond_each_one_once():
     data = train_data.SplitData.from_answers(distinct_length_answers(3), gamma=3)
     batch = data.sample_blocks(random.Random(1), 8)

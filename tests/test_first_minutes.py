@@ -1,0 +1,90 @@
+"""The first minutes of a new user (issue 23): a run with no GPU and no Hub says what to do now, the
+report speaks the user's locale, generation stops at the models' context and says so, Ctrl-C keeps
+the finished prompts, and the Python API warns where the demo warns, in its own terms."""
+
+import json
+import warnings
+
+import pytest
+
+import qwen3_14b_speculative_demo as demo
+from c2c import api, runner
+from c2c.cli import default_lang
+from c2c.errors import UserInputError
+
+
+@pytest.mark.parametrize("environ, lang", [({"LANG": "zh_CN.UTF-8"}, "zh"), ({"LANG": "en_US.UTF-8"}, "en"),
+                                           ({}, "en"), ({"LANG": "C.UTF-8"}, "en"),
+                                           ({"LANGUAGE": "zh_TW:en", "LANG": "en_US.UTF-8"}, "zh"),
+                                           ({"LC_ALL": "de_DE.UTF-8", "LANG": "zh_CN.UTF-8"}, "en")])
+def test_the_report_language_follows_the_locale(environ, lang):
+    assert default_lang(environ) == lang
+
+
+def test_no_gpu_and_no_hub_names_the_tiny_preset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(runner, "resolve_device", lambda name: __import__("torch").device("cpu"))
+    rc = demo.main(["--base_model", "nobody/draft-not-cached", "--teacher_model", "nobody/target-not-cached",
+                    "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert "--preset tiny" in err[0] and "local folder" in err[0] and "CPU build of torch" in err[0]
+
+
+def test_the_api_names_its_own_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(runner, "resolve_device", lambda name: __import__("torch").device("cpu"))
+    with pytest.raises(UserInputError, match=r"from_preset\('tiny'\)"):
+        api.SpeculativePipeline.load("nobody/draft-not-cached", "nobody/target-not-cached")
+
+
+def test_the_api_warns_where_the_demo_warns_in_argument_names():
+    pipe = api.SpeculativePipeline.from_preset("tiny", threads=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate("To be, or not to be", max_new_tokens=8, gamma=100)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("gamma 100 exceeds what max_new_tokens 8 allows") for m in messages), messages
+    assert not any("--" in m for m in messages)
+
+
+def test_generation_stops_at_the_context_and_says_so(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("To be, or not to be\nO Romeo, Romeo\n", encoding="utf-8")
+    monkeypatch.setattr(runner, "context_length", lambda session: 40)  # a short context: the output reaches it
+    rc = demo.main(["--preset", "tiny", "--prompts", str(prompts), "--max_new_tokens", "500", "--save_results",
+                    "--output_dir", str(tmp_path / "o"), "--lang", "en", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    data = json.loads(next((tmp_path / "o").glob("results_*.json")).read_text())
+    for entry in data["prompts"]:
+        room = 40 - entry["prompt_tokens"] - data["config"]["gamma"] - 1
+        assert entry["max_new_tokens"] == room and len(entry["speculative"]["output_ids"]) <= room
+        assert entry["stopped_at_context"] == (len(entry["speculative"]["output_ids"]) == room)
+        assert entry["comparison"]["outputs_match"]
+    assert any(e["stopped_at_context"] for e in data["prompts"])
+    assert "Stopped at the models' context" in captured.out and "generation stops there" in captured.err
+
+
+def test_ctrl_c_keeps_the_finished_prompts_marked_interrupted(tmp_path, capsys, monkeypatch):
+    real, calls = runner.run_prompt, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_prompt", interrupted)
+    rc = demo.main(["--preset", "tiny", "--max_new_tokens", "8", "--save_results", "--output_dir", str(tmp_path / "o"),
+                    "--lang", "en", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 130
+    [path] = list((tmp_path / "o").glob("results_*.json"))
+    data = json.loads(path.read_text())
+    assert data["interrupted"] is True and len(data["prompts"]) == 1 and data["summary"]["num_prompts"] == 1
+    assert "after 1 of 7 prompts" in err and str(path) in err
+    monkeypatch.setattr(runner, "run_prompt", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert demo.main(["--preset", "tiny", "--save_results", "--output_dir", str(tmp_path / "p"), "--threads", "1"]) == 130
+    assert "no prompt had finished: nothing was saved" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() or not list((tmp_path / "p").glob("results_*.json"))

@@ -8,8 +8,9 @@
 #      round, round / target step, predictions, compile seconds (about 4-5 minutes on a fresh H100,
 #      mostly compiling; it also times the eager 14B and 0.6B steps)
 #   3. --preset arith compiled on CUDA (lossless, accepted length; one untimed warm-up run)
-#   4. one fuser training step at real shapes (random weights, bf16, batch 8 x 512, all-position objective):
-#      seconds, supervised tokens/s, peak memory, for the training recipe
+#   4. fuser training steps at real shapes (random weights, bf16, batch 8 x 512, all-position objective,
+#      decode-time draft K/V): fixed windows, then chat-like rows of varied lengths (right-padded,
+#      length-sorted pool): seconds, supervised tokens/s, padding share, peak memory, for the recipe
 #   5. the draft step with inductor's weight freezing (q/k/v and gate/up as one matrix product each)
 #      against the engine's compile: matrix products, step time, extra memory (bench/draft_kernels.py)
 #   6. --preset tiny and --preset arith eager (lossless; measured twice already on an H100)
@@ -52,6 +53,8 @@ step arith_compiled 120 "$PY" speculative_benchmark.py --preset arith "${COMMON[
   --modes target speculative speculative_fused --num_prompts 8 --compile --warmup 1
 step train_step 150 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 --seq_len 512 --steps 3 --warmup 1 \
   --output_dir "$JSON_DIR"
+step train_step_varied 120 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 --seq_len 512 --steps 3 --warmup 1 \
+  --lengths varied --output_dir "$JSON_DIR"
 step draft_kernels 150 "$PY" bench/draft_kernels.py --synthetic qwen3 --device cuda --output_dir "$JSON_DIR"
 step tiny_eager 60 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
   --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 8

@@ -262,20 +262,19 @@ class SplitData:
         return self._batch(rows, layouts)
 
     def evaluation(self, tokens: int, batch_size: int, seed: int = 12345) -> list[Batch]:
-        """Fixed held-out batches, the same at every evaluation: every sequence in order, all its span
-        positions supervised in blocks (offsets from `seed`), until at least `tokens` positions are
-        covered; only when every sequence has been used are they used again, with new offsets."""
-        rng, batches, covered, order = random.Random(seed), [], 0, []
+        """Fixed held-out batches, the same at every evaluation: the sequences in order, every span
+        position supervised in blocks (offsets from `seed`), until at least `tokens` positions are
+        covered or every sequence is used. A position is never scored twice (paired counts over
+        repeats would look more certain than they are): `supervised_positions` is the most there is."""
+        rng, batches, covered = random.Random(seed), [], 0
         width = self.gamma + 1
-        while covered < tokens:
-            order = list(range(len(self.rows)))
-            for first in range(0, len(order), batch_size):
-                rows = order[first : first + batch_size]
-                layouts = [block_layout(len(self.rows[i]), *self.spans[i], width, rng.randrange(width)) for i in rows]
-                batches.append(self._batch(rows, layouts))
-                covered += int(batches[-1].supervised.sum())
-                if covered >= tokens:
-                    break
+        for first in range(0, len(self.rows), batch_size):
+            rows = list(range(first, min(first + batch_size, len(self.rows))))
+            layouts = [block_layout(len(self.rows[i]), *self.spans[i], width, rng.randrange(width)) for i in rows]
+            batches.append(self._batch(rows, layouts))
+            covered += int(batches[-1].supervised.sum())
+            if covered >= tokens:
+                break
         return batches
 
     def prompts(self, count: int) -> list[list[int]]:

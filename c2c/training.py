@@ -219,6 +219,11 @@ class FuserTrainer:
     def warnings(self) -> list[str]:
         """What about this configuration will waste the run, each with its fix (printed before step 1)."""
         cfg, out = self.cfg, []
+        held = self.heldout.supervised_positions
+        if held < cfg.eval_tokens:
+            out.append(f"the held-out sequences hold {held:,} supervised positions, fewer than --eval_tokens "
+                       f"{cfg.eval_tokens:,}: the held-out figure scores them all, once; for a steadier figure raise "
+                       f"--heldout_fraction or give more data")
         if cfg.warmup_steps >= cfg.steps:
             out.append(f"--warmup_steps {cfg.warmup_steps} is not shorter than --steps {cfg.steps}: the learning rate "
                        f"never reaches --lr (it peaks at {cfg.lr * cfg.steps / cfg.warmup_steps:.2g}); lower "

@@ -128,8 +128,10 @@ def test_answer_data_put_every_suffix_inside_the_answer():
             # the prefix holds the prompt; the suffix predicts answer tokens; one block of 1..gamma+1
             assert m >= 6 and 1 <= s <= 5 and m + s <= n - 1 and sup == list(range(m, m + s))
             assert batch.starts[row, m : m + s].tolist() == [m] * s
-    batches = data.evaluation(100, batch_size=4)
-    assert sum(int(b.supervised.sum()) for b in batches) >= 100
+    batches = data.evaluation(100, batch_size=4)  # fewer positions than asked: each scored once
+    assert sum(int(b.supervised.sum()) for b in batches) == data.supervised_positions < 100
+    assert sorted(i for b in batches for i in b.rows) == list(range(len(data)))
+    assert sum(int(b.supervised.sum()) for b in data.evaluation(20, batch_size=4)) >= 20
     again = data.evaluation(100, batch_size=4)
     assert all(torch.equal(a.starts, b.starts) for a, b in zip(batches, again))  # the same held-out blocks every time
 
@@ -147,7 +149,9 @@ def test_gumbel_gate_noise_is_drawn_per_batch_head_and_token():
 def test_evaluation_reports_paired_won_and_lost_on_enough_tokens(tmp_path, target, draft, windows):
     trainer = new_trainer(config(tmp_path, eval_tokens=300), target, draft, windows)
     figures = trainer.evaluate()
-    assert figures["heldout_tokens"] >= 300
+    # the held-out windows hold fewer positions than asked: all are scored, once, and the run says so
+    assert figures["heldout_tokens"] == trainer.heldout.supervised_positions == 8 * 24 < 300
+    assert any("fewer than --eval_tokens" in w for w in trainer.warnings())
     diff = (figures["agreement_fused"] - figures["agreement_unfused"]) * figures["heldout_tokens"]
     assert round(diff) == figures["won"] - figures["lost"]
     assert (figures["open_gates"], figures["gates"]) == (4, 4)

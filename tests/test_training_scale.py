@@ -185,7 +185,12 @@ def test_train_step_timer_reports_the_recipes_figures(tmp_path, capsys):
     t = data["timings"]
     assert t["seconds_per_step"] > 0 and t["peak_memory_gb"] > 0 and len(t["seconds"]) == 2
     assert t["target_tokens_per_step"] == 2 * 32 and t["supervised_tokens_per_step"] == 2 * (32 - 8)
-    assert data["environment"]["device_name"] and data["config"]["suffixes"] == "all"
+    assert data["environment"]["device_name"] and data["config"]["suffixes"] == "all" and t["padding_share"] == 0
+    varied = tmp_path / "varied"
+    assert train_step.main(["--synthetic", "tiny", "--batch_size", "4", "--seq_len", "64", "--steps", "2", "--warmup", "1",
+                            "--device", "cpu", "--threads", "1", "--lengths", "varied", "--output_dir", str(varied)]) == 0
+    v = json.loads(next(varied.glob("train_step_*.json")).read_text())
+    assert v["config"]["lengths"] == "varied" and 0 <= v["timings"]["padding_share"] < 1
     assert train_step.main(["--synthetic", "qwen3", "--device", "cpu", "--output_dir", str(tmp_path)]) == 2
     assert "needs a GPU" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ Run `python qwen3_14b_speculative_demo.py --help` for the flags; see docs/report
 from __future__ import annotations
 
 import argparse
+import locale
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="UTF-8 file, one prompt per line (# lines skipped)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per prompt (at most)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculation round")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculation round (a chain)")
+    defaults = runner_defaults()
+    p.add_argument("--tree_budget", type=int, default=defaults.tree_budget,
+                   help="tree rounds: the draft proposes a tree of this many nodes (its top --tree_topk children of the "
+                   "best nodes, depth by depth) and the target checks them all in one forward; 0: a chain of --gamma "
+                   "drafts. Runs eager (--no-compile) for now")
+    p.add_argument("--tree_depth", type=int, default=defaults.tree_depth, help="tree rounds: the longest path (draft forwards per round)")
+    p.add_argument("--tree_topk", type=int, default=defaults.tree_topk, help="tree rounds: children per expanded node (1: a chain)")
     p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft model (C2C's base/receiver): Hub id or path")
     p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target model (C2C's teacher/sharer): Hub id or path")
     p.add_argument(
@@ -73,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def runner_defaults():
+    from c2c.runner import RunConfig
+
+    return RunConfig()
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from tqdm import tqdm
 
@@ -103,11 +117,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         dtype=args.dtype,
         device_map=args.device_map,
         enable_thinking=args.enable_thinking,
-        compile=runner.choose_compile(args.compile, args.device),
+        compile=runner.choose_compile(args.compile, args.device) and not (args.tree_budget and args.compile is None),
         threads=apply_threads(args.threads),
+        tree_budget=args.tree_budget,
+        tree_depth=args.tree_depth,
+        tree_topk=args.tree_topk,
     )
     runner.validate(cfg)
-    args.lang = args.lang or default_lang(os.environ)
+    args.lang = args.lang or default_lang(os.environ, locale.getlocale()[0])
     prompts = read_prompts(args.prompts)
     if args.save_results:  # find out now, not after the run, that results can't be written
         check_output_dir(args.output_dir)

@@ -134,7 +134,7 @@ def run(args, argv) -> int:
     for mode, gamma in plan:
         bar.set_postfix(mode=mode, gamma=gamma)
         rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update,
-                                      target_step=target_step, save_rounds=args.save_rounds))
+                                      target_step=target_step, save_rounds=args.save_rounds, room_gamma=max(gammas)))
         target_step = rows[-1].get("target_step_time", target_step)
     bar.close()
     benchmark.compare_to_target(rows)

@@ -76,7 +76,7 @@ def train_tiny(out: Path, arm: str, steps: int, pair, data, held) -> dict:
             "supervised_tokens": result["supervised_tokens"], "last_eval": result["history"][-1]}
 
 
-def train_arith(out: Path, arm: str, steps: int, preset: Path) -> dict:
+def train_arith(out: Path, arm: str, steps: int, preset: Path, seed: int = 0) -> dict:
     import build_arith
 
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def train_arith(out: Path, arm: str, steps: int, preset: Path) -> dict:
         if not (out / role).exists():
             (out / role).symlink_to((preset / role).resolve())
     args = build_arith.build_parser().parse_args(["--fuser_steps", str(steps), "--fuser_suffixes", "all",
-                                                  "--fuser_gate_noise", "gumbel"])
+                                                  "--fuser_gate_noise", "gumbel", "--seed", str(seed)])
     info = build_arith.train_fuser(out, args, folder=arm, extra=("--draft_kv", arm, "--eval_prompts", "0"))
     config = json.loads((out / arm / "config.json").read_text())
     return {"steps": steps, "seconds": info["seconds"], "target_tokens": config["target_tokens"],
@@ -142,16 +142,19 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=8000, help="held-out positions scored, at least")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="arith: the training problems' and the trainer's seed")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     preset = Path(args.preset) if args.preset else ROOT / "presets" / args.pair
     out = Path(args.out) / (args.pair if not args.preset else f"{args.pair}_{preset.name}")
+    if args.seed:
+        out = out.with_name(f"{out.name}_seed{args.seed}")
     cpu = torch.device("cpu")
     target = load_model(str(preset / "target"), "target", torch.float32, cpu)
     draft = load_model(str(preset / "draft"), "draft", torch.float32, cpu)
     tokenizer = load_tokenizer(str(preset / "target"))
     eos = eos_token_ids(target, tokenizer)
-    result = {"pair": args.pair, "preset": str(preset), "draft_layers": draft.config.num_hidden_layers, "command": " ".join(sys.argv),
+    result = {"pair": args.pair, "preset": str(preset), "seed": args.seed, "draft_layers": draft.config.num_hidden_layers, "command": " ".join(sys.argv),
               "torch": torch.__version__, "threads": args.threads, "train": {}}
     if args.pair == "tiny":
         data, held, prompts = tiny_data(tokenizer)
@@ -159,7 +162,7 @@ def main() -> int:
             result["train"][arm] = train_tiny(out, arm, args.steps, (target, draft), data, held)
     else:
         for arm in ARMS:
-            result["train"][arm] = train_arith(out, arm, args.steps, preset)
+            result["train"][arm] = train_arith(out, arm, args.steps, preset, args.seed)
         held, prompts = arith_heldout(tokenizer, target, eos, preset)
     fusers = {arm: load_fuser(out / arm, KVShape.of(draft.config), KVShape.of(target.config), device=cpu, dtype=torch.float32)
               for arm in ARMS}

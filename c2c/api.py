@@ -69,6 +69,8 @@ class Generation:
     standard: dict | None = None  # compare=True: the target-only run's metrics and text
     comparison: dict | None = None  # compare=True: outputs_match, first_divergence, speedup
     rounds: list[dict] | None = None  # rounds=True: each round's drafted/accepted counts and token ids
+    max_new_tokens: int = 0  # this prompt's: fewer than asked where the output would reach the models' context
+    stopped_at_context: bool = False  # the output stopped at the models' context (max_position_embeddings)
 
 
 class SpeculativePipeline:
@@ -124,10 +126,14 @@ class SpeculativePipeline:
     def generate(self, prompt: str, *, max_new_tokens: int = 128, gamma: int = 4, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, prefill_fusion: bool = True,
                  decode_fusion: bool = True, compare: bool = False, rounds: bool = False,
-                 stream: TextIO | None = None, color: bool | None = None) -> Generation:
+                 stream: TextIO | None = None, color: bool | None = None, tree_budget: int = 0, tree_depth: int = 5,
+                 tree_topk: int = 4) -> Generation:
         """Speculative decoding of one prompt (the chat template is applied). Greedy at temperature 0,
         else sampling whose output follows the target's distribution. `stream`: a text file (e.g.
-        sys.stdout) to print the output to as rounds commit, marked (colour: default on a terminal)."""
+        sys.stdout) to print the output to as rounds commit, marked (colour: default on a terminal).
+        `tree_budget` > 0: tree rounds (the draft's top `tree_topk` children of the best nodes, depth by
+        depth up to `tree_depth`, the best `tree_budget` nodes verified in one target forward; eager:
+        load with compile=False); 0: a chain of `gamma` drafts."""
         if not isinstance(prompt, str):
             raise UserInputError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}"
                                  + (": call generate once per prompt" if isinstance(prompt, (list, tuple)) else ""))
@@ -136,6 +142,10 @@ class SpeculativePipeline:
         max_new_tokens, gamma = _integer("max_new_tokens", max_new_tokens, 1), _integer("gamma", gamma, 1)
         temperature, top_p = _real("temperature", temperature), _real("top_p", top_p)
         top_k, seed = _integer("top_k", top_k, 0), _integer("seed", seed, *runner.SEED_RANGE)
+        tree_budget, tree_depth = _integer("tree_budget", tree_budget, 0), _integer("tree_depth", tree_depth, 1)
+        tree_topk = _integer("tree_topk", tree_topk, 1)
+        if tree_budget and self.session.compiled is not None:
+            raise UserInputError("tree rounds (tree_budget) run eager for now: load the pipeline with compile=False")
         for name, value in (("prefill_fusion", prefill_fusion), ("decode_fusion", decode_fusion), ("compare", compare),
                             ("rounds", rounds)):
             _flag(name, value)
@@ -145,6 +155,7 @@ class SpeculativePipeline:
         cfg = dataclasses.replace(
             self.session.config, max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, prefill_fusion=prefill_fusion and has_fuser, decode_fusion=decode_fusion and has_fuser,
+            tree_budget=tree_budget, tree_depth=tree_depth, tree_topk=tree_topk,
         )
         runner.validate(cfg)
         session = dataclasses.replace(self.session, config=cfg)
@@ -159,4 +170,4 @@ class SpeculativePipeline:
         entry = runner.run_prompt(session, prompt, compare, printer=printer, save_rounds=rounds)
         spec = entry["speculative"]
         return Generation(spec["text"], spec["output_ids"], spec, entry["standard"], entry["comparison"],
-                          spec.get("round_records") if rounds else None)
+                          spec.get("round_records") if rounds else None, entry["max_new_tokens"], entry["stopped_at_context"])

@@ -92,38 +92,45 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
     return [m for m in requested if m not in skipped], skipped
 
 
-def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int) -> None:
+def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int, room_gamma: int) -> None:
     """Untimed: a short run of the first prompt (a full-size round at least). Compiling: full-length
     runs of the first prompt of each static cache size, plus a forced-accept run that meets every
-    compiled shape, so that the timed runs compile and record nothing."""
+    compiled shape, so that the timed runs compile and record nothing. Lengths stop at the context
+    as the timed runs' do (runner.context_room at `room_gamma`)."""
     tokens = runner.warm_tokens(session, max_new_tokens, gamma, 16)
-    for ids in runner.warm_prompts(session, prompts, max_new_tokens, gamma):
-        run_once(session, mode, ids, gamma, tokens)
+    for ids in runner.warm_prompts(session, prompts, max_new_tokens, gamma, room_gamma):
+        length = min(tokens, runner.context_room(session, len(ids), max_new_tokens, room_gamma))
+        run_once(session, mode, ids, gamma, length)
         if mode.startswith("speculative"):
             with torch.inference_mode():
-                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, tokens))
+                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, length))
 
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None,
-            save_rounds: bool = False) -> dict:
+            save_rounds: bool = False, room_gamma: int | None = None) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
     (the first may still include lazy initialisation or compilation the warm-up did not reach).
     `target_step`: the target mode's seconds per token, for the speculative modes' prediction.
     `save_rounds`: the speculative modes' rows get `round_records`, per prompt of the last repeat, each
-    round's record (RoundInfo.record: drafted, accepted, committed and drafted token ids)."""
+    round's record (RoundInfo.record: drafted, accepted, committed and drafted token ids).
+    A prompt whose output would reach the models' context stops there (runner.context_room at
+    `room_gamma`, default gamma: pass the run's largest gamma so every row stops at the same length);
+    the row counts those prompts (`context_capped_prompts`)."""
+    room_gamma = gamma if room_gamma is None else room_gamma
+    lengths = [runner.context_room(session, len(ids), max_new_tokens, room_gamma) for ids in prompts]
     for _ in range(warmup):
-        warm_up(session, mode, prompts, gamma, max_new_tokens)
+        warm_up(session, mode, prompts, gamma, max_new_tokens, room_gamma)
     repeat_totals, ttfts, rounds = [], [], []
     recording = save_rounds and mode.startswith("speculative")
     for repeat in range(repeats):
         latency, tokens, runs_last = 0.0, 0, []
-        for ids in prompts:
+        for ids, length in zip(prompts, lengths):
             hook = None
             if recording and repeat == repeats - 1:
                 rounds.append([])
                 hook = lambda info, into=rounds[-1]: into.append(info.record())  # noqa: E731
-            run = run_once(session, mode, ids, gamma, max_new_tokens, on_round=hook)
+            run = run_once(session, mode, ids, gamma, length, on_round=hook)
             latency += run.latency
             tokens += len(run.output_ids)
             if run.ttft is not None:
@@ -136,6 +143,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     row = {
         "mode": mode,
         "gamma": None if mode in GAMMA_FREE else gamma,
+        "context_capped_prompts": sum(n < max_new_tokens for n in lengths),
         "latency": median(latencies),
         "tokens_per_second": median(tps),
         "latencies": latencies,

@@ -273,3 +273,19 @@ def fusing_cache(model, fuse) -> DynamicCache:
     """For `forward_masked` over a whole sequence: keys (B, H, 2L, D) per layer, [fused, own], where
     `fuse(layer, keys, values) -> (keys, values)` gets this pass's own K/V of that layer (B, H, L, D)."""
     return _FusingCache(model.config, fuse)
+
+
+# ---------------------------------------------------------------- tree rounds: keep the accepted path
+
+
+def compact(cache: DynamicCache, keep: int, slots: torch.Tensor) -> None:
+    """Keep the first `keep` positions of every layer, then the entries at `slots` (S,) in that order
+    (a tree round's accepted path, stored where its nodes were fed): one gather and one copy per layer
+    tensor, and the cache then holds keep + S contiguous positions. Dynamic caches only."""
+    if is_static(cache):
+        raise NotImplementedError("tree rounds keep their paths in dynamic caches (run without --compile)")
+    for layer in cache.layers:
+        if layer.keys is None:
+            continue
+        layer.keys = torch.cat([layer.keys[:, :, :keep], layer.keys.index_select(2, slots)], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :keep], layer.values.index_select(2, slots)], dim=2)

@@ -79,8 +79,9 @@ def parse_record(record, where: str) -> Record:
 
 
 def _text(path: Path, data: bytes, line: int | None = None) -> str:
+    """UTF-8 text (a byte-order mark at the start of the file is dropped), or an error naming the line."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig" if line in (None, 1) else "utf-8")
     except UnicodeDecodeError as e:
         where = f"{path}:{line}" if line is not None else str(path)
         raise UserInputError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): "
@@ -93,14 +94,15 @@ def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"training data not found: {path}")
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise UserInputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
         rows = pq.read_table(path).to_pylist()
         records = [parse_record(row, f"{path} row {n}") for n, row in enumerate(rows, 1)]
-    elif path.suffix == ".json":
+    elif suffix == ".json":
         try:
             raw = json.loads(_text(path, path.read_bytes()))
         except json.JSONDecodeError as e:
@@ -108,7 +110,7 @@ def read_records(path: str | Path) -> list[Record]:
                                  "(use .jsonl for one record per line)") from None
         raw = raw if isinstance(raw, list) else [raw]
         records = [parse_record(r, f"{path} record {n}") for n, r in enumerate(raw, 1)]
-    elif path.suffix == ".jsonl":
+    elif suffix == ".jsonl":
         records = []
         for n, data in enumerate(path.read_bytes().splitlines(), 1):
             line = _text(path, data, n)

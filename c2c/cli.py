@@ -43,14 +43,24 @@ def run_main(fn, *args) -> int:
         return 130
 
 
-def default_lang(environ) -> str:
-    """The report's language from the user's locale (LANGUAGE, LC_ALL, LC_MESSAGES, LANG, the first
-    set): zh for a Chinese locale, en otherwise. `environ`: the entry script's os.environ."""
-    for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
-        value = (environ.get(name) or "").split(":")[0].strip()
-        if value:
-            return "zh" if value.lower().startswith("zh") else "en"
-    return "en"
+def default_lang(environ, system_locale: str | None = None) -> str:
+    """The report's language from the user's locale: zh for a Chinese one, en otherwise. As gettext
+    reads it: the locale is LC_ALL, else LC_MESSAGES, else LANG; LANGUAGE (a priority list) wins over
+    it unless the locale is C/POSIX. Without any of them, `system_locale` (the entry script's
+    locale.getlocale()[0]: what Windows reports, e.g. 'Chinese (Simplified)_China' or 'zh_CN').
+    `environ`: the entry script's os.environ."""
+    def chinese(value: str) -> bool:
+        value = value.strip().lower()
+        return value.startswith("zh") or value.startswith("chinese")
+
+    current = next((environ.get(n) for n in ("LC_ALL", "LC_MESSAGES", "LANG") if environ.get(n)), None)
+    plain = current is not None and current.split(".")[0].upper() in ("C", "POSIX")
+    language = (environ.get("LANGUAGE") or "").split(":")[0]
+    if language and not plain:
+        return "zh" if chinese(language) else "en"
+    if current is not None:
+        return "zh" if chinese(current) else "en"
+    return "zh" if system_locale and chinese(system_locale) else "en"
 
 
 def apply_threads(requested: int) -> int:

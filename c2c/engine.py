@@ -21,7 +21,10 @@ from typing import Callable
 import torch
 
 from . import cache as kv
+from . import tree as trees
 from .fuser import C2CFuser, StackedProjectors
+from .errors import UserInputError
+from .tree import TreeShape
 from .sampling import SamplingConfig, accept_greedy, accept_sampled, next_token, probabilities
 
 
@@ -32,6 +35,7 @@ class SpecConfig:
     prefill_fusion: bool = True
     decode_fusion: bool = True
     fuse_last_prompt: bool = True  # decode fusion also covers the last prompt position (C2C's prefill skips it)
+    tree: TreeShape | None = None  # None: a chain of gamma drafts per round; else a tree of drafts (c2c.tree)
 
     def __post_init__(self):
         if self.gamma < 1:
@@ -51,6 +55,8 @@ class Counters:
     total_accepted: int = 0
     rejections: int = 0  # rounds that ended at a rejected draft token (not all counted drafts accepted)
     fused_tokens: int = 0  # draft cache positions overwritten by the fuser (per position, all layers)
+    nodes_verified: int = 0  # tree rounds: draft nodes the target checked (a chain: its drafts)
+    gamma_rounds: int | None = None  # the most drafts a round could hold on one path (gamma capped by max_new_tokens)
     drafted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was proposed
     accepted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was accepted
     tokens_per_round: dict[int, int] = field(default_factory=dict)  # tokens a round produced -> rounds
@@ -63,8 +69,11 @@ class Counters:
         """The sum of several runs' counters (e.g. all prompts of a benchmark repeat)."""
         total = cls(runs=0)
         for c in items:
-            for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens", "runs"):
+            for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens",
+                         "nodes_verified", "runs"):
                 setattr(total, name, getattr(total, name) + getattr(c, name))
+            if c.gamma_rounds is not None:
+                total.gamma_rounds = max(total.gamma_rounds or 0, c.gamma_rounds)
             width = max(len(total.drafted_at), len(c.drafted_at))
             total.drafted_at = [sum(x[k] for x in (total.drafted_at, c.drafted_at) if k < len(x)) for k in range(width)]
             total.accepted_at = [sum(x[k] for x in (total.accepted_at, c.accepted_at) if k < len(x)) for k in range(width)]
@@ -481,13 +490,96 @@ class SpeculativeDecoder:
         self.fuse_step(self.fusion, self.target_cache, self.draft_cache, positions, keep)
         self.counters.fused_tokens += end - start
 
+    # ---------------------------------------------------------------- a tree round (eager, dynamic caches)
+
+    def _draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's log-probabilities (..., V) a tree is grown from: warped as the run samples, so
+        greedy and sampled trees are the draft's own top-k, a function of the prefix alone."""
+        if self.sampling.greedy:
+            return logits.float().log_softmax(-1)
+        return probabilities(logits, self.sampling).log()
+
+    def _tree_round(self, feed: torch.Tensor, pending: torch.Tensor, committed: int, draft_len: int, shape: TreeShape,
+                    clock: "PhaseClock"):
+        """Draft a tree after the pending token, verify it in one target forward, walk it and keep the
+        accepted path in both caches. Returns host values (decision [n, path node indices, token], the
+        kept tree's tokens and parents), then the target's token (a device 0-d tensor: the next
+        pending), the draft cache's length and the draft's next feed (1, k)."""
+        mask_dtype = self.draft.get_input_embeddings().weight.dtype
+        # 1. draft: depth 1 from the tokens the draft has not seen; each later depth one forward over the frontier
+        logits = kv.forward(self.draft, feed, self.draft_cache, draft_len, logits_to_keep=1)  # (1, 1, V)
+        fed: list[torch.Tensor] = []  # grown node indices, in the order their K/V were appended after `committed`
+
+        def expand(frontier: torch.Tensor, grown: trees.Tree) -> torch.Tensor:
+            seen = trees.visibility(grown.parents, shape.depth)  # (Ng, Ng)
+            before = torch.cat(fed) if fed else frontier[:0]
+            F = frontier.shape[0]
+            allowed = torch.cat([torch.ones(F, committed, dtype=torch.bool, device=frontier.device),
+                                 seen.index_select(0, frontier).index_select(1, before),
+                                 torch.eye(F, dtype=torch.bool, device=frontier.device)], dim=1)
+            mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=frontier.device).masked_fill(
+                ~allowed, torch.finfo(mask_dtype).min).view(1, 1, F, -1)
+            positions = (committed - 1 + grown.depths.index_select(0, frontier)).view(1, F)
+            out = kv.forward_masked(self.draft, grown.tokens.index_select(0, frontier).view(1, F), self.draft_cache,
+                                    positions, mask)  # (1, F, V)
+            fed.append(frontier)
+            self.counters.draft_calls += 1
+            return self._draft_logprobs(out[0])
+
+        kept, grown_index = trees.grow(self._draft_logprobs(logits[0, -1]), expand, shape)
+        self.counters.draft_calls += 1
+        clock.lap("draft")
+        # 2. verify [pending, nodes] in one forward: node i at position committed-1 + depth, seeing its ancestors
+        n_nodes = len(kept)
+        block = torch.cat([pending.view(1), kept.tokens]).view(1, -1).to(self.target_device)
+        positions = (committed - 1 + torch.cat([kept.depths.new_zeros(1), kept.depths])).view(1, -1).to(self.target_device)
+        mask = trees.verify_mask(kept.parents, committed - 1, self.target.get_input_embeddings().weight.dtype)
+        logits = kv.forward_masked(self.target, block, self.target_cache, positions, mask.to(self.target_device))  # (1, N+1, V)
+        self.counters.target_calls += 1
+        self.counters.nodes_verified += n_nodes
+        clock.lap("target")
+        # 3. accept: the target's choice at the root and every node, then the walk (one host read)
+        target_logits = logits[0].to(self.device)
+        if self.sampling.greedy:
+            choice = target_logits.argmax(-1)
+        else:  # the round's random numbers, drawn once with the user's generator: one per depth
+            uniforms = torch.rand(shape.depth + 1, device=self.device, generator=self.generator)
+            choice = trees.sample_choices(probabilities(target_logits, self.sampling), uniforms,
+                                          torch.cat([kept.depths.new_zeros(1), kept.depths]))
+        decided = trees.walk(kept.tokens, kept.parents, kept.depths, choice, shape.depth)  # (depth+2,)
+        fed_all = torch.cat(fed) if fed else grown_index[:0]
+        host = torch.cat([decided, kept.tokens, kept.parents, grown_index, fed_all]).tolist()  # sync: the round's one host read
+        width = shape.depth + 2
+        decision = host[:width]
+        tokens, parents = host[width : width + n_nodes], host[width + n_nodes : width + 2 * n_nodes]
+        grown_of, fed_order = host[width + 2 * n_nodes : width + 3 * n_nodes], host[width + 3 * n_nodes :]
+        n = decision[0]
+        path = decision[1 : 1 + n]
+        # 4. keep the accepted path in both caches, at contiguous positions: the target's root and path
+        # slots (it wrote [pending, nodes] at committed-1...), the draft's path nodes it has fed
+        target_slots = torch.tensor([committed - 1] + [committed + i for i in path], dtype=torch.long)
+        kv.compact(self.target_cache, committed - 1, target_slots.to(self.target_device))
+        slot_of = {g: i for i, g in enumerate(fed_order)}
+        fed_path = []
+        for node in path:  # the draft has fed every path node but perhaps the deepest
+            if grown_of[node] not in slot_of:
+                break
+            fed_path.append(committed + slot_of[grown_of[node]])
+        kv.compact(self.draft_cache, committed, torch.tensor(fed_path, dtype=torch.long, device=self.device))
+        feed = torch.tensor([tokens[i] for i in path[len(fed_path):]] + [decision[-1]], device=self.device).view(1, -1)
+        return decision, tokens, parents, feed[0, -1], committed + len(fed_path), feed
+
     # ---------------------------------------------------------------- the loop
 
     def generate(self, prompt_ids: list[int]) -> GenerationResult:
         spec, c = self.spec, Counters()
         self.counters = c
-        width = max(0, min(spec.gamma, spec.max_new_tokens - 2))  # the most drafts a round can hold
+        if spec.tree is not None and self.compiled:
+            raise UserInputError("tree rounds run eager for now (dynamic caches): pass --no-compile with --tree_budget")
+        longest = spec.tree.depth if spec.tree is not None else spec.gamma
+        width = max(0, min(longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
         c.drafted_at, c.accepted_at = [0] * width, [0] * width
+        c.gamma_rounds = width
         # a fuser with every gate closed changes nothing (fused == the draft's own K/V): skip its cost
         fusing = self.fuser is not None and self.fuser.open_gates()[0] > 0
         self.fusion = self.fuser.batched() if fusing else None  # every layer at once where it can be
@@ -533,35 +625,50 @@ class SpeculativeDecoder:
         feed = pending.view(1, 1)  # tokens the draft has not seen: seq[draft_len:committed]
         while out[-1] not in self.eos_ids and len(out) < spec.max_new_tokens:
             g = min(spec.gamma, spec.max_new_tokens - len(out) - 1)
-            # 1. draft
-            drafted, q = self._draft(feed, draft_len, g)
-            clock.lap("draft")
-            # 2. verify and accept; 3. read the decision: the round's one host synchronisation
-            decided = self._verify(pending, drafted, q, committed - 1, clock)  # (g+2,): n, d_1..d_g, token
-            decision = decided.tolist()
-            n, drafted_ids = decision[0], decision[1 : 1 + g]
-            new_tokens = drafted_ids[:n] + [decision[-1]]
-            token = decided[g + 1]  # a view: no launch
-            # 4. roll back both caches to what is committed
-            old_committed = committed
-            committed += n + 1
-            kv.crop(self.target_cache, committed - 1)
-            if g > 0:
-                draft_len = old_committed + min(n, g - 1)
-                kv.crop(self.draft_cache, draft_len)
-                all_accepted = n == g
-                feed = decided[g : g + 2].view(1, 2) if all_accepted else decided[g + 1 :].view(1, 1)
+            room = spec.max_new_tokens - len(out) - 1
+            if spec.tree is not None and room >= 1:
+                # 1-4. a tree round: draft a tree, verify it in one forward, walk it, keep the path
+                shape = TreeShape(spec.tree.budget, min(spec.tree.depth, room), spec.tree.top_k)
+                decision, tokens, parents, token, draft_len, feed = self._tree_round(feed, pending, committed, draft_len,
+                                                                                     shape, clock)
+                n, path = decision[0], decision[1 : 1 + decision[0]]
+                g = shape.depth
+                drafted_ids = trees.first_choices(tokens, parents)  # the draft's own greedy path: a chain's drafts
+                new_tokens = [tokens[i] for i in path] + [decision[-1]]
+                committed += n + 1
+                pending = token
             else:
-                feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
-            pending = token
+                # 1. draft
+                drafted, q = self._draft(feed, draft_len, g)
+                clock.lap("draft")
+                # 2. verify and accept; 3. read the decision: the round's one host synchronisation
+                decided = self._verify(pending, drafted, q, committed - 1, clock)  # (g+2,): n, d_1..d_g, token
+                decision = decided.tolist()
+                n, drafted_ids = decision[0], decision[1 : 1 + g]
+                new_tokens = drafted_ids[:n] + [decision[-1]]
+                token = decided[g + 1]  # a view: no launch
+                # 4. roll back both caches to what is committed
+                old_committed = committed
+                committed += n + 1
+                kv.crop(self.target_cache, committed - 1)
+                if g > 0:
+                    draft_len = old_committed + min(n, g - 1)
+                    kv.crop(self.draft_cache, draft_len)
+                    all_accepted = n == g
+                    feed = decided[g : g + 2].view(1, 2) if all_accepted else decided[g + 1 :].view(1, 1)
+                else:
+                    feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
+                pending = token
             # 5. record (drafts after an end-of-sequence token are never counted), emit up to the first one
             counted = next((k + 1 for k, t in enumerate(drafted_ids) if t in self.eos_ids), g)
+            accepted = min(n, next((k + 1 for k, t in enumerate(new_tokens[:n]) if t in self.eos_ids), n))
+            counted = max(counted, accepted)  # a tree's path may leave the draft's first choices (a chain: equal)
             emitted = len(out)
             for t in new_tokens:
                 out.append(t)
                 if t in self.eos_ids:
                     break
-            self._record(counted, min(n, counted), len(out) - emitted)
+            self._record(counted, accepted, len(out) - emitted)
             clock.lap("overhead")
             # 6. decode fusion of the newly committed positions both caches hold
             if fusing and spec.decode_fusion and draft_len > decode_fused_upto:
@@ -570,7 +677,7 @@ class SpeculativeDecoder:
                 clock.lap("fusion")
             if self.on_round is not None:
                 hook(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), counted,
-                               min(n, counted), c.rounds, tuple(out[emitted:]), tuple(drafted_ids[:counted])))
+                               accepted, c.rounds, tuple(out[emitted:]), tuple(drafted_ids[:counted])))
                 clock.lap(HOOK_PHASE)  # the hook's time: in no phase, and out of the latency
         sync_device(self.device)
         latency = time.perf_counter() - t_start - hook.seconds

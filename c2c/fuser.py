@@ -185,31 +185,36 @@ class C2CProjector(nn.Module):
 
 class StepNoise:
     """The trainer's randomness in the projectors (gate noise, dropout), the same numbers however a
-    global batch is shared out: each draw is made for the whole global batch (B rows, its padded
-    width) from a generator seeded by (seed, step), and each process keeps its own rows and width.
-    So 1 and N processes train the same fuser with noise on, and a resumed run needs no RNG state."""
+    global batch is shared out: each row's noise comes from a generator seeded by (seed, step, the
+    row's place in the global batch, the draw's number in the step), over the row's own length, so
+    every process draws only its own rows and 1 and N processes train the same fuser with noise on;
+    a resumed run needs no random-generator state."""
 
     def __init__(self, seed: int, device):
         self.seed, self.device = seed, torch.device(device)
         self.generator = torch.Generator(device=self.device)
-        self.rows: torch.Tensor | None = None
-        self.batch = self.width = 0
+        self.rows: list[int] | None = None
+        self.lengths: list[int] = []
+        self.step = self.draws = 0
 
-    def begin(self, step: int, rows: list[int], batch: int, width: int) -> None:
-        """Before a step: this process holds rows `rows` of the global batch (`batch` rows, `width` positions)."""
-        self.generator.manual_seed((self.seed * 1_000_003 + step) % 2**63)
-        self.rows = torch.tensor(rows, device=self.device)
-        self.batch, self.width = batch, width
+    def begin(self, step: int, rows: list[int], lengths: list[int]) -> None:
+        """Before a step: this process holds rows `rows` (places in the global batch) of `lengths` tokens."""
+        self.step, self.rows, self.lengths, self.draws = step, list(rows), list(lengths), 0
 
     def rand(self, shape: torch.Size | tuple, seq_dim: int) -> torch.Tensor:
-        """Uniform [0, 1) noise of `shape` (rows first, the sequence on `seq_dim`), float32; torch's own
-        generator outside a step (`begin` not called yet)."""
+        """Uniform [0, 1) noise of `shape` (rows first, the sequence on `seq_dim`), float32; 0 past each
+        row's length (padding). Torch's own generator outside a step (`begin` not called yet)."""
         if self.rows is None:
             return torch.rand(shape, device=self.device)
-        full = list(shape)
-        full[0], full[seq_dim] = self.batch, self.width
-        u = torch.rand(full, generator=self.generator, device=self.device)
-        return u.index_select(0, self.rows).narrow(seq_dim, 0, shape[seq_dim])
+        self.draws += 1
+        out = torch.zeros(shape, device=self.device)
+        for b, (row, length) in enumerate(zip(self.rows, self.lengths)):
+            seed = (((self.seed * 1_000_003 + self.step) * 1_000_033 + row) * 1_009 + self.draws) % 2**63
+            self.generator.manual_seed(seed)
+            part = list(shape[1:])
+            part[seq_dim - 1] = min(length, shape[seq_dim])
+            out[b].narrow(seq_dim - 1, 0, part[seq_dim - 1]).copy_(torch.rand(part, generator=self.generator, device=self.device))
+        return out
 
 
 @dataclass(frozen=True)

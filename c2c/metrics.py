@@ -66,9 +66,9 @@ def acceptance_probability(accepted: int, rejections: int) -> float | None:
 
 
 def rounds_gamma(c: Counters, gamma: int) -> int:
-    """The most drafts a round of this run could hold: `gamma`, capped by max_new_tokens (the engine
-    sizes the per-position counts to it)."""
-    return len(c.drafted_at) if c.drafted_at else gamma
+    """The most drafts a round of this run could hold: `gamma`, capped by max_new_tokens (0 when no
+    draft fits: max_new_tokens <= 2), as the engine recorded it."""
+    return c.gamma_rounds if c.gamma_rounds is not None else gamma
 
 
 def round_statistics(c: Counters, gamma: int, target_step: float | None = None) -> dict:
@@ -84,6 +84,9 @@ def round_statistics(c: Counters, gamma: int, target_step: float | None = None) 
     alpha = acceptance_probability(c.total_accepted, c.rejections)
     cost_ratio = _safe_div(draft_step, target_step) if draft_step and target_step else None
     per_round = expected_tokens_per_round(alpha, gamma) if alpha is not None else None
+    branching = c.nodes_verified > c.total_drafted  # tree rounds: more nodes checked than a chain would draft
+    if branching:  # the chain's closed form does not describe a tree: the prediction uses what the rounds gave
+        per_round = _safe_div(sum(k * v for k, v in c.tokens_per_round.items()), c.rounds)
     return {
         "gamma": gamma,
         "acceptance_rate": _safe_div(c.total_accepted, c.total_drafted),
@@ -95,7 +98,8 @@ def round_statistics(c: Counters, gamma: int, target_step: float | None = None) 
         "expected_tokens_per_round": per_round,
         "cost_ratio_c": cost_ratio,
         "predicted_speedup": per_round * target_step / round_cost if per_round and target_step and round_cost else None,
-        "theoretical_speedup": theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio else None,
+        "theoretical_speedup": theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio and not branching else None,
+        "branching": branching,
         "accepted_per_position": [_safe_div(a, d) for a, d in zip(c.accepted_at, c.drafted_at)],
     }
 
@@ -136,6 +140,8 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
         "fusion_time": fusion_time,
         "overhead_time": max(result.latency - draft_time - target_time - fusion_time, 0.0),
         "fused_tokens": c.fused_tokens,
+        "nodes_verified": c.nodes_verified,
+        "nodes_per_round": _safe_div(c.nodes_verified, c.rounds),
         "prefill_time": prefill,
         "gamma": stats["gamma"],
         "gamma_requested": gamma,
@@ -144,6 +150,7 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
         "target_step_time": stats["target_step_time"],
         "round_time": stats["round_time"],
         "expected_tokens_per_round": stats["expected_tokens_per_round"],
+        "branching": stats["branching"],
         "cost_ratio_c": stats["cost_ratio_c"],
         "predicted_speedup": stats["predicted_speedup"],
         "theoretical_speedup": stats["theoretical_speedup"],
@@ -171,19 +178,26 @@ def explain(standard: dict, speculative: dict, prompts: int = 1) -> dict | None:
     the summary's totals over `prompts` prompts. None without the figures (no standard run)."""
     step, rounds = standard.get("target_step_time"), speculative.get("rounds")
     predicted, alpha = speculative.get("predicted_speedup"), speculative.get("acceptance_probability")
+    measured = _safe_div(standard["latency"], speculative["latency"])
+    if measured is not None and (not rounds or alpha is None):  # nothing was drafted: no prediction to compare
+        return {"measured_speedup": measured, "predicted_speedup": None, "no_drafts": True, "gamma": speculative["gamma"],
+                "prefill_share": _safe_div(speculative["prefill_time"], speculative["latency"])}
     if not step or not rounds or predicted is None or alpha is None:
         return None
     gamma, c = speculative["gamma"], speculative.get("cost_ratio_c")
-    expected = expected_tokens_per_round(alpha, gamma)
+    branching = speculative.get("branching", False)
+    expected = speculative["expected_tokens_per_round"] if branching else expected_tokens_per_round(alpha, gamma)
     out = {
-        "measured_speedup": _safe_div(standard["latency"], speculative["latency"]),
+        "measured_speedup": measured,
         "predicted_speedup": predicted,
         "prefill_share": _safe_div(speculative["prefill_time"], speculative["latency"]),
         "expected_tokens_per_round": expected,
         "tokens_per_round": (speculative["num_tokens"] - prompts) / rounds,  # the prefill gives each prompt's first
         "gamma": gamma, "alpha": alpha, "cost_ratio_c": c,
-        "c_needed": (expected - 1) / gamma if gamma else None,
-        "alpha_needed": alpha_needed(gamma, c) if c is not None else None,
+        "c_needed": (expected - 1) / gamma if gamma and not branching else None,
+        "alpha_needed": alpha_needed(gamma, c) if c is not None and not branching else None,
+        "branching": branching,
+        "tokens_needed": _safe_div(speculative.get("round_time") or 0, step) or None,  # a round pays above this
         "theoretical_speedup": speculative.get("theoretical_speedup"),
         "verify_steps": _safe_div(speculative.get("target_verify_time") or 0, step) or None,
     }
@@ -248,6 +262,9 @@ def summary(prompts: list[dict]) -> dict:
             "gamma": max(s["gamma"] for s in spec),
             "cost_ratio_c": _median_of(s["cost_ratio_c"] for s in spec),
             "target_verify_time": _median_of(s["target_verify_time"] for s in spec),
+            "round_time": _median_of(s["round_time"] for s in spec),
+            "branching": any(s.get("branching", False) for s in spec),
+            "expected_tokens_per_round": _median_of(s.get("expected_tokens_per_round") for s in spec),
             "predicted_speedup": _median_of(s["predicted_speedup"] for s in spec),
             "theoretical_speedup": _median_of(s["theoretical_speedup"] for s in spec),
         }

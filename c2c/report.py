@@ -26,10 +26,13 @@ LABELS = {
         "summary": "汇总", "saved": "结果已保存到", "fused": "融合词元",
         "by_design": "采样时输出本就不同：保持的是目标模型的分布", "margin": "目标模型 top-2 logit 差",
         "context_stop": "在模型上下文处停止：本提示最多生成 {tokens} 个词元 (max_position_embeddings)",
+        "why_none": "实测 {measured}：没有一轮起草任何词元（gamma={gamma}：max_new_tokens 留不出空间），推测解码只多了草稿模型的预填充",
+        "why_unknown_c": "c 未知（没有标准运行的步时）",
         "why": "为何实测 {measured} 而预测 {predicted}", "why_prefill": "预测只计解码轮次：预填充占推测解码延迟的 {share}",
         "why_rounds": "每轮实得 {actual} 个词元，预测按 E[tokens/round]={expected}（末尾短轮、结束符）",
         "why_slower": "要让推测解码划算 (gamma={gamma})：c 须低于 {c_needed}（实测 {c}），或在此 c 下 alpha 须高于 {alpha_needed}（实测 {alpha}）",
         "why_never": "c={c} 时任何 alpha 都无法加速 (gamma={gamma})：草稿一步的耗时须明显低于目标一步",
+        "why_tree": "一轮树推测耗时 {needed} 个目标步：每轮产出须多于此数才划算（实测 {actual}）",
         "why_overhead": "按 Leviathan 公式此处应能加速 ({theory})：损失来自公式忽略的开销：一次验证耗时 {verify} 个目标步、每轮的融合与主机开销、预填充",
     },
     "en": {
@@ -52,10 +55,13 @@ LABELS = {
         "by_design": "with sampling outputs differ by design; the target's distribution is what is preserved",
         "margin": "target top-2 logit margin",
         "context_stop": "Stopped at the models' context: this prompt could get at most {tokens} new tokens (max_position_embeddings)",
+        "why_none": "Measured {measured}: no round drafted a token (gamma={gamma}: max_new_tokens leaves no room), so speculation only adds the draft's prefill",
+        "why_unknown_c": "c unknown (no standard step time)",
         "why": "Why measured {measured} vs predicted {predicted}", "why_prefill": "the prediction covers the rounds only: the prefills take {share} of the speculative latency",
         "why_rounds": "the rounds gave {actual} tokens each against E[tokens/round] {expected} (short last rounds, end of sequence)",
         "why_slower": "for speculation to pay (gamma={gamma}): c must fall below {c_needed} (measured {c}), or alpha rise above {alpha_needed} at this c (measured {alpha})",
         "why_never": "at c={c} no alpha can pay (gamma={gamma}): a draft step must cost clearly less than a target step",
+        "why_tree": "a tree round costs {needed} target steps: it pays when a round yields more tokens than that (measured {actual})",
         "why_overhead": "the closed form pays here ({theory}): the loss is the cost it leaves out: a verify costs {verify} target steps, plus each round's fusion and host work, plus the prefills",
     },
 }
@@ -131,8 +137,9 @@ class Report:
         L = self.L
         if m["predicted_speedup"] is None:
             return f"{L['predicted']}: - ({L['needs_standard']})"
+        per_round = "tokens/round (measured, a tree)" if m.get("branching") else "E[tokens/round]"
         return (
-            f"{L['predicted']}: {_f(m['predicted_speedup'], '.2f', 'x')} = E[tokens/round] "
+            f"{L['predicted']}: {_f(m['predicted_speedup'], '.2f', 'x')} = {per_round} "
             f"{_f(m['expected_tokens_per_round'], '.2f')} x target step {1000 * m['target_step_time']:.2f} ms / round "
             f"{1000 * m['round_time']:.2f} ms (alpha={_f(m['acceptance_probability'], '.3f')}, gamma={m['gamma']}) | "
             f"{L['theory']}: {_f(m['theoretical_speedup'], '.2f', 'x')} (c={_f(m['cost_ratio_c'], '.3f')})"
@@ -161,10 +168,17 @@ class Report:
         if not e:
             return ""
         L = self.L
-        parts = [L["why_prefill"].format(share=_f(e["prefill_share"], ".0%")),
-                 L["why_rounds"].format(actual=_f(e["tokens_per_round"], ".2f"), expected=_f(e["expected_tokens_per_round"], ".2f"))]
-        if min(e["measured_speedup"] or 0, e["predicted_speedup"]) < 1:
-            if e["alpha_needed"] is None:
+        if e.get("no_drafts"):
+            return "\n" + L["why_none"].format(measured=_f(e["measured_speedup"], ".2f", "x"), gamma=e["gamma"])
+        parts = [L["why_prefill"].format(share=_f(e["prefill_share"], ".0%"))]
+        if not e.get("branching"):  # a tree's prediction already uses what its rounds gave
+            parts.append(L["why_rounds"].format(actual=_f(e["tokens_per_round"], ".2f"), expected=_f(e["expected_tokens_per_round"], ".2f")))
+        if (e["measured_speedup"] or 0) < 1:  # what would have to change for this run to pay
+            if e.get("branching"):
+                parts.append(L["why_tree"].format(needed=_f(e.get("tokens_needed"), ".2f"), actual=_f(e["tokens_per_round"], ".2f")))
+            elif e["cost_ratio_c"] is None:
+                parts.append(L["why_unknown_c"])
+            elif e["alpha_needed"] is None:
                 parts.append(L["why_never"].format(c=_f(e["cost_ratio_c"], ".3f"), gamma=e["gamma"]))
             elif (e["theoretical_speedup"] or 0) >= 1:
                 parts.append(L["why_overhead"].format(theory=_f(e["theoretical_speedup"], ".2f", "x"), verify=_f(e["verify_steps"], ".2f")))

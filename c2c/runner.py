@@ -30,6 +30,7 @@ from .loading import (
 )
 from .prompts import encode_prompt
 from .sampling import SamplingConfig
+from .tree import TreeShape
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,18 @@ class RunConfig:
     enable_thinking: bool = False
     compile: bool = False  # static caches + torch.compile'd fixed-shape steps
     threads: int | None = None  # torch CPU threads the entry script set (recorded, not applied here)
+    tree_budget: int = 0  # > 0: tree rounds of this many draft nodes (0: a chain of gamma drafts)
+    tree_depth: int = 5  # tree rounds: draft forwards per round, the longest path
+    tree_topk: int = 4  # tree rounds: children per expanded node, nodes expanded per depth
+
+    @property
+    def tree(self) -> TreeShape | None:
+        return TreeShape(self.tree_budget, self.tree_depth, self.tree_topk) if self.tree_budget > 0 else None
 
     @property
     def spec(self) -> SpecConfig:
-        return SpecConfig(self.gamma, self.max_new_tokens, self.prefill_fusion, self.decode_fusion, self.fuse_last_prompt)
+        return SpecConfig(self.gamma, self.max_new_tokens, self.prefill_fusion, self.decode_fusion, self.fuse_last_prompt,
+                          self.tree)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -99,10 +108,14 @@ def choose_compile(requested: bool | None, device: str) -> bool:
 
 def validate(cfg: RunConfig) -> None:
     """Configuration errors, before anything is loaded."""
+    if cfg.tree_budget < 0:
+        raise UserInputError(f"--tree_budget must be >= 0 (0: a chain of --gamma drafts), got {cfg.tree_budget}")
     try:
         _ = cfg.spec, cfg.sampling  # their constructors check the values
     except ValueError as e:
         raise UserInputError(str(e)) from None
+    if cfg.tree_budget and cfg.compile:
+        raise UserInputError("tree rounds (--tree_budget) run eager for now: pass --no-compile")
     if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
         raise UserInputError(f"--seed must be between 0 and 2**64 - 1 (what torch's generator takes), got {cfg.seed}")
 
@@ -140,7 +153,7 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
         draft_config = load_config(cfg.draft_model, "draft")
         check_device_fits(target_config, cfg.target_model, device, cfg.device)
     except UserInputError as e:
-        if device.type == "cuda":
+        if torch.cuda.is_available():  # a GPU machine: the model error alone is the story
             raise
         raise UserInputError(f"{e}; no GPU here either: {first_contact}") from None
     check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
@@ -205,14 +218,17 @@ def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool
     )
 
 
-def warm_prompts(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> list[list[int]]:
+def warm_prompts(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int,
+                 room_gamma: int | None = None) -> list[list[int]]:
     """The prompts a warm-up must run: the first one, and with --compile the first of each static
-    cache size the runs will use (each size has its own caches, graphs and compilation)."""
+    cache size the runs will use (each size has its own caches, graphs and compilation; a prompt's
+    length stops at the context, see context_room, with `room_gamma` as the runs use it)."""
     if session.compiled is None:
         return prompts[:1]
     first: dict = {}
     for ids in prompts:
-        first.setdefault(cache_sizes(len(ids), max_new_tokens, gamma), ids)
+        tokens = context_room(session, len(ids), max_new_tokens, gamma if room_gamma is None else room_gamma)
+        first.setdefault(cache_sizes(len(ids), tokens, gamma), ids)
     return list(first.values())
 
 
@@ -293,10 +309,11 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
     cfg = session.config
     all_ids = [encode(session, p) for p in prompts]
     tokens = warm_tokens(session, cfg.max_new_tokens, cfg.gamma, tokens)
-    spec = SpecConfig(cfg.gamma, tokens, cfg.prefill_fusion, cfg.decode_fusion, cfg.fuse_last_prompt)
     for ids in warm_prompts(session, all_ids, cfg.max_new_tokens, cfg.gamma):
+        length = min(tokens, context_room(session, len(ids), cfg.max_new_tokens, cfg.gamma))  # as its real run
+        spec = dataclasses.replace(cfg.spec, max_new_tokens=length)
         if run_standard:
-            standard(session, ids, tokens)
+            standard(session, ids, length)
         decoder(session, spec).generate(ids)
         warm_compiled(session, ids, spec)
     return time.perf_counter() - started
@@ -374,6 +391,7 @@ def config_record(session: Session, prompts_file: str, command: str) -> dict:
         "device_map": cfg.device_map,
         "enable_thinking": cfg.enable_thinking,
         "compile": cfg.compile,
+        "tree": {"budget": cfg.tree_budget, "depth": cfg.tree_depth, "top_k": cfg.tree_topk} if cfg.tree_budget else None,
         "threads": cfg.threads,
         "prompts_file": prompts_file,
         "command": command,

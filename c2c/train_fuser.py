@@ -113,6 +113,10 @@ def run(args) -> int:
     if trained is not None and not (args.overwrite or args.resume):
         raise UserInputError(f"{out} already holds a trained fuser ({trained}): pass --overwrite "
                              "to train over it, --resume to continue its checkpoints, or choose another --output_dir")
+    earlier = training.latest_checkpoint(out)
+    if earlier is not None and not (args.overwrite or args.resume):
+        raise UserInputError(f"{out} holds an earlier run's checkpoints (newest {earlier.name}): pass --resume to "
+                             "continue that run, --overwrite to start over (they are removed), or choose another --output_dir")
     threads = apply_threads(cfg.threads)
     processes = training.Processes()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` (or torchrun)
@@ -168,6 +172,9 @@ def run(args) -> int:
         else:
             trainer.load_checkpoint(latest)
             say(f"resumed from {latest} (step {trainer.step})")
+            if trainer.step >= cfg.steps:
+                raise UserInputError(f"--steps {cfg.steps} is not past the checkpoint's step {trainer.step}: raise --steps "
+                                     "to train on from it")
     try:
         result = trainer.train(progress=not args.no_progress)
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@ A draft query at position p in a block starting at m (see `train_data.block_layo
 fused K/V of every position before m and the draft's own K/V from m to p: the draft's cache while it
 drafts a round after m committed tokens. Which draft K/V go into the fuser (`draft_kv`):
 
-- "decode" (the default, chosen by measurement: docs/training.md): the K/V decoding gives the fuser.
+- "decode" (the default: measured no better or worse than "plain" in what it trains, see
+  docs/training.md, but exact and one draft pass cheaper): the K/V decoding gives the fuser.
   While decoding, the draft computes its K/V at a generated position in the round that first feeds
   it, attending the already fused cache before the round, and decode fusion then fuses those. One
   draft pass reproduces it: at every layer the pass's own K/V are fused at once (inside attention,

@@ -13,7 +13,7 @@ target's: KL(p_target || q_draft) or cross-entropy on the target's greedy tokens
 
 Gates follow C2C: Gumbel-sigmoid with a temperature annealed from initial to final over
 `anneal_steps` while training, hard gate (logit > 0) at inference and in the held-out figures. The
-gate noise and dropout are drawn per global row from a generator seeded by (seed, step)
+gate noise and dropout are drawn per global row from a generator seeded by (seed, step, row)
 (`fuser.StepNoise`), so 1 and N processes train the same fuser and a resume repeats the run.
 
 This module knows nothing about argument parsing; `c2c.train_fuser` is its command line.
@@ -139,6 +139,13 @@ class Processes:
         if self.count > 1:
             torch.distributed.barrier()
 
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the processes (itself when alone)."""
+        if self.count > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+        return value
+
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         """Every process's gradients summed in place (one all-reduce over a flat buffer)."""
         if self.count == 1:
@@ -239,8 +246,7 @@ class FuserTrainer:
         draw = self.data.sample_blocks if cfg.suffixes == "all" else self.data.sample
         batch = draw(self.rng, cfg.batch_size, cfg.length_pool)
         mine = batch.share(self.processes.rank, self.processes.count)
-        self.noise.begin(self.step, list(range(len(batch.rows)))[self.processes.rank :: self.processes.count],
-                         len(batch.rows), batch.x.shape[1])
+        self.noise.begin(self.step, list(range(len(batch.rows)))[self.processes.rank :: self.processes.count], mine.lengths)
         total = int(batch.supervised.sum())  # every process's rows: the loss is a mean over the global batch
         target_logits, draft_logits = all_position_logits(self.fuser, self.target, self.draft, mine.x.to(self.device),
                                                           mine.starts, fuse=cfg.fusion, draft_grad=grad, draft_kv=cfg.draft_kv)
@@ -257,13 +263,16 @@ class FuserTrainer:
         self.padding_tokens += batch.padding
         self.supervised_tokens += total
         self.batches.append((batch.distinct, len(batch.rows)))
-        return loss.item()  # sync: logged once per step (this process's share of the loss)
+        # each process holds its share of the global batch's mean: the whole loss is their sum
+        return self.processes.total(loss.detach()).item()  # sync: logged once per step
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         cfg = self.cfg
         self.fuser.eval()
-        figures = paired_agreement(self.fuser, self.target, self.draft, self.heldout, cfg.eval_tokens, cfg.batch_size,
+        # the main process evaluates alone: batches of one process's share, so it holds what a step holds
+        rows = max(1, cfg.batch_size // self.processes.count)
+        figures = paired_agreement(self.fuser, self.target, self.draft, self.heldout, cfg.eval_tokens, rows,
                                    cfg.objective, self.device, self.adapter, cfg.fusion, cfg.draft_kv)
         if cfg.eval_prompts and cfg.fusion:
             prompts = self.heldout.prompts(cfg.eval_prompts)
@@ -369,27 +378,42 @@ class FuserTrainer:
 
 
 def keep_metrics(path: Path, step: int) -> None:
-    """Drop the lines of metrics.jsonl after `step` (written after the checkpoint a run resumes from)."""
+    """Drop the lines of metrics.jsonl after `step` (written after the checkpoint a run resumes from;
+    all of them for a run from step 0), and any line a killed process left half-written."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def clear_run(output_dir: str | Path) -> list[str]:
-    """`--overwrite`: remove what an earlier run left for a later `--resume` (its checkpoints and
-    metrics.jsonl), so this run's checkpoints are the only ones. Returns what was removed."""
+    """`--overwrite`: remove what an earlier run left (its checkpoints, metrics.jsonl, and the trained
+    fuser itself: final/, config.json, draft_adapter/), so that nothing of it can be resumed or loaded
+    as this run's. Returns what was removed."""
     import shutil
+
+    from .adapter import ADAPTER_DIR
 
     out, removed = Path(output_dir), []
     if (out / "checkpoints").is_dir():
         removed += [f"checkpoints/{f.name}" for f in sorted((out / "checkpoints").iterdir())]
         shutil.rmtree(out / "checkpoints")
-    if (out / "metrics.jsonl").is_file():
-        (out / "metrics.jsonl").unlink()
-        removed.append("metrics.jsonl")
+    for name in ("final", ADAPTER_DIR):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+            removed.append(f"{name}/")
+    for name in ("metrics.jsonl", "config.json"):
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
     return removed
 
 

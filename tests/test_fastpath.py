@@ -183,7 +183,7 @@ def test_after_the_warm_up_timed_compiled_runs_compile_nothing(target, draft):
         assert runner.warm_prompts(session, prompts, 20, 6) == [PROMPT, PROMPT * 30]
         with torch.inference_mode():
             for mode in ("target", "speculative"):
-                benchmark.warm_up(session, mode, prompts, 6, 20)
+                benchmark.warm_up(session, mode, prompts, 6, 20, 6)
         graphs = counters["stats"]["unique_graphs"]
         runs = [benchmark.run_once(session, mode, ids, 6, 20) for mode in ("target", "speculative") for ids in prompts]
         with torch.inference_mode():

@@ -16,14 +16,21 @@ from c2c.errors import UserInputError
 @pytest.mark.parametrize("environ, lang", [({"LANG": "zh_CN.UTF-8"}, "zh"), ({"LANG": "en_US.UTF-8"}, "en"),
                                            ({}, "en"), ({"LANG": "C.UTF-8"}, "en"),
                                            ({"LANGUAGE": "zh_TW:en", "LANG": "en_US.UTF-8"}, "zh"),
-                                           ({"LC_ALL": "de_DE.UTF-8", "LANG": "zh_CN.UTF-8"}, "en")])
+                                           ({"LC_ALL": "de_DE.UTF-8", "LANG": "zh_CN.UTF-8"}, "en"),
+                                           ({"LANGUAGE": "zh_CN", "LC_ALL": "C"}, "en")])
 def test_the_report_language_follows_the_locale(environ, lang):
     assert default_lang(environ) == lang
+
+
+def test_without_locale_variables_the_system_locale_decides():
+    assert default_lang({}, "Chinese (Simplified)_China") == "zh" and default_lang({}, "zh_CN") == "zh"
+    assert default_lang({}, "English_United States") == "en" and default_lang({"LANG": "en_US"}, "zh_CN") == "en"
 
 
 def test_no_gpu_and_no_hub_names_the_tiny_preset(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(runner, "resolve_device", lambda name: __import__("torch").device("cpu"))
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
     rc = demo.main(["--base_model", "nobody/draft-not-cached", "--teacher_model", "nobody/target-not-cached",
                     "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -34,6 +41,7 @@ def test_no_gpu_and_no_hub_names_the_tiny_preset(tmp_path, capsys, monkeypatch):
 def test_the_api_names_its_own_way_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(runner, "resolve_device", lambda name: __import__("torch").device("cpu"))
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserInputError, match=r"from_preset\('tiny'\)"):
         api.SpeculativePipeline.load("nobody/draft-not-cached", "nobody/target-not-cached")
 
@@ -88,3 +96,66 @@ def test_ctrl_c_keeps_the_finished_prompts_marked_interrupted(tmp_path, capsys, 
     assert demo.main(["--preset", "tiny", "--save_results", "--output_dir", str(tmp_path / "p"), "--threads", "1"]) == 130
     assert "no prompt had finished: nothing was saved" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() or not list((tmp_path / "p").glob("results_*.json"))
+
+
+def test_no_room_for_drafts_is_gamma_zero_and_says_so(tmp_path, capsys):
+    rc = demo.main(["--preset", "tiny", "--max_new_tokens", "2", "--gamma", "4", "--save_results", "--output_dir",
+                    str(tmp_path / "o"), "--lang", "en", "--threads", "1"])
+    out = capsys.readouterr().out
+    data = json.loads(next((tmp_path / "o").glob("results_*.json")).read_text())
+    assert rc == 0
+    for entry in data["prompts"]:
+        sp = entry["speculative"]
+        assert sp["gamma"] == 0 and sp["gamma_requested"] == 4 and list(sp["tokens_per_round_histogram"]) == ["1"]
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Latency speedup:") and float(line.split()[2].rstrip("x")) < 1:
+            assert lines[i + 1].startswith("Measured") and "no round drafted a token" in lines[i + 1]
+
+
+def test_the_benchmark_stops_at_the_context_too(tmp_path, monkeypatch):
+    import speculative_benchmark
+
+    monkeypatch.setattr(runner, "context_length", lambda session: 30)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("To be, or not to be\n", encoding="utf-8")
+    assert speculative_benchmark.main(["--preset", "tiny", "--prompts", str(prompts), "--max_new_tokens", "200",
+                                       "--gammas", "2", "4", "--modes", "target", "speculative", "--repeats", "1",
+                                       "--warmup", "1", "--no_plots", "--threads", "1", "--output_dir", str(tmp_path / "b")]) == 0
+    data = json.loads(next((tmp_path / "b").glob("benchmark_*.json")).read_text())
+    for row in data["rows"]:
+        assert row["context_capped_prompts"] == 1 and row["outputs_match_target"]
+        assert all(len(ids) < 30 for ids in row["output_ids"])  # stopped inside the 30 positions
+
+
+def test_a_compiled_warm_up_stops_at_the_context_as_the_runs_do(monkeypatch):
+    from types import SimpleNamespace
+
+    from c2c.engine import cache_sizes
+
+    session = SimpleNamespace(compiled=object())
+    monkeypatch.setattr(runner, "context_length", lambda s: 2048)
+    prompts = [[1] * 2009, [1] * 2000, [1] * 10]
+    chosen = runner.warm_prompts(session, prompts, 1_000_000, 4)
+    sizes = {cache_sizes(len(p), runner.context_room(session, len(p), 1_000_000, 4), 4) for p in prompts}
+    assert len(chosen) == len(sizes) and max(max(s) for s in sizes) <= 2304  # not a million-position cache
+
+
+def test_the_api_says_when_the_context_stopped_it(monkeypatch):
+    pipe = api.SpeculativePipeline.from_preset("tiny", threads=1)
+    monkeypatch.setattr(runner, "context_length", lambda session: 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipe.generate("To be, or not to be", max_new_tokens=200)
+    assert out.max_new_tokens < 200 and out.stopped_at_context == (len(out.ids) == out.max_new_tokens)
+
+
+def test_only_a_measured_loss_gets_what_would_have_to_change():
+    from c2c.report import Report
+
+    lines = []
+    e = {"measured_speedup": 1.2, "predicted_speedup": 0.9, "prefill_share": 0.1, "tokens_per_round": 2.0,
+         "expected_tokens_per_round": 2.2, "gamma": 4, "alpha": 0.6, "cost_ratio_c": 0.3, "c_needed": 0.3,
+         "alpha_needed": 0.7, "theoretical_speedup": 0.9, "verify_steps": 1.1}
+    assert "to pay" not in Report("en", write=lines.append).explanation(e)
+    assert "c unknown" in Report("en").explanation(e | {"measured_speedup": 0.8, "cost_ratio_c": None})

@@ -53,7 +53,7 @@ def test_summary_pools_counts_not_ratios():
         "num_tokens": n, "latency": 1.0, "time_to_first_token": 0.1, "total_drafted": drafted, "total_accepted": acc,
         "rejections": rej, "target_calls": 2, "rounds": 1, "draft_calls": 1, "draft_time": 0, "target_time": 0,
         "fusion_time": 0, "fused_tokens": 0, "predicted_speedup": None, "theoretical_speedup": None, "prefill_time": 0,
-        "gamma": 4, "cost_ratio_c": None, "target_verify_time": None}
+        "gamma": 4, "cost_ratio_c": None, "target_verify_time": None, "round_time": None}
     out = metrics.summary([{"speculative": spec(4, 4, 0, 5)}, {"speculative": spec(0, 4, 1, 1)}])["speculative"]
     assert out["acceptance_rate"] == pytest.approx(4 / 8) and out["acceptance_probability"] == pytest.approx(4 / 5)
 

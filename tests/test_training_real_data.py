@@ -144,15 +144,17 @@ def test_the_trainer_trains_on_decode_kv_by_default():
 # ---------------------------------------------------------------- the same fuser on 1 or N processes
 
 
-def test_step_noise_is_drawn_for_the_global_batch_and_sliced():
+def test_step_noise_depends_on_the_row_not_on_who_holds_it():
     whole, mine = StepNoise(3, "cpu"), StepNoise(3, "cpu")
-    whole.begin(5, [0, 1, 2, 3], 4, 10)
-    mine.begin(5, [1, 3], 4, 10)
-    assert torch.equal(mine.rand((2, 7, 5), seq_dim=1), whole.rand((4, 10, 5), seq_dim=1)[[1, 3], :7])
-    assert torch.equal(mine.rand((2, 3, 6, 1), seq_dim=2), whole.rand((4, 3, 10, 1), seq_dim=2)[[1, 3], :, :6])
-    other = StepNoise(3, "cpu")
-    other.begin(6, [0, 1, 2, 3], 4, 10)
-    assert not torch.equal(other.rand((4, 10, 5), seq_dim=1), StepNoise(3, "cpu").rand((4, 10, 5), seq_dim=1))
+    whole.begin(5, [0, 1, 2, 3], [10, 6, 9, 7])
+    mine.begin(5, [1, 3], [6, 7])  # a second process holding rows 1 and 3, padded to 7 positions
+    full, part = whole.rand((4, 10, 5), seq_dim=1), mine.rand((2, 7, 5), seq_dim=1)
+    assert torch.equal(part[0, :6], full[1, :6]) and torch.equal(part[1, :7], full[3, :7])
+    assert (part[0, 6:] == 0).all() and (full[1, 6:] == 0).all()  # padding positions get none
+    assert torch.equal(mine.rand((2, 3, 7, 1), seq_dim=2)[:, :, :6], whole.rand((4, 3, 10, 1), seq_dim=2)[[1, 3], :, :6])
+    again = StepNoise(3, "cpu")
+    again.begin(6, [0, 1, 2, 3], [10, 6, 9, 7])
+    assert not torch.equal(again.rand((4, 10, 5), seq_dim=1), full)  # another step, other numbers
 
 
 def answers_data(windows) -> train_data.SplitData:
@@ -162,6 +164,7 @@ def answers_data(windows) -> train_data.SplitData:
 
 def first_step_gradient(cfg, target, draft, data, processes, monkeypatch) -> torch.Tensor:
     caught = []
+    monkeypatch.setattr(training.Processes, "total", lambda self, value: value)  # no process group here
     monkeypatch.setattr(training.Processes, "sum_gradients", lambda self, params: caught.append(
         torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params])))
     trainer = training.FuserTrainer(cfg, target, draft, data, data, torch.device("cpu"), processes)
@@ -462,3 +465,48 @@ def test_chat_conversations_of_varied_lengths_train_end_to_end(saved_models, tmp
         assert line["tokens_per_call_fused"] >= 1 and line["tokens_per_call_unfused"] >= 1
     assert "engine on 4 held-out prompts (greedy, gamma 4)" in captured.out
     assert "supervised positions" in captured.err
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, capsys):
+    out = tmp_path / "f"
+    (out / "checkpoints" / "step_000006").mkdir(parents=True)
+    (out / "checkpoints" / "step_000006" / "trainer_state.pt").write_bytes(b"")
+    rc = train_fuser.main(test_training_scale.arith_command(out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "earlier run's checkpoints (newest step_000006)" in err and "--resume" in err and "--overwrite" in err
+
+
+def test_overwrite_removes_the_earlier_fuser_before_training(tmp_path):
+    out = tmp_path / "f"
+    for name in ("final", "draft_adapter", "checkpoints/step_000002"):
+        (out / name).mkdir(parents=True)
+    (out / "final" / "projector_0.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    removed = training.clear_run(out)
+    assert not (out / "final").exists() and not (out / "config.json").exists() and not (out / "draft_adapter").exists()
+    assert "final/" in removed and "config.json" in removed and "checkpoints/step_000002" in removed
+
+
+def test_a_half_written_metrics_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 3}\n{"step": 6}\n{"st', encoding="utf-8")
+    training.keep_metrics(path, 6)
+    assert path.read_text() == '{"step": 3}\n{"step": 6}\n'
+    training.keep_metrics(path, 0)  # a run from step 0 starts its own
+    assert path.read_text() == ""
+
+
+def test_resume_with_steps_not_past_the_checkpoint_is_an_error(tmp_path, capsys):
+    out = tmp_path / "f"
+    assert train_fuser.main(test_training_scale.arith_command(out, "--steps", "4", "--save_every", "2")) == 0
+    capsys.readouterr()
+    assert train_fuser.main(test_training_scale.arith_command(out, "--steps", "2", "--resume")) == 2
+    assert "--steps 2 is not past the checkpoint's step 2" in capsys.readouterr().err
+
+
+def test_upper_case_suffixes_and_a_byte_order_mark_are_read(tmp_path):
+    conv = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    (tmp_path / "UP.JSONL").write_bytes(b"\xef\xbb\xbf" + conv.encode() + b"\n" + conv.encode() + b"\n")
+    assert [r.is_chat for r in chat_data.read_records(tmp_path / "UP.JSONL")] == [True, True]
+    (tmp_path / "UP.JSON").write_bytes(b"\xef\xbb\xbf[" + conv.encode() + b"]")
+    assert [r.is_chat for r in chat_data.read_records(tmp_path / "UP.JSON")] == [True]

@@ -1,0 +1,175 @@
+"""Tree speculation's pure parts: growing a tree of draft continuations, its attention mask, and
+walking it with the target's choices. Token ids, log-probabilities and parent indices in, tensors
+out: nothing here knows about models, caches or fusion (the engine orchestrates a round).
+
+A tree is plain arrays over its N nodes, in order of depth (a parent always before its children):
+`tokens` (N,), `parents` (N,) (-1: a child of the root, the round's pending token), `depths` (N,)
+(1 for the root's children) and `scores` (N,), the cumulative draft log-probability of the path
+from the root. Growth follows EAGLE-2 (arXiv 2406.16858): from the root, each depth expands the
+`top_k` best children of each of the `top_k` best nodes of the depth before (by score), one draft
+forward per depth; at the end the best `budget` nodes overall are kept. A score never rises along a
+path, so the kept set is closed under ancestors (ties go to the shallower, earlier node). A chain is
+the tree with top_k 1: its nodes are the draft's greedy tokens.
+
+The walk: greedy, from the root follow the child holding the target's argmax at the current node;
+sampling, at each node draw x from the target's warped distribution and step to the child holding x,
+else emit x and stop. The tree is a function of the prefix alone (the draft's top-k, never sampled),
+so this is ancestral sampling from the target's distribution: the output is distributed exactly as
+the target's (Chen et al. 2023's argument applied node by node; tested by a chi-square test).
+Both walks run on the device, vectorised, with fixed shapes: the host reads one decision per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserInputError
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """budget: nodes verified per round (the root not counted); depth: draft forwards per round, the
+    longest path; top_k: children per expanded node and nodes expanded per depth."""
+
+    budget: int
+    depth: int
+    top_k: int
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise UserInputError(f"--tree_depth must be >= 1 (draft forwards per round), got {self.depth}")
+        if self.top_k < 1:
+            raise UserInputError(f"--tree_topk must be >= 1 (1: a chain), got {self.top_k}")
+        if self.budget < self.depth:
+            raise UserInputError(f"--tree_budget {self.budget} is smaller than --tree_depth {self.depth}: a tree of "
+                                 f"depth {self.depth} needs at least {self.depth} nodes; raise --tree_budget or lower --tree_depth")
+
+    def capped(self, room: int) -> "TreeShape":
+        """This shape for a round with room for at most `room` drafted tokens on a path (max_new_tokens)."""
+        depth = max(0, min(self.depth, room))
+        return TreeShape(max(depth, min(self.budget, depth * self.top_k ** 2)), depth, self.top_k) if depth else self
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # (N,) long
+    parents: torch.Tensor  # (N,) long, -1 for the root's children
+    depths: torch.Tensor  # (N,) long, >= 1
+    scores: torch.Tensor  # (N,) float, cumulative draft log-probability
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def children(parent_scores: torch.Tensor, logprobs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top_k children of each of F expanded nodes: parent_scores (F,), logprobs (F, V) the draft's
+    log-probabilities after each. Returns (which parent (F*k,), token (F*k,), score (F*k,)), best first
+    per parent."""
+    values, tokens = torch.topk(logprobs.float(), top_k, dim=-1)  # (F, k)
+    F = logprobs.shape[0]
+    which = torch.arange(F, device=logprobs.device).repeat_interleave(top_k)  # (F*k,)
+    return which, tokens.reshape(-1), (parent_scores.view(F, 1) + values).reshape(-1)
+
+
+def best(scores: torch.Tensor, depths: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` best nodes by score (ties: shallower, then earlier), in index order."""
+    n = scores.shape[0]
+    order = torch.arange(n, device=scores.device)
+    # one sortable key: score first; depth and index only break ties (a stable sort on the score
+    # after sorting by (depth, index) keeps that order among equals)
+    keyed = torch.argsort(depths * (n + 1) + order, stable=True)
+    ranked = keyed[torch.argsort(-scores[keyed], stable=True)]
+    return torch.sort(ranked[:count]).values
+
+
+def grow(root_logprobs: torch.Tensor, expand, shape: TreeShape) -> tuple[Tree, torch.Tensor]:
+    """Grow a tree from the draft's log-probabilities after the root (V,). `expand(frontier, tree)`
+    runs the draft over the frontier nodes (F,) of the tree so far (every earlier node they descend
+    from was expanded before them) and returns their log-probabilities (F, V). Returns the kept tree
+    (the best shape.budget nodes, re-indexed in creation order) and, for each kept node, its index in
+    the grown tree (so the caller can find what it stored per grown node)."""
+    device, k = root_logprobs.device, shape.top_k
+    _, tokens, scores = children(torch.zeros(1, device=device), root_logprobs.view(1, -1), k)
+    grown = Tree(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens), scores)
+    frontier = best(scores, grown.depths, k)
+    for depth in range(2, shape.depth + 1):
+        which, tokens, scores = children(grown.scores.index_select(0, frontier), expand(frontier, grown), k)
+        first = len(grown)
+        grown = Tree(torch.cat([grown.tokens, tokens]), torch.cat([grown.parents, frontier.index_select(0, which)]),
+                     torch.cat([grown.depths, torch.full_like(tokens, depth)]), torch.cat([grown.scores, scores]))
+        frontier = first + best(scores, torch.full_like(tokens, depth), k)
+    keep = best(grown.scores, grown.depths, shape.budget)  # closed under ancestors: a score never rises along a path
+    index = torch.full((len(grown),), -1, dtype=torch.long, device=device)
+    index[keep] = torch.arange(keep.shape[0], device=device)
+    parents = grown.parents.index_select(0, keep)
+    kept = Tree(grown.tokens.index_select(0, keep), torch.where(parents >= 0, index.index_select(0, parents.clamp_min(0)), -1),
+                grown.depths.index_select(0, keep), grown.scores.index_select(0, keep))
+    return kept, keep
+
+
+def visibility(parents: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+    """(N, N) bool: node i may see node j when j is i or one of its ancestors. On the device, no host
+    read: `depth` steps up the parent pointers (default N: a tree of N nodes is at most N deep)."""
+    n = parents.shape[0]
+    rows = torch.eye(n, dtype=torch.bool, device=parents.device)
+    index = torch.arange(n, device=parents.device)
+    up = parents.clone()  # (N,): each node's ancestor `step` levels up, -1 past the root
+    for _ in range(n if depth is None else min(depth, n)):
+        rows[index, up.clamp_min(0)] |= up >= 0
+        up = torch.where(up >= 0, parents.index_select(0, up.clamp_min(0)), up)
+    return rows
+
+
+def verify_mask(parents: torch.Tensor, held: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, N+1, held+N+1) additive mask for the target's verify of [root, nodes]: every query sees
+    the `held` committed positions in the cache; the root sees itself; node i the root, its ancestors
+    and itself. 0 where allowed, dtype's min elsewhere (eager attention adds the mask)."""
+    n = parents.shape[0]
+    allowed = torch.zeros(n + 1, held + n + 1, dtype=torch.bool, device=parents.device)
+    allowed[:, : held + 1] = True  # the prefix and the root
+    allowed[1:, held + 1 :] = visibility(parents)
+    return torch.zeros(allowed.shape, dtype=dtype, device=parents.device).masked_fill(~allowed, torch.finfo(dtype).min).view(
+        1, 1, n + 1, held + n + 1)
+
+
+def walk(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, choice: torch.Tensor, max_depth: int,
+         seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The accepted path, on the device. choice (N+1,): the target's token at the root (index 0) and
+    at each node i (index i+1): its argmax (greedy) or its draw (sampling). A node is accepted when
+    its token equals its parent's choice and its parent is accepted (siblings hold distinct tokens,
+    so at most one node per depth is). `seen`: visibility(parents), when the caller has it. Returns (max_depth+2,) long: [n accepted, the path's node
+    indices by depth (-1 past n), the target's token after the path]."""
+    n = tokens.shape[0]
+    parent_choice = choice.index_select(0, parents + 1)  # (N,)
+    edge_ok = tokens == parent_choice  # (N,)
+    seen = visibility(parents) if seen is None else seen
+    on_path = ~(seen & ~edge_ok.view(1, n)).any(-1)  # (N,): every edge to the root holds
+    accepted = on_path.long().sum()
+    slots = torch.full((max_depth + 1,), n, dtype=torch.long, device=tokens.device)  # n: "none" (a padding slot)
+    slots.scatter_(0, torch.where(on_path, depths - 1, max_depth), torch.arange(n, device=tokens.device))
+    path = torch.where(slots[:max_depth] < n, slots[:max_depth], -1)
+    last = torch.where(accepted > 0, path.index_select(0, (accepted - 1).clamp_min(0).view(1)).squeeze(0) + 1, 0)
+    return torch.cat([accepted.view(1), path, choice.index_select(0, last.view(1))])
+
+
+def first_choices(tokens: list[int], parents: list[int]) -> list[int]:
+    """The draft's own greedy path through a kept tree (host lists): from the root, each node's first
+    child (children are kept best first). For a chain, its drafts."""
+    path, node = [], -1
+    for i, p in enumerate(parents):
+        if p == node:
+            path.append(tokens[i])
+            node = i
+    return path
+
+
+def sample_choices(probs: torch.Tensor, uniforms: torch.Tensor, depths_with_root: torch.Tensor) -> torch.Tensor:
+    """The target's draw at the root and every node by inverse CDF: probs (N+1, V) the warped
+    distributions, uniforms (max_depth+1,) drawn once per round, one per depth (only one node per
+    depth is ever on the walked path, so each draw on it is independent). Returns (N+1,) long."""
+    u = uniforms.index_select(0, depths_with_root).unsqueeze(-1)  # (N+1, 1)
+    cdf = probs.float().cumsum(-1)  # (N+1, V)
+    x = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first index whose cdf exceeds u * total
+    return x.squeeze(-1).clamp_max(probs.shape[-1] - 1)

@@ -1,0 +1,183 @@
+"""Tree rounds in the engine (eager, dynamic caches): every greedy output is the target's for many
+tree shapes, with and without fusion; a tree with top_k 1 is the chain, outputs and counters; after
+every round both caches hold exactly the committed sequence; sampled trees follow the target's
+distribution; bad tree flags are one error line."""
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import qwen3_14b_speculative_demo as demo
+from c2c import cache as kv
+from c2c.engine import SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.fuser import C2CFuser, KVShape
+from c2c.sampling import SamplingConfig, probabilities
+from c2c.tree import TreeShape
+from tests import tiny
+
+PROMPTS = ([5, 9, 33, 7, 100, 2], [17, 4], [250, 251, 252, 3, 3, 3, 40, 41])
+SHAPES = [(4, 4, 1), (6, 3, 2), (8, 4, 2), (16, 5, 3), (32, 6, 4), (12, 2, 6), (9, 9, 1)]
+
+
+def spec(shape, max_new=30, **kw) -> SpecConfig:
+    return SpecConfig(gamma=4, max_new_tokens=max_new, tree=TreeShape(*shape) if shape else None, **kw)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_greedy_tree_output_is_the_targets(target, draft, fuser, shape, fused):
+    for prompt in PROMPTS:
+        want = standard_generate(target, prompt, 30, SamplingConfig(), set()).output_ids
+        got = SpeculativeDecoder(target, draft, spec(shape), SamplingConfig(), set(), fuser=fuser if fused else None).generate(prompt)
+        assert got.output_ids == want, (shape, prompt)
+        assert got.counters.nodes_verified <= shape[0] * got.counters.rounds
+
+
+def test_a_tree_with_top_k_one_is_the_chain(target, draft, fuser):
+    for prompt, max_new in itertools.product(PROMPTS, (30, 7, 3)):
+        chain = SpeculativeDecoder(target, draft, SpecConfig(gamma=4, max_new_tokens=max_new), SamplingConfig(), set(),
+                                   fuser=fuser).generate(prompt)
+        as_tree = SpeculativeDecoder(target, draft, spec((4, 4, 1), max_new), SamplingConfig(), set(), fuser=fuser).generate(prompt)
+        assert as_tree.output_ids == chain.output_ids
+        for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens",
+                     "drafted_at", "accepted_at", "tokens_per_round"):
+            assert getattr(as_tree.counters, name) == getattr(chain.counters, name), name
+
+
+def test_end_of_sequence_inside_a_tree_stops_the_output(target, draft, fuser):
+    prompt = PROMPTS[0]
+    free = standard_generate(target, prompt, 30, SamplingConfig(), set()).output_ids
+    eos = {free[5]}
+    want = standard_generate(target, prompt, 30, SamplingConfig(), eos).output_ids
+    got = SpeculativeDecoder(target, draft, spec((16, 5, 3)), SamplingConfig(), eos, fuser=fuser).generate(prompt)
+    assert got.output_ids == want and got.output_ids[-1] in eos
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_after_every_round_the_caches_hold_the_committed_sequence(target, draft, fuser, fused):
+    """The target cache equals a fresh prefill of the committed tokens but the pending one; without
+    fusion the draft cache equals a fresh draft prefill of what it holds (1e-5). With fusion the
+    draft's own K/V at generated positions were made over the fused prefix, so only its length is checked."""
+    prompt, seen = PROMPTS[0], []
+    decoder = SpeculativeDecoder(target, draft, spec((16, 5, 3), 24), SamplingConfig(), set(), fuser=fuser if fused else None)
+
+    def check(info):
+        seq = prompt + decoder_out()
+        t_len, d_len = kv.length(decoder.target_cache), kv.length(decoder.draft_cache)
+        assert t_len == info.committed - 1 and d_len <= info.committed
+        ids = torch.tensor([seq[:t_len]])
+        fresh = kv.new_cache(target)
+        kv.forward(target, ids, fresh, 0)
+        for layer in range(kv.num_layers(fresh)):
+            for a, b in zip(kv.read_kv(fresh, layer, 0, t_len), kv.read_kv(decoder.target_cache, layer, 0, t_len)):
+                assert torch.allclose(a, b, atol=1e-5), layer
+        if not fused:
+            fresh = kv.new_cache(draft)
+            kv.forward(draft, torch.tensor([seq[:d_len]]), fresh, 0)
+            for layer in range(kv.num_layers(fresh)):
+                for a, b in zip(kv.read_kv(fresh, layer, 0, d_len), kv.read_kv(decoder.draft_cache, layer, 0, d_len)):
+                    assert torch.allclose(a, b, atol=1e-5), layer
+        seen.append(info.round)
+
+    emitted: list[int] = []
+
+    def decoder_out():
+        return emitted
+
+    def hook(info):
+        emitted.extend(info.tokens)
+        check(info)
+
+    decoder.on_round = hook
+    result = decoder.generate(prompt)
+    assert emitted == result.output_ids and len(seen) == result.counters.rounds + 1
+
+
+def odd_pair():
+    """A pair with unusual shapes: 3 query heads over 3 KV heads in the target, 5 over 1 in the draft,
+    a 3-layer draft under a 5-layer target (the layer map is offset by 2)."""
+    def model(layers, heads, kv_heads, head_dim, seed):
+        torch.manual_seed(seed)
+        config = Qwen3Config(vocab_size=tiny.VOCAB, hidden_size=60, intermediate_size=96, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                             max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, pad_token_id=None,
+                             eos_token_id=tiny.eos_ids())
+        return Qwen3ForCausalLM(config).eval().requires_grad_(False)
+
+    target, draft = model(5, 3, 3, 20, 11), model(3, 5, 1, 12, 12)
+    torch.manual_seed(13)
+    fuser = C2CFuser.create(KVShape.of(draft.config), KVShape.of(target.config), hidden_dim=16, intermediate_dim=16)
+    for p in fuser.projectors:
+        p.key_gate_logit.data.fill_(1.0)
+        p.value_gate_logit.data.fill_(1.0)
+    return target, draft, fuser.eval().requires_grad_(False)
+
+
+def test_unusual_shapes_and_an_offset_layer_map_stay_lossless():
+    target, draft, fuser = odd_pair()
+    assert min(s for s, _ in fuser.layer_map.values()) > 0  # the map is offset
+    for shape in ((8, 4, 2), (20, 5, 4)):
+        for prompt in PROMPTS:
+            want = standard_generate(target, prompt, 20, SamplingConfig(), set()).output_ids
+            for f in (None, fuser):
+                got = SpeculativeDecoder(target, draft, spec(shape, 20), SamplingConfig(), set(), fuser=f).generate(prompt)
+                assert got.output_ids == want
+
+
+def test_sampled_trees_follow_the_targets_distribution():
+    """The first two sampled tokens of a tiny 6-token-vocabulary pair, over 3,000 seeded runs, against
+    the target's exact two-step distribution (enumerated). Chi-square, 35 degrees of freedom: the
+    1e-4 critical value is 76 (a correct sampler fails with odds 1e-4; seeded, so the outcome is fixed)."""
+    V = 6
+
+    def model(layers, seed):
+        torch.manual_seed(seed)
+        config = Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                             tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=None)
+        m = Qwen3ForCausalLM(config).eval().requires_grad_(False)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(8.0)  # sharper distributions: some tokens likely, some not
+        return m
+
+    target, draft = model(2, 1), model(1, 2)
+    sampling = SamplingConfig(temperature=1.0)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        first = probabilities(target(input_ids=torch.tensor([prompt])).logits[0, -1], sampling)
+        joint = torch.stack([probabilities(target(input_ids=torch.tensor([prompt + [a]])).logits[0, -1], sampling) * first[a]
+                             for a in range(V)])  # (V, V)
+    decoder = SpeculativeDecoder(target, draft, spec((6, 3, 2), 3), sampling, set(), generator=torch.Generator().manual_seed(0))
+    n = 3000
+    counts = Counter(tuple(decoder.generate(prompt).output_ids[:2]) for _ in range(n))
+    chi2 = sum((counts[(a, b)] - n * float(joint[a, b])) ** 2 / (n * float(joint[a, b]))
+               for a in range(V) for b in range(V) if joint[a, b] > 0)
+    assert chi2 < 76, chi2
+
+
+@pytest.mark.parametrize("flags, expected", [(["--tree_budget", "3", "--tree_depth", "4"], "--tree_budget 3 is smaller than --tree_depth 4"),
+                                             (["--tree_budget", "8", "--tree_topk", "0"], "--tree_topk must be >= 1"),
+                                             (["--tree_budget", "8", "--tree_depth", "0"], "--tree_depth must be >= 1"),
+                                             (["--tree_budget", "-1"], "--tree_budget must be >= 0"),
+                                             (["--tree_budget", "8", "--compile"], "pass --no-compile")])
+def test_bad_tree_flags_are_one_error_line(tmp_path, capsys, flags, expected):
+    rc = demo.main(["--preset", "tiny", "--threads", "1", "--output_dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_the_demo_runs_trees_and_records_them(tmp_path, capsys):
+    import json
+
+    assert demo.main(["--preset", "tiny", "--threads", "1", "--lang", "en", "--tree_budget", "12", "--tree_depth", "4",
+                      "--tree_topk", "3", "--max_new_tokens", "24", "--save_results", "--output_dir", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("results_*.json")).read_text())
+    assert data["config"]["tree"] == {"budget": 12, "depth": 4, "top_k": 3} and data["config"]["compile"] is False
+    for entry in data["prompts"]:
+        assert entry["comparison"]["outputs_match"]
+        sp = entry["speculative"]
+        assert 0 < sp["nodes_per_round"] <= 12 and sp["theoretical_speedup"] is None and sp["branching"]
+    assert "tokens/round (measured, a tree)" in capsys.readouterr().out

@@ -39,3 +39,14 @@ def test_round_ops_needs_a_gpu_for_the_real_shape_pair(capsys):
 
     assert run_main(round_ops.main, ["--synthetic", "qwen3", "--device", "cpu"]) == 2  # as the script runs it
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_verify_blocks_times_every_size_and_saves_them(tmp_path, capsys):
+    import verify_blocks
+
+    assert verify_blocks.main(["--synthetic", "tiny", "--device", "cpu", "--threads", "1", "--blocks", "1", "8", "32",
+                               "--iters", "1", "--warmup", "0", "--output_dir", str(tmp_path)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(map(int, last["ms"]["eager"])) == [1, 8, 32] and all(v > 0 for v in last["ms"]["eager"].values())
+    assert last["vs_smallest"]["eager"]["1"] == 1.0 and json.loads(Path(last["path"]).read_text())["ms"] == last["ms"]
+    assert verify_blocks.main(["--synthetic", "qwen3", "--device", "cpu", "--output_dir", str(tmp_path)]) == 2

@@ -157,7 +157,10 @@ class SpeculativePipeline:
             top_k=top_k, seed=seed, prefill_fusion=prefill_fusion and has_fuser, decode_fusion=decode_fusion and has_fuser,
             tree_budget=tree_budget, tree_depth=tree_depth, tree_topk=tree_topk,
         )
-        runner.validate(cfg)
+        try:
+            runner.validate(cfg)
+        except UserInputError as e:  # its messages name command-line flags: here they are arguments
+            raise UserInputError(str(e).replace("--", "")) from None
         session = dataclasses.replace(self.session, config=cfg)
         capped = runner.gamma_warning(gamma, max_new_tokens, arg=_arg)
         if capped:

@@ -287,5 +287,6 @@ def compact(cache: DynamicCache, keep: int, slots: torch.Tensor) -> None:
     for layer in cache.layers:
         if layer.keys is None:
             continue
-        layer.keys = torch.cat([layer.keys[:, :, :keep], layer.keys.index_select(2, slots)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :keep], layer.values.index_select(2, slots)], dim=2)
+        at = slots.to(layer.keys.device)  # layers of a model split over devices (device_map)
+        layer.keys = torch.cat([layer.keys[:, :, :keep], layer.keys.index_select(2, at)], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :keep], layer.values.index_select(2, at)], dim=2)

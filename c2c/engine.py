@@ -55,7 +55,8 @@ class Counters:
     total_accepted: int = 0
     rejections: int = 0  # rounds that ended at a rejected draft token (not all counted drafts accepted)
     fused_tokens: int = 0  # draft cache positions overwritten by the fuser (per position, all layers)
-    nodes_verified: int = 0  # tree rounds: draft nodes the target checked (a chain: its drafts)
+    nodes_verified: int = 0  # tree rounds: draft nodes the target checked (0 for chain rounds)
+    branching: bool = False  # tree rounds with top_k > 1 (a chain's closed form does not describe them)
     gamma_rounds: int | None = None  # the most drafts a round could hold on one path (gamma capped by max_new_tokens)
     drafted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was proposed
     accepted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was accepted
@@ -69,6 +70,7 @@ class Counters:
         """The sum of several runs' counters (e.g. all prompts of a benchmark repeat)."""
         total = cls(runs=0)
         for c in items:
+            total.branching = total.branching or c.branching
             for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens",
                          "nodes_verified", "runs"):
                 setattr(total, name, getattr(total, name) + getattr(c, name))
@@ -511,11 +513,11 @@ class SpeculativeDecoder:
         fed: list[torch.Tensor] = []  # grown node indices, in the order their K/V were appended after `committed`
 
         def expand(frontier: torch.Tensor, grown: trees.Tree) -> torch.Tensor:
-            seen = trees.visibility(grown.parents, shape.depth)  # (Ng, Ng)
+            seen = trees.ancestors(frontier, grown.parents, shape.depth)  # (F, Ng): each frontier node's line
             before = torch.cat(fed) if fed else frontier[:0]
             F = frontier.shape[0]
             allowed = torch.cat([torch.ones(F, committed, dtype=torch.bool, device=frontier.device),
-                                 seen.index_select(0, frontier).index_select(1, before),
+                                 seen.index_select(1, before),
                                  torch.eye(F, dtype=torch.bool, device=frontier.device)], dim=1)
             mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=frontier.device).masked_fill(
                 ~allowed, torch.finfo(mask_dtype).min).view(1, 1, F, -1)
@@ -533,7 +535,8 @@ class SpeculativeDecoder:
         n_nodes = len(kept)
         block = torch.cat([pending.view(1), kept.tokens]).view(1, -1).to(self.target_device)
         positions = (committed - 1 + torch.cat([kept.depths.new_zeros(1), kept.depths])).view(1, -1).to(self.target_device)
-        mask = trees.verify_mask(kept.parents, committed - 1, self.target.get_input_embeddings().weight.dtype)
+        seen = trees.visibility(kept.parents, shape.depth)  # (N, N), for the mask and the walk
+        mask = trees.verify_mask(kept.parents, committed - 1, self.target.get_input_embeddings().weight.dtype, seen)
         logits = kv.forward_masked(self.target, block, self.target_cache, positions, mask.to(self.target_device))  # (1, N+1, V)
         self.counters.target_calls += 1
         self.counters.nodes_verified += n_nodes
@@ -546,7 +549,7 @@ class SpeculativeDecoder:
             uniforms = torch.rand(shape.depth + 1, device=self.device, generator=self.generator)
             choice = trees.sample_choices(probabilities(target_logits, self.sampling), uniforms,
                                           torch.cat([kept.depths.new_zeros(1), kept.depths]))
-        decided = trees.walk(kept.tokens, kept.parents, kept.depths, choice, shape.depth)  # (depth+2,)
+        decided = trees.walk(kept.tokens, kept.parents, kept.depths, choice, shape.depth, seen)  # (depth+2,)
         fed_all = torch.cat(fed) if fed else grown_index[:0]
         host = torch.cat([decided, kept.tokens, kept.parents, grown_index, fed_all]).tolist()  # sync: the round's one host read
         width = shape.depth + 2
@@ -574,8 +577,15 @@ class SpeculativeDecoder:
     def generate(self, prompt_ids: list[int]) -> GenerationResult:
         spec, c = self.spec, Counters()
         self.counters = c
-        if spec.tree is not None and self.compiled:
-            raise UserInputError("tree rounds run eager for now (dynamic caches): pass --no-compile with --tree_budget")
+        if spec.tree is not None:
+            if self.compiled:
+                raise UserInputError("tree rounds run eager for now (dynamic caches): pass --no-compile with --tree_budget")
+            for role, model in (("target", self.target), ("draft", self.draft)):
+                impl = getattr(model.config, "_attn_implementation", None) or "eager"
+                if impl not in ("eager", "sdpa"):
+                    raise UserInputError(f"tree rounds need attention that takes a tree mask (eager or sdpa); the {role} "
+                                         f"runs {impl!r}: load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
+            c.branching = spec.tree.top_k > 1
         longest = spec.tree.depth if spec.tree is not None else spec.gamma
         width = max(0, min(longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
         c.drafted_at, c.accepted_at = [0] * width, [0] * width
@@ -633,7 +643,8 @@ class SpeculativeDecoder:
                                                                                      shape, clock)
                 n, path = decision[0], decision[1 : 1 + decision[0]]
                 g = shape.depth
-                drafted_ids = trees.first_choices(tokens, parents)  # the draft's own greedy path: a chain's drafts
+                drafted_ids = trees.drafted_path(tokens, parents, path)  # the taken path, then the draft's first choices
+                g = len(drafted_ids)
                 new_tokens = [tokens[i] for i in path] + [decision[-1]]
                 committed += n + 1
                 pending = token
@@ -660,9 +671,9 @@ class SpeculativeDecoder:
                     feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
                 pending = token
             # 5. record (drafts after an end-of-sequence token are never counted), emit up to the first one
+            # (a tree's drafted_ids are its taken path then the draft's first choices: the same rule as a chain's)
             counted = next((k + 1 for k, t in enumerate(drafted_ids) if t in self.eos_ids), g)
-            accepted = min(n, next((k + 1 for k, t in enumerate(new_tokens[:n]) if t in self.eos_ids), n))
-            counted = max(counted, accepted)  # a tree's path may leave the draft's first choices (a chain: equal)
+            accepted = min(n, counted)
             emitted = len(out)
             for t in new_tokens:
                 out.append(t)

@@ -84,7 +84,7 @@ def round_statistics(c: Counters, gamma: int, target_step: float | None = None) 
     alpha = acceptance_probability(c.total_accepted, c.rejections)
     cost_ratio = _safe_div(draft_step, target_step) if draft_step and target_step else None
     per_round = expected_tokens_per_round(alpha, gamma) if alpha is not None else None
-    branching = c.nodes_verified > c.total_drafted  # tree rounds: more nodes checked than a chain would draft
+    branching = c.branching  # tree rounds with top_k > 1
     if branching:  # the chain's closed form does not describe a tree: the prediction uses what the rounds gave
         per_round = _safe_div(sum(k * v for k, v in c.tokens_per_round.items()), c.rounds)
     return {
@@ -141,7 +141,7 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
         "overhead_time": max(result.latency - draft_time - target_time - fusion_time, 0.0),
         "fused_tokens": c.fused_tokens,
         "nodes_verified": c.nodes_verified,
-        "nodes_per_round": _safe_div(c.nodes_verified, c.rounds),
+        "nodes_per_round": _safe_div(c.nodes_verified, c.rounds) if c.nodes_verified else None,
         "prefill_time": prefill,
         "gamma": stats["gamma"],
         "gamma_requested": gamma,

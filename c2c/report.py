@@ -100,7 +100,9 @@ class Report:
             f"{L['draft']}: {config['draft_model']}",
             f"{L['target']}: {config['target_model']}",
             f"{L['fuser']}: {config['fuser_checkpoint']}  |  {L['fusion']}: {fusion}",
-            f"gamma: {config['gamma']}  |  max_new_tokens: {config['max_new_tokens']}  |  {L['sampling']}: {sampling}",
+            (f"tree: budget {config['tree']['budget']}, depth {config['tree']['depth']}, top_k {config['tree']['top_k']}"
+             if config.get("tree") else f"gamma: {config['gamma']}")
+            + f"  |  max_new_tokens: {config['max_new_tokens']}  |  {L['sampling']}: {sampling}",
             f"{L['device']}: {config['device']} ({config['dtype']}, threads {config.get('threads')})  |  {L['prompts']}: {num_prompts}",
             RULE,
         ]
@@ -141,7 +143,8 @@ class Report:
         return (
             f"{L['predicted']}: {_f(m['predicted_speedup'], '.2f', 'x')} = {per_round} "
             f"{_f(m['expected_tokens_per_round'], '.2f')} x target step {1000 * m['target_step_time']:.2f} ms / round "
-            f"{1000 * m['round_time']:.2f} ms (alpha={_f(m['acceptance_probability'], '.3f')}, gamma={m['gamma']}) | "
+            f"{1000 * m['round_time']:.2f} ms (alpha={_f(m['acceptance_probability'], '.3f')}, "
+            f"{'depth' if m.get('branching') else 'gamma'}={m['gamma']}) | "
             f"{L['theory']}: {_f(m['theoretical_speedup'], '.2f', 'x')} (c={_f(m['cost_ratio_c'], '.3f')})"
         )
 

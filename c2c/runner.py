@@ -129,11 +129,11 @@ FIRST_CONTACT = ("--preset tiny runs a small shipped pair offline on this CPU no
                  "--base_model/--teacher_model; CPU-only machines: install the CPU build of torch first, README quick start)")
 
 
-def gamma_warning(gamma: int, max_new_tokens: int, arg=flag) -> str | None:
-    """The warning for a gamma no round can hold, in the caller's terms (None when it fits)."""
+def gamma_warning(gamma: int, max_new_tokens: int, arg=flag, name: str = "gamma") -> str | None:
+    """The warning for a gamma (or tree depth, `name`) no round can hold, in the caller's terms (None when it fits)."""
     if gamma <= max_new_tokens - 2:
         return None
-    return (f"{arg('gamma')} {gamma} exceeds what {arg('max_new_tokens')} {max_new_tokens} allows: a round drafts at most "
+    return (f"{arg(name)} {gamma} exceeds what {arg('max_new_tokens')} {max_new_tokens} allows: a round drafts at most "
             f"{max(max_new_tokens - 2, 0)} tokens (the first token comes from the prefill, the last from the target), "
             "and every figure uses that gamma")
 
@@ -143,7 +143,8 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
     model that can't be loaded or is too large for the CPU gets `first_contact` (what to do now) added
     to its error; `arg` names settings in messages (flags here, argument names from the API)."""
     validate(cfg)
-    warning = gamma_warning(cfg.gamma, cfg.max_new_tokens, arg)
+    warning = gamma_warning(cfg.tree_depth if cfg.tree_budget else cfg.gamma, cfg.max_new_tokens, arg,
+                            "tree_depth" if cfg.tree_budget else "gamma")
     if warning:
         log(f"WARNING: {warning}")
     device = resolve_device(cfg.device)

@@ -46,11 +46,6 @@ class TreeShape:
             raise UserInputError(f"--tree_budget {self.budget} is smaller than --tree_depth {self.depth}: a tree of "
                                  f"depth {self.depth} needs at least {self.depth} nodes; raise --tree_budget or lower --tree_depth")
 
-    def capped(self, room: int) -> "TreeShape":
-        """This shape for a round with room for at most `room` drafted tokens on a path (max_new_tokens)."""
-        depth = max(0, min(self.depth, room))
-        return TreeShape(max(depth, min(self.budget, depth * self.top_k ** 2)), depth, self.top_k) if depth else self
-
 
 @dataclass
 class Tree:
@@ -67,6 +62,7 @@ def children(parent_scores: torch.Tensor, logprobs: torch.Tensor, top_k: int) ->
     """The top_k children of each of F expanded nodes: parent_scores (F,), logprobs (F, V) the draft's
     log-probabilities after each. Returns (which parent (F*k,), token (F*k,), score (F*k,)), best first
     per parent."""
+    top_k = min(top_k, logprobs.shape[-1])  # a vocabulary smaller than top_k: every token
     values, tokens = torch.topk(logprobs.float(), top_k, dim=-1)  # (F, k)
     F = logprobs.shape[0]
     which = torch.arange(F, device=logprobs.device).repeat_interleave(top_k)  # (F*k,)
@@ -122,14 +118,28 @@ def visibility(parents: torch.Tensor, depth: int | None = None) -> torch.Tensor:
     return rows
 
 
-def verify_mask(parents: torch.Tensor, held: int, dtype: torch.dtype) -> torch.Tensor:
+def ancestors(nodes: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """(F, N) bool: for each of `nodes` (F,), itself and its ancestors among the N nodes; `depth` steps
+    up at most. On the device; F x N, not N x N, for a large grown tree."""
+    F, n = nodes.shape[0], parents.shape[0]
+    rows = torch.zeros(F, n, dtype=torch.bool, device=parents.device)
+    index = torch.arange(F, device=parents.device)
+    up = nodes.clone()
+    for _ in range(depth + 1):
+        rows[index, up.clamp_min(0)] |= up >= 0
+        up = torch.where(up >= 0, parents.index_select(0, up.clamp_min(0)), up)
+    return rows
+
+
+def verify_mask(parents: torch.Tensor, held: int, dtype: torch.dtype, seen: torch.Tensor | None = None) -> torch.Tensor:
     """(1, 1, N+1, held+N+1) additive mask for the target's verify of [root, nodes]: every query sees
     the `held` committed positions in the cache; the root sees itself; node i the root, its ancestors
-    and itself. 0 where allowed, dtype's min elsewhere (eager attention adds the mask)."""
+    and itself. 0 where allowed, dtype's min elsewhere (eager attention adds the mask). `seen`:
+    visibility(parents), when the caller has it."""
     n = parents.shape[0]
     allowed = torch.zeros(n + 1, held + n + 1, dtype=torch.bool, device=parents.device)
     allowed[:, : held + 1] = True  # the prefix and the root
-    allowed[1:, held + 1 :] = visibility(parents)
+    allowed[1:, held + 1 :] = visibility(parents) if seen is None else seen
     return torch.zeros(allowed.shape, dtype=dtype, device=parents.device).masked_fill(~allowed, torch.finfo(dtype).min).view(
         1, 1, n + 1, held + n + 1)
 
@@ -154,15 +164,18 @@ def walk(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, choi
     return torch.cat([accepted.view(1), path, choice.index_select(0, last.view(1))])
 
 
-def first_choices(tokens: list[int], parents: list[int]) -> list[int]:
-    """The draft's own greedy path through a kept tree (host lists): from the root, each node's first
-    child (children are kept best first). For a chain, its drafts."""
-    path, node = [], -1
+def drafted_path(tokens: list[int], parents: list[int], path: list[int]) -> list[int]:
+    """What the round drafted along the way the target went (host lists): the accepted path's tokens,
+    then from its last node (or the root) down the draft's first choices (children are kept best
+    first). So position len(path) is the draft's guess the target rejected, as in a chain's drafts;
+    for a chain (top_k 1) it is exactly the chain's drafts."""
+    out = [tokens[i] for i in path]
+    node = path[-1] if path else -1
     for i, p in enumerate(parents):
         if p == node:
-            path.append(tokens[i])
+            out.append(tokens[i])
             node = i
-    return path
+    return out
 
 
 def sample_choices(probs: torch.Tensor, uniforms: torch.Tensor, depths_with_root: torch.Tensor) -> torch.Tensor:

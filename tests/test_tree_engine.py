@@ -181,3 +181,53 @@ def test_the_demo_runs_trees_and_records_them(tmp_path, capsys):
         sp = entry["speculative"]
         assert 0 < sp["nodes_per_round"] <= 12 and sp["theoretical_speedup"] is None and sp["branching"]
     assert "tokens/round (measured, a tree)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.9, top_k=50, seed=3)])
+def test_tree_round_records_replay_the_output(settings):
+    """--save_rounds / rounds=True: for a tree, drafted_ids are the path the target took, then the
+    draft's first choices below it, so the records keep the chain's meaning (tests/test_stream.check_rounds)."""
+    from c2c import api
+    from tests.test_stream import check_rounds
+
+    pipe = api.SpeculativePipeline.from_preset("arith", fuser="preset", threads=1)
+    for prompt in ("123+456=", "461+353+981+148="):
+        out = pipe.generate(prompt, max_new_tokens=40, rounds=True, tree_budget=16, tree_depth=5, tree_topk=3, **settings)
+        check_rounds(out.rounds, out.ids)
+        assert sum(r["drafted"] for r in out.rounds) == out.metrics["total_drafted"]
+        assert sum(r["accepted"] for r in out.rounds) == out.metrics["total_accepted"]
+
+
+def test_an_end_of_sequence_token_on_a_rejected_branch_counts_nothing(target, draft):
+    """A branch the target did not take may hold an end-of-sequence token: it must not cut what the
+    round drafted along the way the target went (a rejection hidden that way would raise alpha)."""
+    prompt = PROMPTS[0]
+    rounds = []
+    for eos in (set(), {119}):
+        records = []
+        decoder = SpeculativeDecoder(target, draft, spec((16, 5, 3)), SamplingConfig(), eos, on_round=lambda i: records.append(i))
+        result = decoder.generate(prompt)
+        rounds.append((result, records))
+    (free, free_records), (cut, cut_records) = rounds
+    first_free, first_cut = free_records[1], cut_records[1]
+    if 119 not in first_cut.tokens:  # the end-of-sequence id is not on the path taken: the round counts alike
+        assert (first_cut.drafted, first_cut.accepted) == (first_free.drafted, first_free.accepted)
+    assert cut.counters.total_accepted <= cut.counters.total_drafted
+    assert cut.counters.rejections == sum(1 for r in cut_records[1:] if r.accepted < r.drafted)
+
+
+def test_top_k_beyond_the_vocabulary_takes_every_token(tmp_path):
+    assert demo.main(["--preset", "arith", "--threads", "1", "--tree_budget", "300", "--tree_depth", "2",
+                      "--tree_topk", "400", "--max_new_tokens", "12", "--output_dir", str(tmp_path)]) == 0
+
+
+def test_attention_without_custom_masks_is_an_error_for_trees(target, draft):
+    from c2c.errors import UserInputError
+
+    original = target.config._attn_implementation
+    target.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(UserInputError, match="tree rounds need attention that takes a tree mask"):
+            SpeculativeDecoder(target, draft, spec((8, 4, 2)), SamplingConfig(), set()).generate(PROMPTS[0])
+    finally:
+        target.config._attn_implementation = original

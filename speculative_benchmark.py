@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target")
     p.add_argument("--fuser_checkpoint", default=None, help=f"as in the demo (default {DEFAULT_FUSER}); fused modes need one")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6, 8])
+    p.add_argument("--trees", nargs="*", default=[], metavar="BUDGET,DEPTH,TOPK",
+                   help="tree shapes each speculative mode also runs (e.g. 32,4,4 16,5,3), eager: not with --compile")
     p.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES))
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode and gamma")
@@ -100,6 +102,9 @@ def run(args, argv) -> int:
         raise UserInputError("--gammas and --max_new_tokens must be >= 1, --repeats >= 1, --warmup >= 0")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserInputError(f"--num_prompts must be >= 1 (or left out for all prompts), got {args.num_prompts}")
+    trees = [parse_tree(text) for text in args.trees]
+    if trees and args.compile:
+        raise UserInputError("--trees run eager for now: drop --compile (or benchmark the trees in a run of their own)")
     check_output_dir(args.output_dir)  # before the sweep, not after it
     if args.compile and args.warmup == 0:
         print("warning: --compile with --warmup 0: the timed runs include compilation and CUDA graph recording, "
@@ -120,21 +125,23 @@ def run(args, argv) -> int:
         print("warning: eager PyTorch on a GPU is launch-bound (the 0.6B draft step costs about as much as the 14B "
               "step), so our eager rows are not the fast path's speed: add --compile", file=sys.stderr)
     ids = [runner.encode(session, p) for p in prompts]
-    for warning in runner.check_context(session, ids, args.max_new_tokens, max(gammas)):
+    for warning in runner.check_context(session, ids, args.max_new_tokens, max(gammas + [t.depth for t in trees])):
         print(warning, file=sys.stderr)
     modes, skipped = benchmark.available_modes(requested, session.fuser is not None)
     for mode, why in skipped.items():
         print(f"warning: mode {mode} skipped: {why}", file=sys.stderr)
     if not modes:
         raise UserInputError("no mode left to run (" + "; ".join(f"{m}: {w}" for m, w in skipped.items()) + ")")
-    plan = [(m, g) for m in modes for g in ([gammas[0]] if m in GAMMA_FREE else gammas)]
+    plan = [(m, g, None) for m in modes for g in ([gammas[0]] if m in GAMMA_FREE else gammas)]
+    plan += [(m, gammas[0], t) for m in modes if m.startswith("speculative") for t in trees]
     plan.sort(key=lambda item: item[0] != "target")  # the target first: its step time feeds the predictions
     bar = tqdm(total=len(plan) * len(ids) * args.repeats, desc="benchmark", unit="run", file=sys.stderr)
     rows, target_step = [], None
-    for mode, gamma in plan:
-        bar.set_postfix(mode=mode, gamma=gamma)
+    for mode, gamma, tree in plan:
+        bar.set_postfix(mode=mode, gamma=gamma if tree is None else f"tree {tree.budget}/{tree.depth}/{tree.top_k}")
         rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update,
-                                      target_step=target_step, save_rounds=args.save_rounds, room_gamma=max(gammas)))
+                                      target_step=target_step, save_rounds=args.save_rounds,
+                                      room_gamma=max(gammas + [t.depth for t in trees]), tree=tree))
         target_step = rows[-1].get("target_step_time", target_step)
     bar.close()
     benchmark.compare_to_target(rows)
@@ -160,6 +167,17 @@ def run(args, argv) -> int:
     keys = ("mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
     print(json.dumps({"results": [{k: r.get(k) for k in keys} for r in rows], "output_dir": str(out)}, separators=(",", ":")))
     return 0
+
+
+def parse_tree(text: str):
+    """'32,4,4' -> TreeShape(budget 32, depth 4, top_k 4), or one error line naming the fix."""
+    from c2c.tree import TreeShape
+
+    try:
+        budget, depth, top_k = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserInputError(f"--trees takes BUDGET,DEPTH,TOPK shapes such as 32,4,4, got {text!r}") from None
+    return TreeShape(budget, depth, top_k)
 
 
 def write_outputs(results: dict, rows: list[dict], table: str, out: Path, stamp: str, plots: bool) -> Path:

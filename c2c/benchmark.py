@@ -9,6 +9,7 @@ Modes:
   speculative          ours, no fusion
   speculative_fused    ours, prefill and decode fusion (needs a fuser)
   speculative_prefill, speculative_decode   one fusion kind only (needs a fuser)
+With `--trees`, each speculative mode also runs tree rounds of each shape (rows with `tree`, gamma null).
 
 Every run starts with fresh caches. Greedy only: outputs are compared with the target's ids.
 This module measures; `speculative_benchmark.py` parses flags and writes files.
@@ -26,6 +27,7 @@ from . import metrics
 from . import runner
 from .engine import HOOK_PHASE, Counters, GenerationResult, SpecConfig, sync_device
 from .runner import Session
+from .tree import TreeShape
 
 GAMMA_FREE = ("target", "hf_generate", "hf_assisted_default")
 FUSED = {"speculative_fused": (True, True), "speculative_prefill": (True, False), "speculative_decode": (False, True)}
@@ -68,13 +70,15 @@ def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
     return None
 
 
-def mode_spec(session: Session, mode: str, gamma: int, max_new_tokens: int) -> SpecConfig:
-    """A speculative mode's settings; `speculative` is the fused modes' decoder with both fusion kinds off."""
+def mode_spec(session: Session, mode: str, gamma: int, max_new_tokens: int, tree: TreeShape | None = None) -> SpecConfig:
+    """A speculative mode's settings; `speculative` is the fused modes' decoder with both fusion kinds off;
+    `tree`: tree rounds of that shape instead of a chain of gamma."""
     prefill, decode = FUSED.get(mode, (False, False))
-    return SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt)
+    return SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt, tree)
 
 
-def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int, on_round=None) -> Run:
+def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int, on_round=None,
+             tree: TreeShape | None = None) -> Run:
     """One fresh run of `mode`."""
     with torch.inference_mode():
         if mode == "target":
@@ -82,7 +86,7 @@ def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_to
         elif mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
             return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
         else:
-            r = runner.decoder(session, mode_spec(session, mode, gamma, max_new_tokens), on_round=on_round).generate(ids)
+            r = runner.decoder(session, mode_spec(session, mode, gamma, max_new_tokens, tree), on_round=on_round).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -92,7 +96,8 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
     return [m for m in requested if m not in skipped], skipped
 
 
-def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int, room_gamma: int) -> None:
+def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int, room_gamma: int,
+            tree: TreeShape | None = None) -> None:
     """Untimed: a short run of the first prompt (a full-size round at least). Compiling: full-length
     runs of the first prompt of each static cache size, plus a forced-accept run that meets every
     compiled shape, so that the timed runs compile and record nothing. Lengths stop at the context
@@ -100,15 +105,15 @@ def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     tokens = runner.warm_tokens(session, max_new_tokens, gamma, 16)
     for ids in runner.warm_prompts(session, prompts, max_new_tokens, gamma, room_gamma):
         length = min(tokens, runner.context_room(session, len(ids), max_new_tokens, room_gamma))
-        run_once(session, mode, ids, gamma, length)
+        run_once(session, mode, ids, gamma, length, tree=tree)
         if mode.startswith("speculative"):
             with torch.inference_mode():
-                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, length))
+                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, length, tree))
 
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None,
-            save_rounds: bool = False, room_gamma: int | None = None) -> dict:
+            save_rounds: bool = False, room_gamma: int | None = None, tree: TreeShape | None = None) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
     (the first may still include lazy initialisation or compilation the warm-up did not reach).
     `target_step`: the target mode's seconds per token, for the speculative modes' prediction.
@@ -120,7 +125,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     room_gamma = gamma if room_gamma is None else room_gamma
     lengths = [runner.context_room(session, len(ids), max_new_tokens, room_gamma) for ids in prompts]
     for _ in range(warmup):
-        warm_up(session, mode, prompts, gamma, max_new_tokens, room_gamma)
+        warm_up(session, mode, prompts, gamma, max_new_tokens, room_gamma, tree)
     repeat_totals, ttfts, rounds = [], [], []
     recording = save_rounds and mode.startswith("speculative")
     for repeat in range(repeats):
@@ -130,7 +135,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
             if recording and repeat == repeats - 1:
                 rounds.append([])
                 hook = lambda info, into=rounds[-1]: into.append(info.record())  # noqa: E731
-            run = run_once(session, mode, ids, gamma, length, on_round=hook)
+            run = run_once(session, mode, ids, gamma, length, on_round=hook, tree=tree)
             latency += run.latency
             tokens += len(run.output_ids)
             if run.ttft is not None:
@@ -142,7 +147,8 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     tps = [tok / lat for lat, tok in repeat_totals]
     row = {
         "mode": mode,
-        "gamma": None if mode in GAMMA_FREE else gamma,
+        "gamma": None if mode in GAMMA_FREE or tree is not None else gamma,
+        "tree": {"budget": tree.budget, "depth": tree.depth, "top_k": tree.top_k} if tree is not None else None,
         "context_capped_prompts": sum(n < max_new_tokens for n in lengths),
         "latency": median(latencies),
         "tokens_per_second": median(tps),
@@ -199,6 +205,12 @@ def compare_to_target(rows: list[dict]) -> None:
         row["speedup_vs_target"] = row["tokens_per_second"] / reference["tokens_per_second"]
 
 
+def tree_label(row: dict) -> str:
+    """'tree 32/4/4' (budget/depth/top_k) for a tree row, '' otherwise."""
+    t = row.get("tree")
+    return f"tree {t['budget']}/{t['depth']}/{t['top_k']}" if t else ""
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| mode | gamma | tokens/s | latency (s) | speedup vs target | accepted length | acceptance rate | "
             "acceptance prob. | predicted | overhead | outputs match |")
@@ -206,7 +218,7 @@ def markdown_table(rows: list[dict]) -> str:
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {fmt(r['gamma'], 'd')} | {r['tokens_per_second']:.1f} | {r['latency']:.3f} | "
+            f"| {r['mode']} | {tree_label(r) or fmt(r['gamma'], 'd')} | {r['tokens_per_second']:.1f} | {r['latency']:.3f} | "
             f"{fmt(r.get('speedup_vs_target'), '.2f')} | {fmt(r.get('average_accepted_length'), '.2f')} | "
             f"{fmt(r.get('acceptance_rate'), '.3f')} | {fmt(r.get('acceptance_probability'), '.3f')} | "
             f"{fmt(r.get('predicted_speedup'), '.2f')} | "

@@ -30,11 +30,11 @@ LABELS = {
     "en": {"legend": "legend", "draft": "draft tokens the target accepted", "correction": "the target's correction",
            "bonus": "the target's bonus token (all drafts accepted; or the first token)",
            "rounds": "(each round ends with the target's token)", "standard": "standard (target only):",
-           "speculative": "speculative (gamma {gamma}):"},
+           "speculative": "speculative ({gamma}):"},
     "zh": {"legend": "图例", "draft": "目标模型接受的草稿 token", "correction": "目标模型的纠正",
            "bonus": "目标模型的奖励 token (草稿全部被接受; 或第一个 token)",
            "rounds": "(每一轮以目标模型的 token 结束)", "standard": "标准 (仅目标模型):",
-           "speculative": "推测解码 (gamma {gamma}):"},
+           "speculative": "推测解码 ({gamma}):"},
 }
 
 

@@ -96,3 +96,22 @@ def test_ctrl_c_prints_one_line_and_exits_130(bench_run, monkeypatch, tmp_path, 
     assert bench.main(args) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["interrupted (Ctrl-C): nothing was saved"]
     assert not list(tmp_path.iterdir())
+
+
+def test_tree_rows_run_beside_the_chains(tmp_path, capsys):
+    import speculative_benchmark
+
+    assert speculative_benchmark.main(["--preset", "tiny", "--gammas", "2", "--trees", "8,3,2", "--modes", "target",
+                                       "speculative", "speculative_fused", "--repeats", "1", "--warmup", "0", "--no_plots",
+                                       "--threads", "1", "--num_prompts", "2", "--max_new_tokens", "16",
+                                       "--output_dir", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("benchmark_*.json")).read_text())
+    trees = [r for r in data["rows"] if r["tree"]]
+    assert [r["mode"] for r in trees] == ["speculative", "speculative_fused"]
+    assert all(r["tree"] == {"budget": 8, "depth": 3, "top_k": 2} and r["gamma"] is None and r["outputs_match_target"]
+               for r in trees)
+    assert "| speculative | tree 8/3/2 |" in capsys.readouterr().out
+    for flags, expected in ((["--trees", "8,3"], "BUDGET,DEPTH,TOPK"), (["--trees", "8,3,2", "--compile"], "drop --compile"),
+                            (["--trees", "2,3,2"], "--tree_budget 2 is smaller than --tree_depth 3")):
+        assert speculative_benchmark.main(["--preset", "tiny", "--output_dir", str(tmp_path), *flags]) == 2
+        assert expected in capsys.readouterr().err

@@ -113,11 +113,15 @@ class RoundInfo:
     round: int = 0
     tokens: tuple[int, ...] = ()
     drafted_ids: tuple[int, ...] = ()
+    branched_at: int | None = None  # tree rounds: where the accepted path left the draft's first choices
 
     def record(self) -> dict:
         """The JSON form `--save_rounds` writes."""
-        return {"round": self.round, "drafted": self.drafted, "accepted": self.accepted, "tokens": list(self.tokens),
-                "drafted_ids": list(self.drafted_ids)}
+        out = {"round": self.round, "drafted": self.drafted, "accepted": self.accepted, "tokens": list(self.tokens),
+               "drafted_ids": list(self.drafted_ids)}
+        if self.branched_at is not None:
+            out["branched_at"] = self.branched_at
+        return out
 
 
 HOOK_PHASE = "callback"  # the on_round / on_token hook's seconds: in no round phase, out of the latency
@@ -636,6 +640,7 @@ class SpeculativeDecoder:
         while out[-1] not in self.eos_ids and len(out) < spec.max_new_tokens:
             g = min(spec.gamma, spec.max_new_tokens - len(out) - 1)
             room = spec.max_new_tokens - len(out) - 1
+            branched_at = None
             if spec.tree is not None and room >= 1:
                 # 1-4. a tree round: draft a tree, verify it in one forward, walk it, keep the path
                 shape = TreeShape(spec.tree.budget, min(spec.tree.depth, room), spec.tree.top_k)
@@ -645,6 +650,7 @@ class SpeculativeDecoder:
                 g = shape.depth
                 drafted_ids = trees.drafted_path(tokens, parents, path)  # the taken path, then the draft's first choices
                 g = len(drafted_ids)
+                branched_at = trees.branch_point(parents, path)
                 new_tokens = [tokens[i] for i in path] + [decision[-1]]
                 committed += n + 1
                 pending = token
@@ -688,7 +694,8 @@ class SpeculativeDecoder:
                 clock.lap("fusion")
             if self.on_round is not None:
                 hook(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), counted,
-                               accepted, c.rounds, tuple(out[emitted:]), tuple(drafted_ids[:counted])))
+                               accepted, c.rounds, tuple(out[emitted:]), tuple(drafted_ids[:counted]),
+                               branched_at if branched_at is not None and branched_at < accepted else None))
                 clock.lap(HOOK_PHASE)  # the hook's time: in no phase, and out of the latency
         sync_device(self.device)
         latency = time.perf_counter() - t_start - hook.seconds

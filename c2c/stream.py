@@ -1,8 +1,9 @@
 """Streamed output: each round's tokens printed as they commit, marked by where they came from.
 
-Accepted draft tokens, the target's correction (after a rejection) and the target's bonus token
-(every draft accepted, or the prefill's first token) get a colour on a terminal and bracket marks
-otherwise ([draft] <correction> {bonus}), so a log file stays readable. Every round ends with the
+Accepted draft tokens, those a tree round took from the draft's other choices (not its first), the
+target's correction (after a rejection) and the target's bonus token (every draft accepted, or the
+prefill's first token) get a colour on a terminal and bracket marks otherwise ([draft] (branch)
+<correction> {bonus}), so a log file stays readable. Every round ends with the
 target's token, which is where one round stops and the next begins. Printing happens in the
 engine's hook, whose time the engine leaves out of the latency (see engine.HookTimer).
 """
@@ -14,10 +15,10 @@ from typing import TextIO
 
 from .engine import RoundInfo
 
-KINDS = ("draft", "correction", "bonus")
-COLOURS = {"draft": "\033[32m", "correction": "\033[31;1m", "bonus": "\033[36m"}  # green, bold red, cyan
+KINDS = ("draft", "branch", "correction", "bonus")
+COLOURS = {"draft": "\033[32m", "branch": "\033[35m", "correction": "\033[31;1m", "bonus": "\033[36m"}  # green, magenta, bold red, cyan
 RESET = "\033[0m"
-BRACKETS = {"draft": ("[", "]"), "correction": ("<", ">"), "bonus": ("{", "}")}
+BRACKETS = {"draft": ("[", "]"), "branch": ("(", ")"), "correction": ("<", ">"), "bonus": ("{", "}")}
 
 
 def use_colour(out: TextIO, no_color: bool = False) -> bool:
@@ -27,11 +28,13 @@ def use_colour(out: TextIO, no_color: bool = False) -> bool:
 
 
 LABELS = {
-    "en": {"legend": "legend", "draft": "draft tokens the target accepted", "correction": "the target's correction",
+    "en": {"legend": "legend", "draft": "draft tokens the target accepted",
+           "branch": "accepted from the draft's other choices (tree rounds)", "correction": "the target's correction",
            "bonus": "the target's bonus token (all drafts accepted; or the first token)",
            "rounds": "(each round ends with the target's token)", "standard": "standard (target only):",
            "speculative": "speculative ({gamma}):"},
-    "zh": {"legend": "图例", "draft": "目标模型接受的草稿 token", "correction": "目标模型的纠正",
+    "zh": {"legend": "图例", "draft": "目标模型接受的草稿 token", "branch": "来自草稿其他候选的已接受 token (树推测)",
+           "correction": "目标模型的纠正",
            "bonus": "目标模型的奖励 token (草稿全部被接受; 或第一个 token)",
            "rounds": "(每一轮以目标模型的 token 结束)", "standard": "标准 (仅目标模型):",
            "speculative": "推测解码 ({gamma}):"},
@@ -98,8 +101,9 @@ class StreamPrinter:
 
     def round(self, info: RoundInfo) -> None:
         tokens = list(info.tokens)
-        drafts = tokens[: info.accepted]
-        self._piece("draft", self.text.push(drafts))
+        split = info.accepted if info.branched_at is None else info.branched_at  # a tree's other choices from here
+        self._piece("draft", self.text.push(tokens[:split]))
+        self._piece("branch", self.text.push(tokens[split : info.accepted]))
         rest = tokens[info.accepted:]
         if rest:  # the target's own token (absent when an end-of-sequence token ended the drafts)
             kind = "correction" if info.accepted < info.drafted else "bonus"

@@ -178,6 +178,15 @@ def drafted_path(tokens: list[int], parents: list[int], path: list[int]) -> list
     return out
 
 
+def branch_point(parents: list[int], path: list[int]) -> int | None:
+    """Where an accepted path (host node indices) leaves the draft's first choices: the index of its
+    first node that is not its parent's first child (children are kept best first), else None."""
+    first: dict[int, int] = {}
+    for i, p in enumerate(parents):
+        first.setdefault(p, i)
+    return next((k for k, node in enumerate(path) if first[parents[node]] != node), None)
+
+
 def sample_choices(probs: torch.Tensor, uniforms: torch.Tensor, depths_with_root: torch.Tensor) -> torch.Tensor:
     """The target's draw at the root and every node by inverse CDF: probs (N+1, V) the warped
     distributions, uniforms (max_depth+1,) drawn once per round, one per depth (only one node per

@@ -231,3 +231,21 @@ def test_attention_without_custom_masks_is_an_error_for_trees(target, draft):
             SpeculativeDecoder(target, draft, spec((8, 4, 2)), SamplingConfig(), set()).generate(PROMPTS[0])
     finally:
         target.config._attn_implementation = original
+
+
+def test_the_stream_marks_tokens_from_the_drafts_other_choices():
+    import io
+
+    from c2c import api
+
+    pipe = api.SpeculativePipeline.from_preset("arith", threads=1)
+    sink = io.StringIO()
+    out = pipe.generate("461,353,", max_new_tokens=40, rounds=True, stream=sink, color=False,
+                        tree_budget=16, tree_depth=5, tree_topk=3)
+    written = sink.getvalue().split("\n", 1)[1]
+    assert "(" in written  # at least one round took a branch that was not the draft's first choice
+    plain = "".join(ch for ch in written if ch not in "[](){}<>\n")
+    assert plain == out.text
+    for r in out.rounds[1:]:
+        if "branched_at" in r:
+            assert 0 <= r["branched_at"] < r["accepted"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""What a verify of N tokens costs the target, for tree rounds: one forward of 1, 5, 8, 16, 32, 64
-tokens after a cached context, at real shapes without weights (`--synthetic qwen3`: a random-init
+"""What a verify of N tokens costs the target, and a tree depth (one draft forward over the frontier's
+F nodes) costs the draft, for tree rounds: one forward of 1, 5, 8, 16, 32, 64 target tokens, and of
+1, 2, 4, 8 draft tokens, after a cached context, at real shapes without weights (`--synthetic qwen3`: a random-init
 Qwen3-14B, bf16 on a GPU). A batch-1 verify reads the whole model's weights whatever N is, so a tree
 of 32 nodes should cost little more than a chain of 5; this measures by how much. Eager always;
 `--compiled 5 32` also times those sizes compiled (CUDA graphs: one compile each, minutes on a fresh
@@ -31,7 +32,8 @@ def run(args, argv) -> int:
     check_output_dir(args.output_dir)
     device, dtype = synthetic.resolve(args)
     target = synthetic.build_model(args.synthetic, "target", device, dtype)
-    timings = {"eager": {}, "compiled": {}}
+    draft = synthetic.build_model(args.synthetic, "draft", device, dtype) if args.draft_blocks else None
+    timings = {"eager": {}, "compiled": {}, "draft_eager": {}}
     for n in args.blocks:
         timings["eager"][n] = synthetic._step_timer(target, n, args.context, None, args.iters, args.warmup) * 1e3
         print(f"verify {n:3d} tokens eager    {timings['eager'][n]:9.3f} ms", file=sys.stderr)
@@ -39,9 +41,12 @@ def run(args, argv) -> int:
     for n in args.compiled:
         timings["compiled"][n] = synthetic._step_timer(target, n, args.context, compiled, args.iters, args.warmup) * 1e3
         print(f"verify {n:3d} tokens compiled {timings['compiled'][n]:9.3f} ms", file=sys.stderr)
+    for n in args.draft_blocks:
+        timings["draft_eager"][n] = synthetic._step_timer(draft, n, args.context, None, args.iters, args.warmup) * 1e3
+        print(f"draft   {n:3d} tokens eager    {timings['draft_eager'][n]:9.3f} ms", file=sys.stderr)
     ratios = {kind: {n: ms / t[min(t)] for n, ms in t.items()} for kind, t in timings.items() if t}
     result = {"config": {"command": command_line(argv), "synthetic": args.synthetic, "context": args.context,
-                         "blocks": args.blocks, "compiled": args.compiled, "dtype": str(dtype).removeprefix("torch.")},
+                         "blocks": args.blocks, "compiled": args.compiled, "draft_blocks": args.draft_blocks, "dtype": str(dtype).removeprefix("torch.")},
               "environment": environment(device), "ms": timings, "vs_smallest": ratios}
     path = save_json_atomic(result, args.output_dir, prefix="verify_blocks")
     print(json.dumps({"ms": timings, "vs_smallest": ratios, "path": str(path)}))
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     synthetic.add_arguments(p, synthetic="qwen3")
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 5, 8, 16, 32, 64], help="verify sizes timed eager")
     p.add_argument("--compiled", type=int, nargs="*", default=[], help="verify sizes also timed compiled")
+    p.add_argument("--draft_blocks", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="draft forwards timed eager (a tree depth feeds --tree_topk frontier nodes at once)")
     p.add_argument("--context", type=int, default=256, help="cached positions before the verify")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -48,5 +48,6 @@ def test_verify_blocks_times_every_size_and_saves_them(tmp_path, capsys):
                                "--iters", "1", "--warmup", "0", "--output_dir", str(tmp_path)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(map(int, last["ms"]["eager"])) == [1, 8, 32] and all(v > 0 for v in last["ms"]["eager"].values())
+    assert sorted(map(int, last["ms"]["draft_eager"])) == [1, 2, 4, 8]
     assert last["vs_smallest"]["eager"]["1"] == 1.0 and json.loads(Path(last["path"]).read_text())["ms"] == last["ms"]
     assert verify_blocks.main(["--synthetic", "qwen3", "--device", "cpu", "--output_dir", str(tmp_path)]) == 2

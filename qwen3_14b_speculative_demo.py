@@ -30,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate per prompt (at most)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculation round (a chain)")
     defaults = runner_defaults()
-    p.add_argument("--tree_budget", type=int, default=defaults.tree_budget,
+    p.add_argument("--tree_budget", type=tree_budget, default=defaults.tree_budget,
                    help="tree rounds: the draft proposes a tree of this many nodes (its top --tree_topk children of the "
                    "best nodes, depth by depth) and the target checks them all in one forward; 0: a chain of --gamma "
-                   "drafts. Runs eager (--no-compile) for now")
+                   "drafts; auto: the warm-up weighs budgets 4-64 and depths up to --tree_depth on this machine and "
+                   "keeps the fastest. Runs eager (--no-compile) for now")
     p.add_argument("--tree_depth", type=int, default=defaults.tree_depth, help="tree rounds: the longest path (draft forwards per round)")
     p.add_argument("--tree_topk", type=int, default=defaults.tree_topk, help="tree rounds: children per expanded node (1: a chain)")
     p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft model (C2C's base/receiver): Hub id or path")
@@ -79,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny (Shakespeare) or arith (addition, the fusion control): shipped offline Qwen3-architecture "
                    "pairs and fusers (CPU, float32); other flags still override")
     return p
+
+
+def tree_budget(text: str) -> int:
+    """--tree_budget: a number of nodes, 0 (chains) or auto."""
+    from c2c.runner import AUTO
+
+    if text == "auto":
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--tree_budget must be >= 0 (0: a chain of --gamma drafts) or auto, got {text!r}")
+    return value
 
 
 def runner_defaults():
@@ -133,6 +149,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     for warning in runner.check_context(session, [runner.encode(session, p) for p in prompts], cfg.max_new_tokens, cfg.gamma):
         print(warning, file=sys.stderr)
+    if cfg.tree_budget == runner.AUTO:
+        args.no_warmup = False  # the warm-up is where the tree is chosen
     config = runner.config_record(session, str(args.prompts), command_line(argv))
     report.header(config, len(prompts))
     run_standard = not args.skip_standard
@@ -148,6 +166,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         report.write(report.L["warmup"])
         warmup_seconds = runner.warmup(session, prompts, run_standard)
         report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if cfg.compile else ""))
+        if session.tree_auto is not None:
+            config = runner.config_record(session, str(args.prompts), command_line(argv))  # the chosen tree
     printer = None
     if args.stream:
         printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color), lang=args.lang)

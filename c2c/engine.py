@@ -420,6 +420,7 @@ class SpeculativeDecoder:
         self.device = model_device(draft)  # sampling and acceptance happen here
         self.target_device = model_device(target)
         self.compiled, self.force_accept = compiled, force_accept
+        self.tree_log: list | None = None  # a list: each tree round appends (kept scores, depths, accepted path)
         self.draft_step = compiled(draft) if compiled else None
         self.verify_step = compiled(target) if compiled else None
         self.fuse_step = compiled.function(fuse_window, self.device) if compiled and fuser is not None else None
@@ -562,6 +563,8 @@ class SpeculativeDecoder:
         grown_of, fed_order = host[width + 2 * n_nodes : width + 3 * n_nodes], host[width + 3 * n_nodes :]
         n = decision[0]
         path = decision[1 : 1 + n]
+        if self.tree_log is not None:  # --tree_budget auto's warm-up: what smaller trees would have accepted
+            self.tree_log.append((kept.scores.tolist(), kept.depths.tolist(), path))  # sync: warm-up only
         # 4. keep the accepted path in both caches, at contiguous positions: the target's root and path
         # slots (it wrote [pending, nodes] at committed-1...), the draft's path nodes it has fed
         target_slots = torch.tensor([committed - 1] + [committed + i for i in path], dtype=torch.long)

@@ -7,13 +7,15 @@ and `run_prompt` with it; nothing here parses arguments or reads the environment
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from . import metrics
 from .adapter import find_adapter, load_adapter
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
+from . import cache as kv
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, sync_device, top2_margin
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
@@ -31,6 +33,10 @@ from .loading import (
 from .prompts import encode_prompt
 from .sampling import SamplingConfig
 from .tree import TreeShape
+
+
+AUTO = -1  # --tree_budget auto
+AUTO_BUDGETS = (4, 8, 16, 32, 64)  # the budgets --tree_budget auto weighs (verify sizes timed: budget + 1)
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,14 @@ class RunConfig:
     enable_thinking: bool = False
     compile: bool = False  # static caches + torch.compile'd fixed-shape steps
     threads: int | None = None  # torch CPU threads the entry script set (recorded, not applied here)
-    tree_budget: int = 0  # > 0: tree rounds of this many draft nodes (0: a chain of gamma drafts)
+    tree_budget: int = 0  # > 0: tree rounds of this many draft nodes (0: a chain of gamma drafts; AUTO: chosen in the warm-up)
     tree_depth: int = 5  # tree rounds: draft forwards per round, the longest path
     tree_topk: int = 4  # tree rounds: children per expanded node, nodes expanded per depth
 
     @property
     def tree(self) -> TreeShape | None:
+        if self.tree_budget == AUTO:  # until the warm-up chooses: the largest tree it measures
+            return TreeShape(AUTO_BUDGETS[-1], self.tree_depth, self.tree_topk)
         return TreeShape(self.tree_budget, self.tree_depth, self.tree_topk) if self.tree_budget > 0 else None
 
     @property
@@ -87,6 +95,7 @@ class Session:
     eos_ids: set[int]
     compiled: CompiledSteps | None = None
     fused_draft: object = None  # the draft with the fuser's draft adapter merged in (fused runs only), if it has one
+    tree_auto: dict | None = None  # --tree_budget auto: what the warm-up measured and chose
 
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -108,8 +117,8 @@ def choose_compile(requested: bool | None, device: str) -> bool:
 
 def validate(cfg: RunConfig) -> None:
     """Configuration errors, before anything is loaded."""
-    if cfg.tree_budget < 0:
-        raise UserInputError(f"--tree_budget must be >= 0 (0: a chain of --gamma drafts), got {cfg.tree_budget}")
+    if cfg.tree_budget < 0 and cfg.tree_budget != AUTO:
+        raise UserInputError(f"--tree_budget must be >= 0 (0: a chain of --gamma drafts) or auto, got {cfg.tree_budget}")
     try:
         _ = cfg.spec, cfg.sampling  # their constructors check the values
     except ValueError as e:
@@ -317,7 +326,56 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
             standard(session, ids, length)
         decoder(session, spec).generate(ids)
         warm_compiled(session, ids, spec)
+    if cfg.tree_budget == AUTO:
+        choose_tree(session, all_ids)
     return time.perf_counter() - started
+
+
+def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
+    """--tree_budget auto: decode the first prompts with the largest tree it weighs, logging what each
+    round accepted; time the target's verify of each budget's block and the draft's cost per depth on
+    this machine; keep the (budget, depth) with the most estimated tokens per second of round time
+    (tree.choose_shape). Replaces the session's configuration and returns the figures (also in the
+    results as config.tree_auto)."""
+    import time
+    from statistics import median
+
+    from .tree import choose_shape
+
+    cfg = session.config
+    dec = decoder(session)
+    dec.tree_log = []
+    draft_s = rounds = other_s = 0.0
+    for ids in prompts[:3]:  # a few prompts' rounds: enough to rank the shapes, short enough for a warm-up
+        result = dec.generate(ids)
+        c = result.counters
+        draft_s, rounds = draft_s + c.times.get("draft", 0.0), rounds + c.rounds
+        other_s += c.times.get("fusion", 0.0) + c.times.get("overhead", 0.0)
+    verify_ms = {}
+    ids = torch.tensor([prompts[0]], device=session.target.get_input_embeddings().weight.device)
+    for budget in AUTO_BUDGETS:
+        times = []
+        for _ in range(3):
+            cache = kv.new_cache(session.target)
+            kv.forward(session.target, ids, cache, 0, logits_to_keep=1)
+            block = ids[:, -1:].repeat(1, budget + 1)
+            sync_device(ids.device)
+            t0 = time.perf_counter()
+            kv.forward(session.target, block, cache, ids.shape[1])
+            sync_device(ids.device)
+            times.append(time.perf_counter() - t0)
+        verify_ms[budget + 1] = 1000 * median(times)
+    shape, figures = choose_shape(dec.tree_log, verify_ms, 1000 * draft_s / max(rounds, 1) / cfg.tree_depth,
+                                  1000 * other_s / max(rounds, 1), cfg.tree_topk, cfg.tree_depth)
+    figures |= {"rounds_logged": len(dec.tree_log), "verify_ms": verify_ms}
+    session.config = dataclasses.replace(cfg, tree_budget=shape.budget, tree_depth=shape.depth)
+    session.tree_auto = figures
+    c = figures["chosen"]
+    (log or (lambda m: print(m, file=sys.stderr)))(f"--tree_budget auto: budget {shape.budget}, depth {shape.depth} (top_k {shape.top_k}): an estimated "
+                   f"{c['tokens_per_round']:.2f} tokens a round in {c['round_ms']:.2f} ms, {c['tokens_per_second']:.0f} "
+                   f"tokens/s, the best of {len(figures['candidates'])} shapes (budgets {', '.join(map(str, AUTO_BUDGETS))}, "
+                   f"depths 1-{cfg.tree_depth}) from {len(dec.tree_log)} logged rounds and verify times measured here")
+    return figures
 
 
 def standard(session: Session, ids: list[int], max_new_tokens: int, on_token=None):
@@ -393,7 +451,9 @@ def config_record(session: Session, prompts_file: str, command: str) -> dict:
         "device_map": cfg.device_map,
         "enable_thinking": cfg.enable_thinking,
         "compile": cfg.compile,
-        "tree": {"budget": cfg.tree_budget, "depth": cfg.tree_depth, "top_k": cfg.tree_topk} if cfg.tree_budget else None,
+        "tree": {"budget": "auto" if cfg.tree_budget == AUTO else cfg.tree_budget, "depth": cfg.tree_depth,
+                 "top_k": cfg.tree_topk} if cfg.tree_budget else None,
+        "tree_auto": session.tree_auto,
         "threads": cfg.threads,
         "prompts_file": prompts_file,
         "command": command,

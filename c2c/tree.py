@@ -187,6 +187,43 @@ def branch_point(parents: list[int], path: list[int]) -> int | None:
     return next((k for k, node in enumerate(path) if first[parents[node]] != node), None)
 
 
+def accepted_under(scores: list[float], depths: list[int], path: list[int], budget: int, depth: int) -> int:
+    """How much of a round's accepted path (host lists over its kept tree) a smaller tree of `budget`
+    nodes and `depth` would have held: the path's longest prefix whose nodes lie within `depth` and
+    among the best `budget` of the nodes there (by score; ties to the shallower, earlier node, as
+    `best`). The target's choices do not depend on the tree, so for a budget up to the recorded
+    tree's this is what that tree would have accepted (nodes the recorded tree did not keep can't be
+    seen: an estimate when shallower trees would have kept them)."""
+    eligible = sorted((i for i in range(len(scores)) if depths[i] <= depth), key=lambda i: (-scores[i], depths[i], i))
+    rank = {node: r for r, node in enumerate(eligible)}
+    held = 0
+    for node in path:
+        if depths[node] > depth or rank[node] >= budget:
+            break
+        held += 1
+    return held
+
+
+def choose_shape(rounds: list[tuple[list[float], list[int], list[int]]], verify_ms: dict[int, float], draft_depth_ms: float,
+                 other_ms: float, top_k: int, max_depth: int) -> tuple[TreeShape, dict]:
+    """The (budget, depth) with the most estimated tokens per second of round time: per candidate, the
+    mean over `rounds` (kept scores, depths, accepted path) of accepted_under + 1 tokens, over
+    depth x draft_depth_ms + the verify of budget+1 tokens (`verify_ms`, keyed by that size) +
+    other_ms. Returns the shape and the figures behind the choice."""
+    table = []
+    for size in sorted(verify_ms):
+        budget = size - 1
+        for depth in range(1, max_depth + 1):
+            if budget < depth:
+                continue
+            tokens = sum(accepted_under(sc, dp, pa, budget, depth) + 1 for sc, dp, pa in rounds) / max(len(rounds), 1)
+            ms = depth * draft_depth_ms + verify_ms[size] + other_ms
+            table.append({"budget": budget, "depth": depth, "tokens_per_round": tokens, "round_ms": ms,
+                          "tokens_per_second": 1000 * tokens / ms})
+    best_row = max(table, key=lambda r: r["tokens_per_second"])
+    return TreeShape(best_row["budget"], best_row["depth"], top_k), {"chosen": best_row, "candidates": table}
+
+
 def sample_choices(probs: torch.Tensor, uniforms: torch.Tensor, depths_with_root: torch.Tensor) -> torch.Tensor:
     """The target's draw at the root and every node by inverse CDF: probs (N+1, V) the warped
     distributions, uniforms (max_depth+1,) drawn once per round, one per depth (only one node per

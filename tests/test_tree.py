@@ -123,3 +123,24 @@ def test_tree_sampling_generates_the_targets_distribution():
 def test_bad_tree_shapes_name_the_flag(budget, depth, top_k, flag):
     with pytest.raises(UserInputError, match=flag):
         tree.TreeShape(budget, depth, top_k)
+
+
+def test_accepted_under_keeps_the_paths_prefix_within_budget_and_depth():
+    # kept tree: 0 (d1, -0.1), 1 (d1, -0.5), 2 (d2 under 0, -0.3), 3 (d2 under 0, -0.9), 4 (d3 under 2, -0.4)
+    scores, depths, path = [-0.1, -0.5, -0.3, -0.9, -0.4], [1, 1, 2, 2, 3], [0, 2, 4]
+    assert tree.accepted_under(scores, depths, path, 5, 3) == 3  # the recorded tree itself
+    assert tree.accepted_under(scores, depths, path, 3, 3) == 3  # ranks 0, 1, 2: -0.1, -0.3, -0.4
+    assert tree.accepted_under(scores, depths, path, 2, 3) == 2  # node 4 (rank 2) is cut
+    assert tree.accepted_under(scores, depths, path, 5, 1) == 1  # depth 1 holds node 0 only of the path
+    assert tree.accepted_under(scores, depths, [1], 1, 3) == 0  # node 1 is not among the best one
+
+
+def test_choose_shape_trades_tokens_against_round_time():
+    scores, depths, path = [-0.1, -0.5, -0.3, -0.9, -0.4], [1, 1, 2, 2, 3], [0, 2, 4]
+    rounds = [(scores, depths, path)] * 4
+    cheap = {3: 1.0, 6: 1.0}  # a verify costs the same at 3 and 6 tokens: the deepest, largest tree wins
+    shape, figures = tree.choose_shape(rounds, cheap, draft_depth_ms=0.1, other_ms=0.0, top_k=2, max_depth=3)
+    assert (shape.budget, shape.depth) == (5, 3) and figures["chosen"]["tokens_per_round"] == 4
+    steep = {3: 1.0, 6: 10.0}  # a large verify is expensive: the small tree wins
+    shape, _ = tree.choose_shape(rounds, steep, draft_depth_ms=0.1, other_ms=0.0, top_k=2, max_depth=3)
+    assert shape.budget == 2

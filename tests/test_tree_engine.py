@@ -164,7 +164,10 @@ def test_sampled_trees_follow_the_targets_distribution():
                                              (["--tree_budget", "-1"], "--tree_budget must be >= 0"),
                                              (["--tree_budget", "8", "--compile"], "pass --no-compile")])
 def test_bad_tree_flags_are_one_error_line(tmp_path, capsys, flags, expected):
-    rc = demo.main(["--preset", "tiny", "--threads", "1", "--output_dir", str(tmp_path), *flags])
+    try:
+        rc = demo.main(["--preset", "tiny", "--threads", "1", "--output_dir", str(tmp_path), *flags])
+    except SystemExit as e:  # a usage error from the parser: one line too
+        rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
@@ -249,3 +252,21 @@ def test_the_stream_marks_tokens_from_the_drafts_other_choices():
     for r in out.rounds[1:]:
         if "branched_at" in r:
             assert 0 <= r["branched_at"] < r["accepted"]
+
+
+def test_tree_budget_auto_chooses_a_measured_shape_and_stays_lossless(tmp_path, capsys):
+    import json
+
+    from c2c.runner import AUTO_BUDGETS
+
+    assert demo.main(["--preset", "tiny", "--threads", "1", "--lang", "en", "--tree_budget", "auto", "--tree_depth", "4",
+                      "--max_new_tokens", "24", "--save_results", "--output_dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    data = json.loads(next(tmp_path.glob("results_*.json")).read_text())
+    tree_cfg, auto = data["config"]["tree"], data["config"]["tree_auto"]
+    assert tree_cfg["budget"] in AUTO_BUDGETS and 1 <= tree_cfg["depth"] <= 4
+    assert (auto["chosen"]["budget"], auto["chosen"]["depth"]) == (tree_cfg["budget"], tree_cfg["depth"])
+    assert auto["chosen"]["tokens_per_second"] == max(c["tokens_per_second"] for c in auto["candidates"])
+    assert auto["rounds_logged"] > 0 and sorted(map(int, auto["verify_ms"])) == [b + 1 for b in AUTO_BUDGETS]
+    assert f"--tree_budget auto: budget {tree_cfg['budget']}, depth {tree_cfg['depth']}" in err
+    assert all(e["comparison"]["outputs_match"] for e in data["prompts"])

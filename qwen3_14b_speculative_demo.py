@@ -149,8 +149,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     for warning in runner.check_context(session, [runner.encode(session, p) for p in prompts], cfg.max_new_tokens, cfg.gamma):
         print(warning, file=sys.stderr)
-    if cfg.tree_budget == runner.AUTO:
-        args.no_warmup = False  # the warm-up is where the tree is chosen
+    if cfg.tree_budget == runner.AUTO and args.no_warmup:
+        print("note: --tree_budget auto runs the warm-up anyway (it is where the tree is chosen)", file=sys.stderr)
+        args.no_warmup = False
     config = runner.config_record(session, str(args.prompts), command_line(argv))
     report.header(config, len(prompts))
     run_standard = not args.skip_standard
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         report.write(f"  {warmup_seconds:.1f} s" + (" (compilation included)" if cfg.compile else ""))
         if session.tree_auto is not None:
             config = runner.config_record(session, str(args.prompts), command_line(argv))  # the chosen tree
+            t = config["tree"]
+            report.write(f"  tree (auto): budget {t['budget']}, depth {t['depth']}, top_k {t['top_k']}")
     printer = None
     if args.stream:
         printer = StreamPrinter(session.tokenizer, sys.stdout, colour=use_colour(sys.stdout, args.no_color), lang=args.lang)

@@ -134,6 +134,8 @@ def run(args, argv) -> int:
         raise UserInputError("no mode left to run (" + "; ".join(f"{m}: {w}" for m, w in skipped.items()) + ")")
     plan = [(m, g, None) for m in modes for g in ([gammas[0]] if m in GAMMA_FREE else gammas)]
     plan += [(m, gammas[0], t) for m in modes if m.startswith("speculative") for t in trees]
+    if trees and not any(m.startswith("speculative") for m in modes):
+        print("warning: --trees runs with the speculative modes only, and none of them runs here", file=sys.stderr)
     plan.sort(key=lambda item: item[0] != "target")  # the target first: its step time feeds the predictions
     bar = tqdm(total=len(plan) * len(ids) * args.repeats, desc="benchmark", unit="run", file=sys.stderr)
     rows, target_step = [], None
@@ -164,7 +166,7 @@ def run(args, argv) -> int:
     path = write_outputs(results, rows, table, out, stamp, plots=not args.no_plots)
     plots = f"; plots: {Path(results['plots'][0]).parent} ({len(results['plots'])} PNG)" if results["plots"] else ""
     print(f"results: {path}; table: {path.with_suffix('.md')}{plots}", file=sys.stderr)
-    keys = ("mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
+    keys = ("mode", "gamma", "tree", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
     print(json.dumps({"results": [{k: r.get(k) for k in keys} for r in rows], "output_dir": str(out)}, separators=(",", ":")))
     return 0
 
@@ -177,7 +179,10 @@ def parse_tree(text: str):
         budget, depth, top_k = (int(x) for x in text.split(","))
     except ValueError:
         raise UserInputError(f"--trees takes BUDGET,DEPTH,TOPK shapes such as 32,4,4, got {text!r}") from None
-    return TreeShape(budget, depth, top_k)
+    try:
+        return TreeShape(budget, depth, top_k)
+    except UserInputError as e:  # its message names the demo's flags: say it in --trees' terms
+        raise UserInputError(f"--trees {text}: {str(e).replace('--tree_budget', 'BUDGET').replace('--tree_depth', 'DEPTH').replace('--tree_topk', 'TOPK')}") from None
 
 
 def write_outputs(results: dict, rows: list[dict], table: str, out: Path, stamp: str, plots: bool) -> Path:

@@ -162,7 +162,8 @@ class SpeculativePipeline:
         except UserInputError as e:  # its messages name command-line flags: here they are arguments
             raise UserInputError(str(e).replace("--", "")) from None
         session = dataclasses.replace(self.session, config=cfg)
-        capped = runner.gamma_warning(gamma, max_new_tokens, arg=_arg)
+        capped = (runner.gamma_warning(tree_depth, max_new_tokens, _arg, "tree_depth") if tree_budget
+                  else runner.gamma_warning(gamma, max_new_tokens, arg=_arg))
         if capped:
             warnings.warn(capped, stacklevel=2)
         for warning in runner.check_context(session, [runner.encode(session, prompt)], max_new_tokens, gamma, arg=_arg):

@@ -592,7 +592,7 @@ class SpeculativeDecoder:
                 if impl not in ("eager", "sdpa"):
                     raise UserInputError(f"tree rounds need attention that takes a tree mask (eager or sdpa); the {role} "
                                          f"runs {impl!r}: load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
-            c.branching = spec.tree.top_k > 1
+
         longest = spec.tree.depth if spec.tree is not None else spec.gamma
         width = max(0, min(longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
         c.drafted_at, c.accepted_at = [0] * width, [0] * width
@@ -647,6 +647,7 @@ class SpeculativeDecoder:
             if spec.tree is not None and room >= 1:
                 # 1-4. a tree round: draft a tree, verify it in one forward, walk it, keep the path
                 shape = TreeShape(spec.tree.budget, min(spec.tree.depth, room), spec.tree.top_k)
+                c.branching = c.branching or shape.top_k > 1  # a round with more than a chain's choices
                 decision, tokens, parents, token, draft_len, feed = self._tree_round(feed, pending, committed, draft_len,
                                                                                      shape, clock)
                 n, path = decision[0], decision[1 : 1 + decision[0]]

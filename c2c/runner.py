@@ -117,6 +117,12 @@ def choose_compile(requested: bool | None, device: str) -> bool:
 
 def validate(cfg: RunConfig) -> None:
     """Configuration errors, before anything is loaded."""
+    if cfg.tree_budget == AUTO and cfg.tree_depth > AUTO_BUDGETS[-1]:
+        raise UserInputError(f"--tree_budget auto weighs budgets up to {AUTO_BUDGETS[-1]} nodes, fewer than --tree_depth "
+                             f"{cfg.tree_depth}: lower --tree_depth, or give a --tree_budget of at least {cfg.tree_depth}")
+    if cfg.tree_budget == AUTO and cfg.tree_topk + cfg.tree_topk ** 2 * (cfg.tree_depth - 1) < AUTO_BUDGETS[0]:
+        raise UserInputError(f"--tree_budget auto weighs trees of {AUTO_BUDGETS[0]} to {AUTO_BUDGETS[-1]} nodes, more than "
+                             f"--tree_topk {cfg.tree_topk} at --tree_depth {cfg.tree_depth} can hold: raise either")
     if cfg.tree_budget < 0 and cfg.tree_budget != AUTO:
         raise UserInputError(f"--tree_budget must be >= 0 (0: a chain of --gamma drafts) or auto, got {cfg.tree_budget}")
     try:
@@ -343,14 +349,26 @@ def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
     from .tree import choose_shape
 
     cfg = session.config
-    dec = decoder(session)
-    dec.tree_log = []
-    draft_s = rounds = other_s = 0.0
+    draft_s = other_s = 0.0
+    logs: list = []
     for ids in prompts[:3]:  # a few prompts' rounds: enough to rank the shapes, short enough for a warm-up
-        result = dec.generate(ids)
-        c = result.counters
-        draft_s, rounds = draft_s + c.times.get("draft", 0.0), rounds + c.rounds
+        spec = dataclasses.replace(cfg.spec, max_new_tokens=context_room(session, len(ids), cfg.max_new_tokens, cfg.tree_depth))
+        dec = decoder(session, spec)
+        dec.tree_log = []
+        c = dec.generate(ids).counters
+        draft_s += c.times.get("draft", 0.0)
         other_s += c.times.get("fusion", 0.0) + c.times.get("overhead", 0.0)
+        logs += dec.tree_log
+    say = log or (lambda m: print(m, file=sys.stderr))
+    if not logs:  # nothing drafted (max_new_tokens leaves no room, or the outputs ended at once): no data
+        shape = cfg.tree
+        figures = {"chosen": None, "candidates": [], "rounds_logged": 0, "verify_ms": {},
+                   "note": "no tree round to measure: the largest shape was kept"}
+        session.config = dataclasses.replace(cfg, tree_budget=shape.budget)
+        session.tree_auto = figures
+        say(f"--tree_budget auto: no tree round in the warm-up to measure (max_new_tokens leaves no room, or the outputs "
+            f"ended at once): keeping budget {shape.budget}, depth {shape.depth}")
+        return figures
     verify_ms = {}
     ids = torch.tensor([prompts[0]], device=session.target.get_input_embeddings().weight.device)
     for budget in AUTO_BUDGETS:
@@ -365,16 +383,17 @@ def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
             sync_device(ids.device)
             times.append(time.perf_counter() - t0)
         verify_ms[budget + 1] = 1000 * median(times)
-    shape, figures = choose_shape(dec.tree_log, verify_ms, 1000 * draft_s / max(rounds, 1) / cfg.tree_depth,
-                                  1000 * other_s / max(rounds, 1), cfg.tree_topk, cfg.tree_depth)
-    figures |= {"rounds_logged": len(dec.tree_log), "verify_ms": verify_ms}
+    forwards = sum(max(depths) for _, depths, _ in logs)  # draft forwards of the logged rounds (one per depth)
+    shape, figures = choose_shape(logs, verify_ms, 1000 * draft_s / max(forwards, 1), 1000 * other_s / len(logs),
+                                  cfg.tree_topk, cfg.tree_depth)
+    figures |= {"rounds_logged": len(logs), "verify_ms": verify_ms}
     session.config = dataclasses.replace(cfg, tree_budget=shape.budget, tree_depth=shape.depth)
     session.tree_auto = figures
     c = figures["chosen"]
-    (log or (lambda m: print(m, file=sys.stderr)))(f"--tree_budget auto: budget {shape.budget}, depth {shape.depth} (top_k {shape.top_k}): an estimated "
+    say(f"--tree_budget auto: budget {shape.budget}, depth {shape.depth} (top_k {shape.top_k}): an estimated "
                    f"{c['tokens_per_round']:.2f} tokens a round in {c['round_ms']:.2f} ms, {c['tokens_per_second']:.0f} "
                    f"tokens/s, the best of {len(figures['candidates'])} shapes (budgets {', '.join(map(str, AUTO_BUDGETS))}, "
-                   f"depths 1-{cfg.tree_depth}) from {len(dec.tree_log)} logged rounds and verify times measured here")
+                   f"depths 1-{cfg.tree_depth}) from {len(logs)} logged rounds and verify times measured here")
     return figures
 
 

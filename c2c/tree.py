@@ -214,12 +214,14 @@ def choose_shape(rounds: list[tuple[list[float], list[int], list[int]]], verify_
     for size in sorted(verify_ms):
         budget = size - 1
         for depth in range(1, max_depth + 1):
-            if budget < depth:
-                continue
+            if budget < depth or budget > top_k + top_k ** 2 * (depth - 1):
+                continue  # a chain can't be shorter than its depth; a tree of this depth can't hold the budget
             tokens = sum(accepted_under(sc, dp, pa, budget, depth) + 1 for sc, dp, pa in rounds) / max(len(rounds), 1)
             ms = depth * draft_depth_ms + verify_ms[size] + other_ms
             table.append({"budget": budget, "depth": depth, "tokens_per_round": tokens, "round_ms": ms,
                           "tokens_per_second": 1000 * tokens / ms})
+    if not table:
+        raise ValueError("no (budget, depth) fits: every budget exceeds what the trees can hold or is below depth 1")
     best_row = max(table, key=lambda r: r["tokens_per_second"])
     return TreeShape(best_row["budget"], best_row["depth"], top_k), {"chosen": best_row, "candidates": table}
 

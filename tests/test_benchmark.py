@@ -7,7 +7,7 @@ import pytest
 import speculative_benchmark as bench
 from c2c.benchmark import ALL_MODES
 
-ROW_KEYS = {"mode", "gamma", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target"}
+ROW_KEYS = {"mode", "gamma", "tree", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,6 @@ def test_tree_rows_run_beside_the_chains(tmp_path, capsys):
                for r in trees)
     assert "| speculative | tree 8/3/2 |" in capsys.readouterr().out
     for flags, expected in ((["--trees", "8,3"], "BUDGET,DEPTH,TOPK"), (["--trees", "8,3,2", "--compile"], "drop --compile"),
-                            (["--trees", "2,3,2"], "--tree_budget 2 is smaller than --tree_depth 3")):
+                            (["--trees", "2,3,2"], "--trees 2,3,2: BUDGET 2 is smaller than DEPTH 3")):
         assert speculative_benchmark.main(["--preset", "tiny", "--output_dir", str(tmp_path), *flags]) == 2
         assert expected in capsys.readouterr().err

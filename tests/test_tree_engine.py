@@ -270,3 +270,35 @@ def test_tree_budget_auto_chooses_a_measured_shape_and_stays_lossless(tmp_path, 
     assert auto["rounds_logged"] > 0 and sorted(map(int, auto["verify_ms"])) == [b + 1 for b in AUTO_BUDGETS]
     assert f"--tree_budget auto: budget {tree_cfg['budget']}, depth {tree_cfg['depth']}" in err
     assert all(e["comparison"]["outputs_match"] for e in data["prompts"])
+
+
+def test_tree_budget_auto_without_a_round_to_measure_keeps_the_largest_tree(tmp_path, capsys):
+    import json
+
+    from c2c.runner import AUTO_BUDGETS
+
+    assert demo.main(["--preset", "tiny", "--threads", "1", "--tree_budget", "auto", "--max_new_tokens", "2", "--no_warmup",
+                      "--save_results", "--output_dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(next(tmp_path.glob("results_*.json")).read_text())
+    assert data["config"]["tree"]["budget"] == AUTO_BUDGETS[-1] and data["config"]["tree_auto"]["rounds_logged"] == 0
+    assert "no tree round in the warm-up to measure" in captured.err and "runs the warm-up anyway" in captured.err
+    assert all(not e["speculative"]["branching"] for e in data["prompts"])  # no tree round ran: no tree figures
+
+
+def test_auto_with_a_depth_beyond_its_budgets_names_auto(tmp_path, capsys):
+    assert demo.main(["--preset", "tiny", "--threads", "1", "--tree_budget", "auto", "--tree_depth", "70",
+                      "--output_dir", str(tmp_path)]) == 2
+    assert "--tree_budget auto weighs budgets up to 64" in capsys.readouterr().err
+    assert demo.main(["--preset", "tiny", "--threads", "1", "--tree_budget", "auto", "--tree_depth", "2", "--tree_topk", "1",
+                      "--output_dir", str(tmp_path)]) == 2
+    assert "more than --tree_topk 1 at --tree_depth 2 can hold" in capsys.readouterr().err
+
+
+def test_choose_shape_skips_budgets_a_tree_of_that_depth_cannot_hold():
+    from c2c import tree
+
+    rounds = [([-0.1, -0.5], [1, 1], [0])]
+    _, figures = tree.choose_shape(rounds, {5: 1.0, 33: 2.0}, 0.1, 0.0, top_k=2, max_depth=2)
+    assert all(c["budget"] <= 2 + 4 * (c["depth"] - 1) for c in figures["candidates"])
+    assert {(c["budget"], c["depth"]) for c in figures["candidates"]} == {(4, 2)}

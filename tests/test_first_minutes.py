@@ -159,3 +159,24 @@ def test_only_a_measured_loss_gets_what_would_have_to_change():
          "alpha_needed": 0.7, "theoretical_speedup": 0.9, "verify_steps": 1.1}
     assert "to pay" not in Report("en", write=lines.append).explanation(e)
     assert "c unknown" in Report("en").explanation(e | {"measured_speedup": 0.8, "cost_ratio_c": None})
+
+
+@pytest.mark.parametrize("lang, label", [("en_US.UTF-8", "Speculative decoding"), ("zh_CN.UTF-8", "推测解码")])
+def test_the_demo_speaks_the_locale_without_lang(tmp_path, capsys, monkeypatch, lang, label):
+    for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", lang)
+    assert demo.main(["--preset", "tiny", "--max_new_tokens", "4", "--threads", "1", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert label in out and ("推测解码" not in out if lang.startswith("en") else "Speculative decoding" not in out)
+
+
+def test_the_benchmark_says_where_its_table_and_plots_went(tmp_path, capsys):
+    import speculative_benchmark
+
+    assert speculative_benchmark.main(["--preset", "tiny", "--gammas", "2", "--modes", "target", "speculative",
+                                       "--repeats", "1", "--warmup", "0", "--num_prompts", "1", "--max_new_tokens", "8",
+                                       "--threads", "1", "--output_dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    table, plots = next(tmp_path.glob("benchmark_*.md")), next(tmp_path.glob("plots_*"))
+    assert f"table: {table}" in err and f"plots: {plots} (" in err

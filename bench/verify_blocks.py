@@ -35,14 +35,14 @@ def run(args, argv) -> int:
     draft = synthetic.build_model(args.synthetic, "draft", device, dtype) if args.draft_blocks else None
     timings = {"eager": {}, "compiled": {}, "draft_eager": {}}
     for n in args.blocks:
-        timings["eager"][n] = synthetic._step_timer(target, n, args.context, None, args.iters, args.warmup) * 1e3
+        timings["eager"][n] = synthetic.forward_time(target, n, args.context, None, args.iters, args.warmup) * 1e3
         print(f"verify {n:3d} tokens eager    {timings['eager'][n]:9.3f} ms", file=sys.stderr)
     compiled = CompiledSteps() if args.compiled else None
     for n in args.compiled:
-        timings["compiled"][n] = synthetic._step_timer(target, n, args.context, compiled, args.iters, args.warmup) * 1e3
+        timings["compiled"][n] = synthetic.forward_time(target, n, args.context, compiled, args.iters, args.warmup) * 1e3
         print(f"verify {n:3d} tokens compiled {timings['compiled'][n]:9.3f} ms", file=sys.stderr)
     for n in args.draft_blocks:
-        timings["draft_eager"][n] = synthetic._step_timer(draft, n, args.context, None, args.iters, args.warmup) * 1e3
+        timings["draft_eager"][n] = synthetic.forward_time(draft, n, args.context, None, args.iters, args.warmup) * 1e3
         print(f"draft   {n:3d} tokens eager    {timings['draft_eager'][n]:9.3f} ms", file=sys.stderr)
     ratios = {kind: {n: ms / t[min(t)] for n, ms in t.items()} for kind, t in timings.items() if t}
     result = {"config": {"command": command_line(argv), "synthetic": args.synthetic, "context": args.context,

@@ -21,6 +21,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from .errors import UserInputError
+
 
 def new_cache(model, max_length: int | None = None) -> DynamicCache | StaticCache:
     """A fresh, empty cache for `model` (never reuse one across prompts or repeats).
@@ -121,11 +123,29 @@ def forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: i
     return out.logits
 
 
+MASKABLE = ("eager", "sdpa")  # attention implementations that honour a custom additive 4-D mask
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive one `forward_masked` passes: 0 where allowed,
+    dtype's min elsewhere. Additive, because eager attention adds whatever mask it gets (a boolean
+    one would be added as 0/1, silently wrong); SDPA takes the same float mask."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def check_custom_masks(model, role: str, needs: str, fix: str) -> None:
+    """A UserInputError unless `model`'s attention honours custom masks (eager or SDPA; flash and flex
+    attention ignore or reject them). `needs`: who needs them; `fix`: what to do otherwise."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in MASKABLE:
+        raise UserInputError(f"{needs} ({' or '.join(MASKABLE)}); the {role} runs {impl!r}: {fix}")
+
+
 def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with an attention mask: a custom 4-D
-    boolean one (B, 1, N, held + N; True = may attend) over the keys `cache` holds followed by the new
-    ones (the trainer's all-position objective), or a 2-D padding mask (B, held + N; 1 = a real token)
-    that the model combines with causality (batched generation with left padding).
+    additive one (B, 1, N, held + N; see `additive_mask`) over the keys `cache` holds followed by the
+    new ones (the trainer's objective, tree rounds), or a 2-D padding mask (B, held + N; 1 = a real
+    token) that the model combines with causality (batched generation with left padding).
     Returns logits (B, N, V)."""
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
                 **{_cache_keyword(type(model)): cache})

@@ -524,8 +524,7 @@ class SpeculativeDecoder:
             allowed = torch.cat([torch.ones(F, committed, dtype=torch.bool, device=frontier.device),
                                  seen.index_select(1, before),
                                  torch.eye(F, dtype=torch.bool, device=frontier.device)], dim=1)
-            mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=frontier.device).masked_fill(
-                ~allowed, torch.finfo(mask_dtype).min).view(1, 1, F, -1)
+            mask = kv.additive_mask(allowed, mask_dtype).view(1, 1, F, -1)
             positions = (committed - 1 + grown.depths.index_select(0, frontier)).view(1, F)
             out = kv.forward_masked(self.draft, grown.tokens.index_select(0, frontier).view(1, F), self.draft_cache,
                                     positions, mask)  # (1, F, V)
@@ -588,10 +587,8 @@ class SpeculativeDecoder:
             if self.compiled:
                 raise UserInputError("tree rounds run eager for now (dynamic caches): pass --no-compile with --tree_budget")
             for role, model in (("target", self.target), ("draft", self.draft)):
-                impl = getattr(model.config, "_attn_implementation", None) or "eager"
-                if impl not in ("eager", "sdpa"):
-                    raise UserInputError(f"tree rounds need attention that takes a tree mask (eager or sdpa); the {role} "
-                                         f"runs {impl!r}: load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
+                kv.check_custom_masks(model, role, "tree rounds need attention that takes a tree mask",
+                                      "load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
 
         longest = spec.tree.depth if spec.tree is not None else spec.gamma
         width = max(0, min(longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
@@ -651,7 +648,6 @@ class SpeculativeDecoder:
                 decision, tokens, parents, token, draft_len, feed = self._tree_round(feed, pending, committed, draft_len,
                                                                                      shape, clock)
                 n, path = decision[0], decision[1 : 1 + decision[0]]
-                g = shape.depth
                 drafted_ids = trees.drafted_path(tokens, parents, path)  # the taken path, then the draft's first choices
                 g = len(drafted_ids)
                 branched_at = trees.branch_point(parents, path)

@@ -14,8 +14,7 @@ import torch
 
 from . import metrics
 from .adapter import find_adapter, load_adapter
-from . import cache as kv
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, sync_device, top2_margin
+from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
@@ -256,6 +255,16 @@ def warm_tokens(session: Session, max_new_tokens: int, gamma: int, least: int) -
     return min(max(least, 2 * (gamma + 1)), max_new_tokens)
 
 
+def warm_runs(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int, least: int,
+              room_gamma: int | None = None) -> list[tuple[list[int], int]]:
+    """The warm-up's runs, (prompt ids, new tokens): `warm_prompts`, each as long as `warm_tokens` says
+    and no longer than its real run (stopped at the context, at `room_gamma`, default gamma)."""
+    room_gamma = gamma if room_gamma is None else room_gamma
+    tokens = warm_tokens(session, max_new_tokens, gamma, least)
+    return [(ids, min(tokens, context_room(session, len(ids), max_new_tokens, room_gamma)))
+            for ids in warm_prompts(session, prompts, max_new_tokens, gamma, room_gamma)]
+
+
 def warm_compiled(session: Session, ids: list[int], spec: SpecConfig) -> None:
     """With --compile, one forced-accept run at the real length: it builds every compiled shape the
     speculative runs can meet (1- and 2-token draft steps, the verify block, the fusion window)."""
@@ -324,9 +333,7 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
     started = time.perf_counter()
     cfg = session.config
     all_ids = [encode(session, p) for p in prompts]
-    tokens = warm_tokens(session, cfg.max_new_tokens, cfg.gamma, tokens)
-    for ids in warm_prompts(session, all_ids, cfg.max_new_tokens, cfg.gamma):
-        length = min(tokens, context_room(session, len(ids), cfg.max_new_tokens, cfg.gamma))  # as its real run
+    for ids, length in warm_runs(session, all_ids, cfg.max_new_tokens, cfg.gamma, tokens):
         spec = dataclasses.replace(cfg.spec, max_new_tokens=length)
         if run_standard:
             standard(session, ids, length)
@@ -343,9 +350,7 @@ def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
     this machine; keep the (budget, depth) with the most estimated tokens per second of round time
     (tree.choose_shape). Replaces the session's configuration and returns the figures (also in the
     results as config.tree_auto)."""
-    import time
-    from statistics import median
-
+    from .synthetic import forward_time
     from .tree import choose_shape
 
     cfg = session.config
@@ -369,20 +374,8 @@ def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
         say(f"--tree_budget auto: no tree round in the warm-up to measure (max_new_tokens leaves no room, or the outputs "
             f"ended at once): keeping budget {shape.budget}, depth {shape.depth}")
         return figures
-    verify_ms = {}
-    ids = torch.tensor([prompts[0]], device=session.target.get_input_embeddings().weight.device)
-    for budget in AUTO_BUDGETS:
-        times = []
-        for _ in range(3):
-            cache = kv.new_cache(session.target)
-            kv.forward(session.target, ids, cache, 0, logits_to_keep=1)
-            block = ids[:, -1:].repeat(1, budget + 1)
-            sync_device(ids.device)
-            t0 = time.perf_counter()
-            kv.forward(session.target, block, cache, ids.shape[1])
-            sync_device(ids.device)
-            times.append(time.perf_counter() - t0)
-        verify_ms[budget + 1] = 1000 * median(times)
+    # the verify of each budget's block after the first prompt's context (median of 3)
+    verify_ms = {b + 1: 1000 * forward_time(session.target, b + 1, len(prompts[0]), None, 3, 0) for b in AUTO_BUDGETS}
     forwards = sum(max(depths) for _, depths, _ in logs)  # draft forwards of the logged rounds (one per depth)
     shape, figures = choose_shape(logs, verify_ms, 1000 * draft_s / max(forwards, 1), 1000 * other_s / len(logs),
                                   cfg.tree_topk, cfg.tree_depth)

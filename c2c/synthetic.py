@@ -134,7 +134,7 @@ def time_it(fn, device: torch.device, iters: int, warmup: int) -> float:
     return median(times)
 
 
-def _step_timer(model, tokens: int, context: int, compiled: CompiledSteps | None, iters: int, warmup: int) -> float:
+def forward_time(model, tokens: int, context: int, compiled: CompiledSteps | None, iters: int, warmup: int) -> float:
     """Seconds for one forward of `tokens` tokens after `context` cached positions (rolled back each time)."""
     device = model_device(model)
     vocab = model.config.vocab_size
@@ -215,20 +215,20 @@ def run(name: str, device: torch.device, dtype: torch.dtype, gammas: list[int], 
                       "vs_floor": seconds / floor if floor else None}
         log(f"{key:32s} {seconds * 1e3:9.3f} ms" + (f"   floor {floor * 1e3:7.3f} ms ({seconds / floor:.2f}x)" if floor else ""))
 
-    record("target_step_eager", _step_timer(pair.target, 1, context, None, iters, warmup), floors["target"])
-    record("draft_step_eager", _step_timer(pair.draft, 1, context, None, iters, warmup), floors["draft"])
+    record("target_step_eager", forward_time(pair.target, 1, context, None, iters, warmup), floors["target"])
+    record("draft_step_eager", forward_time(pair.draft, 1, context, None, iters, warmup), floors["draft"])
     compile_seconds = None
     if compiled:
         t1 = time.perf_counter()
-        _step_timer(pair.draft, 1, context, compiled, 1, 1)
-        _step_timer(pair.target, 1, context, compiled, 1, 1)
+        forward_time(pair.draft, 1, context, compiled, 1, 1)
+        forward_time(pair.target, 1, context, compiled, 1, 1)
         compile_seconds = time.perf_counter() - t1
-        record("target_step_compiled", _step_timer(pair.target, 1, context, compiled, iters, warmup), floors["target"])
-        record("draft_step_compiled", _step_timer(pair.draft, 1, context, compiled, iters, warmup), floors["draft"])
+        record("target_step_compiled", forward_time(pair.target, 1, context, compiled, iters, warmup), floors["target"])
+        record("draft_step_compiled", forward_time(pair.draft, 1, context, compiled, iters, warmup), floors["draft"])
     per_gamma = {}
     for gamma in gammas:
         key = "compiled" if compiled else "eager"
-        record(f"target_verify_{gamma + 1}_{key}", _step_timer(pair.target, gamma + 1, context, compiled, iters, warmup), floors["target"])
+        record(f"target_verify_{gamma + 1}_{key}", forward_time(pair.target, gamma + 1, context, compiled, iters, warmup), floors["target"])
         record(f"fusion_{gamma + 1}_tokens", _fusion_timer(pair, gamma + 1, context, iters, warmup, compiled))
         rounds = _overhead_per_round(pair, gamma, context, new_tokens, compiled)
         per_gamma[gamma] = rounds

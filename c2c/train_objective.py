@@ -30,28 +30,17 @@ from . import cache as kv
 from .errors import UserInputError
 
 DRAFT_KV = ("decode", "plain")
-MASKABLE = ("eager", "sdpa")  # attention implementations that honour an additive 4-D float mask
 
 
 def block_mask(starts: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 1, L, 2L) additive mask (0 = may attend, dtype's min = not): query p may attend the fused
-    keys (the first L) of positions before its block start and its own keys (the last L) from the
-    block start up to p. Additive, because eager attention adds whatever mask it gets (a boolean one
-    would be added as 0/1, silently wrong); SDPA takes the same float mask."""
+    """(B, 1, L, 2L) additive mask (kv.additive_mask): query p may attend the fused keys (the first L)
+    of positions before its block start and its own keys (the last L) from the block start up to p."""
     L = starts.shape[1]
     pos = torch.arange(L, device=starts.device)
     start = starts.unsqueeze(-1)  # (B, L, 1)
     fused = pos.view(1, 1, L) < start
     own = (pos.view(1, 1, L) >= start) & (pos.view(1, 1, L) <= pos.view(1, L, 1))
-    allowed = torch.cat([fused, own], dim=-1).unsqueeze(1)  # (B, 1, L, 2L)
-    return torch.zeros(allowed.shape, dtype=dtype, device=starts.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def check_maskable(model) -> None:
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in MASKABLE:
-        raise UserInputError(f"the trainer needs attention that takes a custom mask ({' or '.join(MASKABLE)}); "
-                             f"the draft runs {impl!r}: load it with attn_implementation='sdpa'")
+    return kv.additive_mask(torch.cat([fused, own], dim=-1).unsqueeze(1), dtype)  # (B, 1, L, 2L)
 
 
 def _target_pass(target, x: torch.Tensor):
@@ -75,7 +64,8 @@ def all_position_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Ten
     if not fuse:
         with torch.set_grad_enabled(draft_grad and torch.is_grad_enabled()):
             return target_logits, kv.forward(draft, x, kv.new_cache(draft), 0)
-    check_maskable(draft)
+    kv.check_custom_masks(draft, "draft", "the trainer needs attention that takes a custom mask",
+                          "load it with attn_implementation='sdpa'")
     mask = block_mask(starts.to(x.device), draft.get_input_embeddings().weight.dtype)
     if draft_kv == "plain":
         plain = kv.new_cache(draft)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import additive_mask  # the mask form attention takes (a pure function, no cache)
 from .errors import UserInputError
 
 
@@ -109,13 +110,7 @@ def visibility(parents: torch.Tensor, depth: int | None = None) -> torch.Tensor:
     """(N, N) bool: node i may see node j when j is i or one of its ancestors. On the device, no host
     read: `depth` steps up the parent pointers (default N: a tree of N nodes is at most N deep)."""
     n = parents.shape[0]
-    rows = torch.eye(n, dtype=torch.bool, device=parents.device)
-    index = torch.arange(n, device=parents.device)
-    up = parents.clone()  # (N,): each node's ancestor `step` levels up, -1 past the root
-    for _ in range(n if depth is None else min(depth, n)):
-        rows[index, up.clamp_min(0)] |= up >= 0
-        up = torch.where(up >= 0, parents.index_select(0, up.clamp_min(0)), up)
-    return rows
+    return ancestors(torch.arange(n, device=parents.device), parents, n if depth is None else min(depth, n))
 
 
 def ancestors(nodes: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.Tensor:
@@ -134,14 +129,12 @@ def ancestors(nodes: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.T
 def verify_mask(parents: torch.Tensor, held: int, dtype: torch.dtype, seen: torch.Tensor | None = None) -> torch.Tensor:
     """(1, 1, N+1, held+N+1) additive mask for the target's verify of [root, nodes]: every query sees
     the `held` committed positions in the cache; the root sees itself; node i the root, its ancestors
-    and itself. 0 where allowed, dtype's min elsewhere (eager attention adds the mask). `seen`:
-    visibility(parents), when the caller has it."""
+    and itself (additive: cache.additive_mask). `seen`: visibility(parents), when the caller has it."""
     n = parents.shape[0]
     allowed = torch.zeros(n + 1, held + n + 1, dtype=torch.bool, device=parents.device)
     allowed[:, : held + 1] = True  # the prefix and the root
     allowed[1:, held + 1 :] = visibility(parents) if seen is None else seen
-    return torch.zeros(allowed.shape, dtype=dtype, device=parents.device).masked_fill(~allowed, torch.finfo(dtype).min).view(
-        1, 1, n + 1, held + n + 1)
+    return additive_mask(allowed, dtype).view(1, 1, n + 1, held + n + 1)
 
 
 def walk(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, choice: torch.Tensor, max_depth: int,

@@ -229,14 +229,7 @@ def test_overwrite_starts_clean_and_resume_continues_this_run(tmp_path, capsys):
 def test_metrics_hold_each_step_once_after_a_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "f"
     args = test_training_scale.arith_command(out, "--eval_every", "3", "--save_every", "4", "--steps", "9")
-    real = training.FuserTrainer.train_step
-
-    def interrupted(self):
-        if self.step == 7:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(training.FuserTrainer, "train_step", interrupted)
+    real = test_training_scale.interrupt_at(monkeypatch, 7)
     assert train_fuser.main(args) == 130
     assert "--resume continues from" in capsys.readouterr().err and steps_in_metrics(out) == [3, 6]
     monkeypatch.setattr(training.FuserTrainer, "train_step", real)

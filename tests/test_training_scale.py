@@ -195,15 +195,21 @@ def test_train_step_timer_reports_the_recipes_figures(tmp_path, capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
-def test_ctrl_c_names_the_checkpoint_resume_continues_from(tmp_path, capsys, monkeypatch):
+def interrupt_at(monkeypatch, step: int):
+    """Ctrl-C in the trainer when it reaches `step`; returns the real train_step (to put back)."""
     real = training.FuserTrainer.train_step
 
     def interrupted(self):
-        if self.step == 3:
+        if self.step == step:
             raise KeyboardInterrupt
         return real(self)
 
     monkeypatch.setattr(training.FuserTrainer, "train_step", interrupted)
+    return real
+
+
+def test_ctrl_c_names_the_checkpoint_resume_continues_from(tmp_path, capsys, monkeypatch):
+    interrupt_at(monkeypatch, 3)
     out = tmp_path / "f"
     argv = arith_command(out, "--steps", "10")
     assert train_fuser.main(argv) == 130

@@ -169,28 +169,40 @@ def paired_agreement(fuser, target, draft, heldout, tokens: int, batch_size: int
 
 
 @torch.no_grad()
-def engine_figures(fuser, target, draft, prompts: list[list[int]], gamma: int, max_new_tokens: int, eos_ids: set[int],
-                   adapter=None) -> dict:
-    """The engine's tokens per target call (tokens emitted / target forward passes, prefill included:
-    the demo's average accepted length) on held-out prompts, greedy at `gamma`, fused and unfused
-    (the plain draft), every output the target's own."""
+def engine_counts(fuser, target, draft, prompts: list[list[int]], gamma: int, max_new_tokens: int,
+                  eos_ids: set[int]) -> tuple[int, int]:
+    """(tokens emitted, target forward passes) of greedy speculative decoding of `prompts` at `gamma`."""
     from .engine import SpecConfig, SpeculativeDecoder
     from .sampling import SamplingConfig
 
-    def run(fuse: bool) -> tuple[int, int]:
-        spec = SpecConfig(gamma=gamma, max_new_tokens=max_new_tokens)
-        decoder = SpeculativeDecoder(target, draft, spec, SamplingConfig(), eos_ids, fuser=fuser if fuse else None)
-        tokens = calls = 0
-        for prompt in prompts:
-            result = decoder.generate(prompt)
-            tokens, calls = tokens + len(result.output_ids), calls + result.counters.target_calls
-        return tokens, calls
+    decoder = SpeculativeDecoder(target, draft, SpecConfig(gamma=gamma, max_new_tokens=max_new_tokens), SamplingConfig(),
+                                 eos_ids, fuser=fuser)
+    tokens = calls = 0
+    for prompt in prompts:
+        result = decoder.generate(prompt)
+        tokens, calls = tokens + len(result.output_ids), calls + result.counters.target_calls
+    return tokens, calls
 
-    fused = run(True)
-    if adapter is not None:
-        with adapter.disabled():
-            unfused = run(False)
-    else:
-        unfused = run(False)
+
+@torch.no_grad()
+def plain_engine_counts(target, draft, prompts: list[list[int]], gamma: int, max_new_tokens: int, eos_ids: set[int],
+                        adapter=None) -> tuple[int, int]:
+    """engine_counts of the plain draft: no fusion, its adapter (if any) switched off."""
+    if adapter is None:
+        return engine_counts(None, target, draft, prompts, gamma, max_new_tokens, eos_ids)
+    with adapter.disabled():
+        return engine_counts(None, target, draft, prompts, gamma, max_new_tokens, eos_ids)
+
+
+@torch.no_grad()
+def engine_figures(fuser, target, draft, prompts: list[list[int]], gamma: int, max_new_tokens: int, eos_ids: set[int],
+                   adapter=None, unfused: tuple[int, int] | None = None) -> dict:
+    """The engine's tokens per target call (tokens emitted / target forward passes, prefill included:
+    the demo's average accepted length) on held-out prompts, greedy at `gamma`, fused and unfused
+    (the plain draft), every output the target's own. `unfused`: the plain draft's engine_counts when
+    the caller has them (they never change while only the fuser trains)."""
+    fused = engine_counts(fuser, target, draft, prompts, gamma, max_new_tokens, eos_ids)
+    if unfused is None:
+        unfused = plain_engine_counts(target, draft, prompts, gamma, max_new_tokens, eos_ids, adapter)
     return {"engine_prompts": len(prompts), "engine_tokens": fused[0],
             "tokens_per_call_fused": fused[0] / fused[1], "tokens_per_call_unfused": unfused[0] / unfused[1]}

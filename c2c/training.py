@@ -34,7 +34,7 @@ from .adapter import KINDS, DraftAdapter
 from .errors import UserInputError
 from .fuser import C2CFuser, KVShape, StepNoise, load_fuser, save_fuser
 from .train_data import SplitData
-from .train_objective import DRAFT_KV, all_position_logits, engine_figures, paired_agreement, token_losses
+from .train_objective import DRAFT_KV, all_position_logits, engine_figures, paired_agreement, plain_engine_counts, token_losses
 
 
 SUFFIXES = ("all", "one")
@@ -214,6 +214,7 @@ class FuserTrainer:
         self.padding_tokens = 0  # of which padding
         self.supervised_tokens = 0  # positions a loss was taken on so far, all processes
         self.batches: list[tuple[int, int]] = []  # (distinct rows, rows) of each step since the last evaluation
+        self.plain_engine: tuple[int, int] | None = None  # the plain draft's engine counts, measured once
         self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _lr_factor(self, step: int) -> float:
@@ -276,8 +277,11 @@ class FuserTrainer:
                                    cfg.objective, self.device, self.adapter, cfg.fusion, cfg.draft_kv)
         if cfg.eval_prompts and cfg.fusion:
             prompts = self.heldout.prompts(cfg.eval_prompts)
+            if self.plain_engine is None:  # the plain draft's figure never changes while the fuser trains: once
+                self.plain_engine = plain_engine_counts(self.target, self.draft, prompts, cfg.gamma, cfg.eval_new_tokens,
+                                                        self.eos_ids, self.adapter)
             figures |= engine_figures(self.fuser, self.target, self.draft, prompts, cfg.gamma, cfg.eval_new_tokens,
-                                      self.eos_ids, self.adapter)
+                                      self.eos_ids, self.adapter, self.plain_engine)
         return {"step": self.step, **figures, "target_tokens": self.target_tokens,
                 "supervised_tokens": self.supervised_tokens}
 

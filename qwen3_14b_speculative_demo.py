@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tree rounds: the draft proposes a tree of this many nodes (its top --tree_topk children of the "
                    "best nodes, depth by depth) and the target checks them all in one forward; 0: a chain of --gamma "
                    "drafts; auto: the warm-up weighs budgets 4-64 and depths up to --tree_depth on this machine and "
-                   "keeps the fastest. Runs eager (--no-compile) for now")
+                   "keeps the fastest")
     p.add_argument("--tree_depth", type=int, default=defaults.tree_depth, help="tree rounds: the longest path (draft forwards per round)")
     p.add_argument("--tree_topk", type=int, default=defaults.tree_topk, help="tree rounds: children per expanded node (1: a chain)")
     p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft model (C2C's base/receiver): Hub id or path")
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         dtype=args.dtype,
         device_map=args.device_map,
         enable_thinking=args.enable_thinking,
-        compile=runner.choose_compile(args.compile, args.device) and not (args.tree_budget and args.compile is None),
+        compile=runner.choose_compile(args.compile, args.device),
         threads=apply_threads(args.threads),
         tree_budget=args.tree_budget,
         tree_depth=args.tree_depth,

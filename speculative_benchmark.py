@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuser_checkpoint", default=None, help=f"as in the demo (default {DEFAULT_FUSER}); fused modes need one")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--trees", nargs="*", default=[], metavar="BUDGET,DEPTH,TOPK",
-                   help="tree shapes each speculative mode also runs (e.g. 32,4,4 16,5,3), eager: not with --compile")
+                   help="tree shapes each speculative mode also runs (e.g. 32,4,4 16,5,3)")
     p.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES))
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode and gamma")
@@ -103,8 +103,6 @@ def run(args, argv) -> int:
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserInputError(f"--num_prompts must be >= 1 (or left out for all prompts), got {args.num_prompts}")
     trees = [parse_tree(text) for text in args.trees]
-    if trees and args.compile:
-        raise UserInputError("--trees run eager for now: drop --compile (or benchmark the trees in a run of their own)")
     check_output_dir(args.output_dir)  # before the sweep, not after it
     if args.compile and args.warmup == 0:
         print("warning: --compile with --warmup 0: the timed runs include compilation and CUDA graph recording, "

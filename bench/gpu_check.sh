@@ -13,7 +13,8 @@
 #      length-sorted pool): seconds, supervised tokens/s, padding share, peak memory, for the recipe
 #   5. the draft step with inductor's weight freezing (q/k/v and gate/up as one matrix product each)
 #      against the engine's compile: matrix products, step time, extra memory (bench/draft_kernels.py)
-#   6. tree rounds: --preset tiny with --tree_budget 32 on CUDA (eager; lossless, tokens per target call), and the
+#   6. tree rounds: --preset tiny with --tree_budget 32 on CUDA, compiled (CUDA graphs: lossless, tokens per
+#      target call), the tree round's graphs and launches (bench/round_ops.py --tree, tiny shapes), and the
 #      14B verify of 1..64 tokens (eager) and of 5 and 32 tokens compiled (bench/verify_blocks.py), the
 #      cost a tree adds over a chain
 #   6b. --preset tiny and --preset arith eager (lossless; measured twice already on an H100)
@@ -59,8 +60,9 @@ step train_step 150 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 -
 step train_step_varied 120 "$PY" bench/train_step.py --synthetic qwen3 --batch_size 8 --seq_len 512 --steps 3 --warmup 1 \
   --lengths varied --output_dir "$JSON_DIR"
 step draft_kernels 150 "$PY" bench/draft_kernels.py --synthetic qwen3 --device cuda --output_dir "$JSON_DIR"
-step tiny_tree 90 "$PY" qwen3_14b_speculative_demo.py --preset tiny --device cuda --dtype float32 --no-compile \
+step tiny_tree 120 "$PY" qwen3_14b_speculative_demo.py --preset tiny --device cuda --dtype float32 --compile \
   --tree_budget 32 --tree_depth 4 --tree_topk 4 --max_new_tokens 64 --lang en --save_results --output_dir "$JSON_DIR"
+step tree_round_ops 90 "$PY" bench/round_ops.py --synthetic tiny --device cuda --tree 32,4,4 --runs 3 --rounds 40
 step verify_blocks 240 "$PY" bench/verify_blocks.py --synthetic qwen3 --device cuda --compiled 5 32 --output_dir "$JSON_DIR"
 step tiny_eager 60 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
   --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 8

@@ -132,8 +132,8 @@ class SpeculativePipeline:
         else sampling whose output follows the target's distribution. `stream`: a text file (e.g.
         sys.stdout) to print the output to as rounds commit, marked (colour: default on a terminal).
         `tree_budget` > 0: tree rounds (the draft's top `tree_topk` children of the best nodes, depth by
-        depth up to `tree_depth`, the best `tree_budget` nodes verified in one target forward; eager:
-        load with compile=False); 0: a chain of `gamma` drafts."""
+        depth up to `tree_depth`, the best `tree_budget` nodes verified in one target forward); 0: a
+        chain of `gamma` drafts."""
         if not isinstance(prompt, str):
             raise UserInputError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}"
                                  + (": call generate once per prompt" if isinstance(prompt, (list, tuple)) else ""))
@@ -144,8 +144,6 @@ class SpeculativePipeline:
         top_k, seed = _integer("top_k", top_k, 0), _integer("seed", seed, *runner.SEED_RANGE)
         tree_budget, tree_depth = _integer("tree_budget", tree_budget, 0), _integer("tree_depth", tree_depth, 1)
         tree_topk = _integer("tree_topk", tree_topk, 1)
-        if tree_budget and self.session.compiled is not None:
-            raise UserInputError("tree rounds (tree_budget) run eager for now: load the pipeline with compile=False")
         for name, value in (("prefill_fusion", prefill_fusion), ("decode_fusion", decode_fusion), ("compare", compare),
                             ("rounds", rounds)):
             _flag(name, value)

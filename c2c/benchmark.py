@@ -102,7 +102,8 @@ def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     runs of the first prompt of each static cache size, plus a forced-accept run that meets every
     compiled shape, so that the timed runs compile and record nothing. Lengths stop at the context
     as the timed runs' do (runner.context_room at `room_gamma`)."""
-    for ids, length in runner.warm_runs(session, prompts, max_new_tokens, gamma, 16, room_gamma):
+    lookahead = mode_spec(session, mode, gamma, max_new_tokens, tree).lookahead
+    for ids, length in runner.warm_runs(session, prompts, max_new_tokens, gamma, 16, room_gamma, lookahead):
         run_once(session, mode, ids, gamma, length, tree=tree)
         if mode.startswith("speculative"):
             with torch.inference_mode():

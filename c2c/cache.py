@@ -295,18 +295,45 @@ def fusing_cache(model, fuse) -> DynamicCache:
     return _FusingCache(model.config, fuse)
 
 
-# ---------------------------------------------------------------- tree rounds: keep the accepted path
+# ---------------------------------------------------------------- tree rounds: device-side lengths and moves
 
 
-def compact(cache: DynamicCache, keep: int, slots: torch.Tensor) -> None:
-    """Keep the first `keep` positions of every layer, then the entries at `slots` (S,) in that order
-    (a tree round's accepted path, stored where its nodes were fed): one gather and one copy per layer
-    tensor, and the cache then holds keep + S contiguous positions. Dynamic caches only."""
-    if is_static(cache):
-        raise NotImplementedError("tree rounds keep their paths in dynamic caches (run without --compile)")
+def write_position(cache) -> torch.Tensor:
+    """A static cache's length as a 0-d device tensor (its next write position): a compiled tree round
+    builds its masks and positions from it, so no round's length is baked into a graph."""
+    pool = _pooled(cache)
+    return pool.lengths[0] if pool is not None else cache.layers[0].cumulative_length
+
+
+def capacity(cache) -> int:
+    """A static cache's positions (its fixed size)."""
+    return cache.layers[0].max_cache_len
+
+
+def set_length(cache, length: torch.Tensor) -> None:
+    """Move a static cache's write position to `length` (0-d device tensor), in place: no host read."""
+    pool = _pooled(cache)
+    if pool is not None:
+        pool.lengths.copy_(length.expand(pool.lengths.shape))
+        return
     for layer in cache.layers:
-        if layer.keys is None:
+        if layer.is_initialized:
+            layer.cumulative_length.copy_(length.to(layer.cumulative_length.device))
+
+
+def move_positions(cache, source: torch.Tensor, dest: torch.Tensor) -> None:
+    """Copy every layer's K/V at positions `source` (S,) to positions `dest` (S,) of a static cache
+    (a tree round's accepted path, from where its nodes were written to contiguous positions): one
+    gather and one copy per pooled tensor (per layer tensor otherwise). The gather comes first, so
+    overlapping positions are read before they are written."""
+    pool = _pooled(cache)
+    if pool is not None:
+        for tensor in (pool.keys, pool.values):
+            tensor.index_copy_(3, dest, tensor.index_select(3, source))
+        return
+    for layer in cache.layers:
+        if not layer.is_initialized:
             continue
-        at = slots.to(layer.keys.device)  # layers of a model split over devices (device_map)
-        layer.keys = torch.cat([layer.keys[:, :, :keep], layer.keys.index_select(2, at)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :keep], layer.values.index_select(2, at)], dim=2)
+        src, dst = source.to(layer.keys.device), dest.to(layer.keys.device)  # layers split over devices
+        for tensor in (layer.keys, layer.values):
+            tensor.index_copy_(2, dst, tensor.index_select(2, src))

@@ -23,9 +23,9 @@ import torch
 from . import cache as kv
 from . import tree as trees
 from .fuser import C2CFuser, StackedProjectors
-from .errors import UserInputError
 from .tree import TreeShape
 from .sampling import SamplingConfig, accept_greedy, accept_sampled, next_token, probabilities
+from .tree_steps import grow_tree, verify_tree
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,14 @@ class SpecConfig:
             raise ValueError(f"gamma must be >= 1 (draft tokens per round), got {self.gamma}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def lookahead(self) -> int:
+        """Cache positions a round may write past the committed sequence: gamma drafts for a chain; for
+        a tree the target's verified nodes or the draft's fed frontier, the larger."""
+        if self.tree is None:
+            return self.gamma
+        return max(self.tree.budget, (self.tree.depth - 1) * self.tree.top_k)
 
 
 @dataclass
@@ -430,8 +438,14 @@ class SpeculativeDecoder:
         # greedy verify and acceptance as one graph, where the two models share a device
         same_device = self.device == self.target_device
         self.verify_graph = compiled.function(verify_block, self.device) if self.draft_graph and same_device else None
+        # tree rounds, greedy or sampled: the draft's growth and the verify with the walk and both caches'
+        # compaction, one graph each (the round's uniforms are an input, drawn with the user's generator)
+        self.tree_graphs = None
+        if compiled and spec.tree is not None and same_device:
+            self.tree_graphs = (compiled.function(grow_tree, self.device), compiled.function(verify_tree, self.device))
         # the forced acceptance as a device flag: an input of the verify graph (so one graph serves both)
-        self._force = torch.tensor(force_accept, device=self.device) if self.verify_graph or force_accept else None
+        forced = self.verify_graph or force_accept or spec.tree is not None
+        self._force = torch.tensor(force_accept, device=self.device) if forced else None
 
     # ---------------------------------------------------------------- the round's steps
 
@@ -486,9 +500,10 @@ class SpeculativeDecoder:
         self.counters.fused_tokens += fuse_positions(self.fusion, self.target_cache, self.draft_cache, start, end)
 
     def _fuse_decode(self, start: int, end: int) -> None:
-        """Decode fusion of positions [start, end): a compiled fixed window of gamma+1 positions when
-        compiling (at most that many become committed per round), the plain slices otherwise."""
-        width = self.spec.gamma + 1
+        """Decode fusion of positions [start, end): a compiled fixed window of gamma+1 positions (a
+        tree's depth+1) when compiling (at most that many become committed per round), the plain
+        slices otherwise."""
+        width = (self.spec.tree.depth if self.spec.tree is not None else self.spec.gamma) + 1
         if self.fuse_step is None or end - start > width:
             return self._fuse(start, end)
         positions = (torch.arange(end - width, end, device=self.device)).clamp_min(0)  # (W,)
@@ -497,86 +512,43 @@ class SpeculativeDecoder:
         self.fuse_step(self.fusion, self.target_cache, self.draft_cache, positions, keep)
         self.counters.fused_tokens += end - start
 
-    # ---------------------------------------------------------------- a tree round (eager, dynamic caches)
+    # ---------------------------------------------------------------- a tree round (static caches)
 
-    def _draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The draft's log-probabilities (..., V) a tree is grown from: warped as the run samples, so
-        greedy and sampled trees are the draft's own top-k, a function of the prefix alone."""
-        if self.sampling.greedy:
-            return logits.float().log_softmax(-1)
-        return probabilities(logits, self.sampling).log()
-
-    def _tree_round(self, feed: torch.Tensor, pending: torch.Tensor, committed: int, draft_len: int, shape: TreeShape,
-                    clock: "PhaseClock"):
+    def _tree_round(self, feed: torch.Tensor, pending: torch.Tensor, shape: TreeShape, clock: "PhaseClock"):
         """Draft a tree after the pending token, verify it in one target forward, walk it and keep the
-        accepted path in both caches. Returns host values (decision [n, path node indices, token], the
-        kept tree's tokens and parents), then the target's token (a device 0-d tensor: the next
-        pending), the draft cache's length and the draft's next feed (1, k)."""
-        mask_dtype = self.draft.get_input_embeddings().weight.dtype
-        # 1. draft: depth 1 from the tokens the draft has not seen; each later depth one forward over the frontier
-        logits = kv.forward(self.draft, feed, self.draft_cache, draft_len, logits_to_keep=1)  # (1, 1, V)
-        fed: list[torch.Tensor] = []  # grown node indices, in the order their K/V were appended after `committed`
-
-        def expand(frontier: torch.Tensor, grown: trees.Tree) -> torch.Tensor:
-            seen = trees.ancestors(frontier, grown.parents, shape.depth)  # (F, Ng): each frontier node's line
-            before = torch.cat(fed) if fed else frontier[:0]
-            F = frontier.shape[0]
-            allowed = torch.cat([torch.ones(F, committed, dtype=torch.bool, device=frontier.device),
-                                 seen.index_select(1, before),
-                                 torch.eye(F, dtype=torch.bool, device=frontier.device)], dim=1)
-            mask = kv.additive_mask(allowed, mask_dtype).view(1, 1, F, -1)
-            positions = (committed - 1 + grown.depths.index_select(0, frontier)).view(1, F)
-            out = kv.forward_masked(self.draft, grown.tokens.index_select(0, frontier).view(1, F), self.draft_cache,
-                                    positions, mask)  # (1, F, V)
-            fed.append(frontier)
-            self.counters.draft_calls += 1
-            return self._draft_logprobs(out[0])
-
-        kept, grown_index = trees.grow(self._draft_logprobs(logits[0, -1]), expand, shape)
-        self.counters.draft_calls += 1
+        accepted path in both caches (c2c.tree_steps): on the fast path two compiled calls, the
+        round's random numbers (sampling) drawn between them. Returns the round's decision as host
+        values ([n, path node indices by depth (-1 past n), m, last path token, the target's token],
+        the tree's tokens, its parents) and the output on the device (the next pending token and
+        the draft's next feed are slices of it)."""
+        full = shape == self.spec.tree and feed.shape[-1] <= 2  # the compiled shapes; short last rounds run as they are
+        grow, verify = (self.tree_graphs if full and self.tree_graphs else (grow_tree, verify_tree))
+        # 1. draft: the tokens it has not seen, then one forward per depth over the frontier
+        CompiledSteps.step_begin(self.device)
+        packed, scores = grow(self.draft, self.draft_cache, feed, kv.cache_keyword(self.draft), shape, self.sampling)
+        # a copy: with CUDA graphs the graph's outputs are overwritten once the verify graph runs
+        packed = packed.clone()
+        scores = scores.clone() if self.tree_log is not None else None
+        self.counters.draft_calls += shape.depth
         clock.lap("draft")
-        # 2. verify [pending, nodes] in one forward: node i at position committed-1 + depth, seeing its ancestors
-        n_nodes = len(kept)
-        block = torch.cat([pending.view(1), kept.tokens]).view(1, -1).to(self.target_device)
-        positions = (committed - 1 + torch.cat([kept.depths.new_zeros(1), kept.depths])).view(1, -1).to(self.target_device)
-        seen = trees.visibility(kept.parents, shape.depth)  # (N, N), for the mask and the walk
-        mask = trees.verify_mask(kept.parents, committed - 1, self.target.get_input_embeddings().weight.dtype, seen)
-        logits = kv.forward_masked(self.target, block, self.target_cache, positions, mask.to(self.target_device))  # (1, N+1, V)
+        # 2-4. verify [pending, nodes] in one forward, walk, keep the path in both caches
+        uniforms = None  # sampling: the round's random numbers, one per depth, drawn with the user's generator
+        if not self.sampling.greedy:
+            uniforms = torch.rand(shape.depth + 1, device=self.device, generator=self.generator)
+        CompiledSteps.step_begin(self.device)
+        out = verify(self.target, self.target_cache, self.draft_cache, pending, packed, kv.cache_keyword(self.target),
+                     shape.depth, self.sampling, uniforms, self._force).clone()
+        n_nodes = packed.shape[0] // 4
         self.counters.target_calls += 1
         self.counters.nodes_verified += n_nodes
         clock.lap("target")
-        # 3. accept: the target's choice at the root and every node, then the walk (one host read)
-        target_logits = logits[0].to(self.device)
-        if self.sampling.greedy:
-            choice = target_logits.argmax(-1)
-        else:  # the round's random numbers, drawn once with the user's generator: one per depth
-            uniforms = torch.rand(shape.depth + 1, device=self.device, generator=self.generator)
-            choice = trees.sample_choices(probabilities(target_logits, self.sampling), uniforms,
-                                          torch.cat([kept.depths.new_zeros(1), kept.depths]))
-        decided = trees.walk(kept.tokens, kept.parents, kept.depths, choice, shape.depth, seen)  # (depth+2,)
-        fed_all = torch.cat(fed) if fed else grown_index[:0]
-        host = torch.cat([decided, kept.tokens, kept.parents, grown_index, fed_all]).tolist()  # sync: the round's one host read
-        width = shape.depth + 2
-        decision = host[:width]
-        tokens, parents = host[width : width + n_nodes], host[width + n_nodes : width + 2 * n_nodes]
-        grown_of, fed_order = host[width + 2 * n_nodes : width + 3 * n_nodes], host[width + 3 * n_nodes :]
-        n = decision[0]
-        path = decision[1 : 1 + n]
+        host = out.tolist()  # sync: the round's one host read
+        width = shape.depth + 4
+        decision, tokens, parents = host[:width], host[width : width + n_nodes], host[width + n_nodes :]
         if self.tree_log is not None:  # --tree_budget auto's warm-up: what smaller trees would have accepted
-            self.tree_log.append((kept.scores.tolist(), kept.depths.tolist(), path))  # sync: warm-up only
-        # 4. keep the accepted path in both caches, at contiguous positions: the target's root and path
-        # slots (it wrote [pending, nodes] at committed-1...), the draft's path nodes it has fed
-        target_slots = torch.tensor([committed - 1] + [committed + i for i in path], dtype=torch.long)
-        kv.compact(self.target_cache, committed - 1, target_slots.to(self.target_device))
-        slot_of = {g: i for i, g in enumerate(fed_order)}
-        fed_path = []
-        for node in path:  # the draft has fed every path node but perhaps the deepest
-            if grown_of[node] not in slot_of:
-                break
-            fed_path.append(committed + slot_of[grown_of[node]])
-        kv.compact(self.draft_cache, committed, torch.tensor(fed_path, dtype=torch.long, device=self.device))
-        feed = torch.tensor([tokens[i] for i in path[len(fed_path):]] + [decision[-1]], device=self.device).view(1, -1)
-        return decision, tokens, parents, feed[0, -1], committed + len(fed_path), feed
+            n = decision[0]
+            self.tree_log.append((scores.tolist(), packed[2 * n_nodes : 3 * n_nodes].tolist(), decision[1 : 1 + n]))
+        return decision, tokens, parents, out
 
     # ---------------------------------------------------------------- the loop
 
@@ -584,8 +556,6 @@ class SpeculativeDecoder:
         spec, c = self.spec, Counters()
         self.counters = c
         if spec.tree is not None:
-            if self.compiled:
-                raise UserInputError("tree rounds run eager for now (dynamic caches): pass --no-compile with --tree_budget")
             for role, model in (("target", self.target), ("draft", self.draft)):
                 kv.check_custom_masks(model, role, "tree rounds need attention that takes a tree mask",
                                       "load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
@@ -603,10 +573,12 @@ class SpeculativeDecoder:
         sync_device(self.device)
         t_start = time.perf_counter()
         clock = PhaseClock(self.device)
+        capacity = cache_sizes(n0, spec.max_new_tokens, spec.lookahead)[1]
         if self.compiled:
-            capacity = cache_sizes(n0, spec.max_new_tokens, spec.gamma)[1]
             self.target_cache = self.compiled.cache(self.target, capacity)
             self.draft_cache = self.compiled.cache(self.draft, capacity, "draft")
+        elif spec.tree is not None:  # tree rounds write their nodes where the device says: static caches
+            self.target_cache, self.draft_cache = kv.new_cache(self.target, capacity), kv.new_cache(self.draft, capacity)
         else:
             self.target_cache, self.draft_cache = kv.new_cache(self.target), kv.new_cache(self.draft)
 
@@ -645,15 +617,17 @@ class SpeculativeDecoder:
                 # 1-4. a tree round: draft a tree, verify it in one forward, walk it, keep the path
                 shape = TreeShape(spec.tree.budget, min(spec.tree.depth, room), spec.tree.top_k)
                 c.branching = c.branching or shape.top_k > 1  # a round with more than a chain's choices
-                decision, tokens, parents, token, draft_len, feed = self._tree_round(feed, pending, committed, draft_len,
-                                                                                     shape, clock)
-                n, path = decision[0], decision[1 : 1 + decision[0]]
+                decision, tokens, parents, decided = self._tree_round(feed, pending, shape, clock)
+                n, depth = decision[0], shape.depth
+                path, m = decision[1 : 1 + n], decision[1 + depth]
                 drafted_ids = trees.drafted_path(tokens, parents, path)  # the taken path, then the draft's first choices
                 g = len(drafted_ids)
                 branched_at = trees.branch_point(parents, path)
-                new_tokens = [tokens[i] for i in path] + [decision[-1]]
+                new_tokens = [tokens[i] for i in path] + [decision[depth + 3]]
+                draft_len = committed + m  # the draft holds the committed sequence, then the path nodes it fed
                 committed += n + 1
-                pending = token
+                pending = decided[depth + 3]  # views: no launch
+                feed = decided[depth + 2 : depth + 4].view(1, 2) if m < n else decided[depth + 3 : depth + 4].view(1, 1)
             else:
                 # 1. draft
                 drafted, q = self._draft(feed, draft_len, g)

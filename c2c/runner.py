@@ -128,8 +128,6 @@ def validate(cfg: RunConfig) -> None:
         _ = cfg.spec, cfg.sampling  # their constructors check the values
     except ValueError as e:
         raise UserInputError(str(e)) from None
-    if cfg.tree_budget and cfg.compile:
-        raise UserInputError("tree rounds (--tree_budget) run eager for now: pass --no-compile")
     if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
         raise UserInputError(f"--seed must be between 0 and 2**64 - 1 (what torch's generator takes), got {cfg.seed}")
 
@@ -234,16 +232,17 @@ def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool
 
 
 def warm_prompts(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int,
-                 room_gamma: int | None = None) -> list[list[int]]:
+                 room_gamma: int | None = None, lookahead: int | None = None) -> list[list[int]]:
     """The prompts a warm-up must run: the first one, and with --compile the first of each static
     cache size the runs will use (each size has its own caches, graphs and compilation; a prompt's
-    length stops at the context, see context_room, with `room_gamma` as the runs use it)."""
+    length stops at the context, see context_room, with `room_gamma` as the runs use it; the size
+    follows the rounds' SpecConfig.lookahead, default gamma)."""
     if session.compiled is None:
         return prompts[:1]
     first: dict = {}
     for ids in prompts:
         tokens = context_room(session, len(ids), max_new_tokens, gamma if room_gamma is None else room_gamma)
-        first.setdefault(cache_sizes(len(ids), tokens, gamma), ids)
+        first.setdefault(cache_sizes(len(ids), tokens, gamma if lookahead is None else lookahead), ids)
     return list(first.values())
 
 
@@ -256,13 +255,13 @@ def warm_tokens(session: Session, max_new_tokens: int, gamma: int, least: int) -
 
 
 def warm_runs(session: Session, prompts: list[list[int]], max_new_tokens: int, gamma: int, least: int,
-              room_gamma: int | None = None) -> list[tuple[list[int], int]]:
+              room_gamma: int | None = None, lookahead: int | None = None) -> list[tuple[list[int], int]]:
     """The warm-up's runs, (prompt ids, new tokens): `warm_prompts`, each as long as `warm_tokens` says
     and no longer than its real run (stopped at the context, at `room_gamma`, default gamma)."""
     room_gamma = gamma if room_gamma is None else room_gamma
     tokens = warm_tokens(session, max_new_tokens, gamma, least)
     return [(ids, min(tokens, context_room(session, len(ids), max_new_tokens, room_gamma)))
-            for ids in warm_prompts(session, prompts, max_new_tokens, gamma, room_gamma)]
+            for ids in warm_prompts(session, prompts, max_new_tokens, gamma, room_gamma, lookahead)]
 
 
 def warm_compiled(session: Session, ids: list[int], spec: SpecConfig) -> None:
@@ -333,7 +332,8 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
     started = time.perf_counter()
     cfg = session.config
     all_ids = [encode(session, p) for p in prompts]
-    for ids, length in warm_runs(session, all_ids, cfg.max_new_tokens, cfg.gamma, tokens):
+    runs = warm_runs(session, all_ids, cfg.max_new_tokens, cfg.gamma, tokens, lookahead=cfg.spec.lookahead)
+    for ids, length in runs:
         spec = dataclasses.replace(cfg.spec, max_new_tokens=length)
         if run_standard:
             standard(session, ids, length)
@@ -341,6 +341,8 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
         warm_compiled(session, ids, spec)
     if cfg.tree_budget == AUTO:
         choose_tree(session, all_ids)
+        for ids, length in runs:  # compiling: the chosen shape's graphs, before the timed runs
+            warm_compiled(session, ids, dataclasses.replace(session.config.spec, max_new_tokens=length))
     return time.perf_counter() - started
 
 

@@ -111,7 +111,7 @@ def test_tree_rows_run_beside_the_chains(tmp_path, capsys):
     assert all(r["tree"] == {"budget": 8, "depth": 3, "top_k": 2} and r["gamma"] is None and r["outputs_match_target"]
                for r in trees)
     assert "| speculative | tree 8/3/2 |" in capsys.readouterr().out
-    for flags, expected in ((["--trees", "8,3"], "BUDGET,DEPTH,TOPK"), (["--trees", "8,3,2", "--compile"], "drop --compile"),
+    for flags, expected in ((["--trees", "8,3"], "BUDGET,DEPTH,TOPK"),
                             (["--trees", "2,3,2"], "--trees 2,3,2: BUDGET 2 is smaller than DEPTH 3")):
         assert speculative_benchmark.main(["--preset", "tiny", "--output_dir", str(tmp_path), *flags]) == 2
         assert expected in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from c2c import chat_data, train_data, train_fuser, training
+from c2c import chat_data, train_data, train_fuser
 from c2c.engine import standard_generate
 from c2c.errors import UserInputError
 from c2c.sampling import SamplingConfig

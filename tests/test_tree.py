@@ -2,7 +2,6 @@
 sampled walks. No models: token ids, log-probabilities and parents in, tensors out."""
 
 import math
-import random
 from collections import Counter
 
 import pytest

@@ -1,0 +1,137 @@
+"""A tree round's two model steps on static caches, as plain functions the fast path compiles (one
+graph each, CUDA graphs on a GPU) and short rounds call as they are:
+
+- `grow_tree`: the draft takes the tokens it has not seen, then grows the tree depth by depth (one
+  forward over the frontier per depth, `c2c.tree.grow`), its nodes written after the committed
+  sequence in the draft's cache;
+- `verify_tree`: the target's one forward over [pending token, nodes], the walk (greedy, or the
+  round's uniforms drawn by the caller), and both caches' compaction: the accepted path moved to
+  contiguous positions and each write position set, all on the device. Its output is the round's
+  one host read.
+
+Every per-round value (the committed length, the positions, where the nodes lie) comes from the
+caches' device-side write positions, so no round's numbers are baked into a graph: fixed (budget,
+depth, top_k) means fixed shapes. The tree's own logic lives in `c2c.tree` (no caches, no models).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cache as kv
+from . import tree as trees
+from .sampling import SamplingConfig, probabilities
+from .tree import TreeShape
+
+
+def draft_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The draft's log-probabilities (..., V) a tree grows from: warped as the run samples, so greedy
+    and sampled trees are the draft's own top-k, a function of the prefix alone."""
+    if sampling.greedy:
+        return logits.float().log_softmax(-1)
+    return probabilities(logits, sampling).log()
+
+
+def _allowed(prefix: torch.Tensor, start: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """(Q, capacity) bool: every query sees the positions `prefix` (capacity,) allows, and the block
+    `tail` (Q, T) says what it sees of positions start..start+T-1 (the round's nodes)."""
+    allowed = prefix.expand(tail.shape[0], -1).clone()
+    return allowed.index_copy_(1, start + torch.arange(tail.shape[1], device=tail.device), tail)
+
+
+def _forward(model, cache, keyword: str, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+             keep: int = 0) -> torch.Tensor:
+    mask = None if allowed is None else kv.additive_mask(allowed, model.get_input_embeddings().weight.dtype)
+    return model(input_ids=tokens.view(1, -1), position_ids=positions.view(1, -1), use_cache=True, logits_to_keep=keep,
+                 attention_mask=None if mask is None else mask.view(1, 1, *mask.shape), **{keyword: cache}).logits[0]
+
+
+def grow_tree(model, cache, feed: torch.Tensor, keyword: str, shape: TreeShape, sampling: SamplingConfig):
+    """The draft's part of a tree round. feed (1, k): the tokens the draft has not seen (the pending
+    token, after a round whose path ended at a node it never fed, that node first), written at the
+    cache's write position; then one forward per depth over the frontier, each node at position
+    (committed - 1 + its depth), written after the committed sequence and seeing the committed
+    positions, its fed ancestors and itself.
+
+    Returns (packed (4N,) long: the kept tree's tokens, parents, depths and, per node, where its K/V
+    lie after the committed sequence (-1: never fed, the draft never ran it), scores (N,))."""
+    device, width = feed.device, feed.shape[-1]
+    start = kv.write_position(cache).clone()  # a copy: the forward moves the write position in place
+    root = _forward(model, cache, keyword, feed, start + torch.arange(width, device=device), None, keep=1)
+    committed = start + width  # the draft now holds the committed sequence, the pending token last
+    prefix = torch.arange(kv.capacity(cache), device=device) < committed
+    fed: list[torch.Tensor] = []  # grown node indices, in the order their K/V follow the committed ones
+
+    def expand(frontier: torch.Tensor, grown: trees.Tree) -> torch.Tensor:
+        before = torch.cat(fed) if fed else frontier[:0]
+        lines = trees.ancestors(frontier, grown.parents, shape.depth)  # (F, grown): each frontier node's line
+        tail = torch.cat([lines.index_select(1, before), torch.eye(frontier.shape[0], dtype=torch.bool, device=device)], 1)
+        out = _forward(model, cache, keyword, grown.tokens.index_select(0, frontier),
+                       committed - 1 + grown.depths.index_select(0, frontier), _allowed(prefix, committed, tail))
+        fed.append(frontier)
+        return draft_logprobs(out, sampling)
+
+    kept, grown_index = trees.grow(draft_logprobs(root[-1], sampling), expand, shape)
+    fed_all = torch.cat(fed) if fed else grown_index[:0]
+    match = grown_index.view(-1, 1) == fed_all.view(1, -1)  # (N, fed): a node is fed at most once
+    slot = (match.long() * torch.arange(1, fed_all.shape[0] + 1, device=device)).sum(-1) - 1
+    return torch.cat([kept.tokens, kept.parents, kept.depths, slot]), kept.scores
+
+
+def forced_choice(choice: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+                  seen: torch.Tensor) -> torch.Tensor:
+    """Timing only: the target's choices replaced so that the walk accepts the whole path to the
+    first of the deepest nodes, as a forced chain round accepts every draft."""
+    n = tokens.shape[0]
+    on_path = seen.index_select(0, depths.argmax().view(1)).view(n)  # its line, itself included
+    into = torch.where(on_path, parents + 1, n + 1)  # the choice at each path node's parent: the node's token
+    forced = torch.cat([choice, choice[:1]]).scatter(0, into, tokens)
+    return forced[: n + 1]
+
+
+def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.Tensor, keyword: str, depth: int,
+                sampling: SamplingConfig, uniforms: torch.Tensor | None, force: torch.Tensor) -> torch.Tensor:
+    """The target's part of a tree round and the round's end, on the device. pending (): the token
+    the target has not seen; packed: `grow_tree`'s; uniforms (depth+1,): the round's random numbers
+    (sampling; drawn once per round by the caller with the user's generator); force (): the
+    timing-only forced acceptance as a device flag.
+
+    Both caches end holding the accepted path at contiguous positions: the target's [pending, path]
+    after its committed sequence, the draft's the path nodes it has fed. Returns (depth + 4 + 2N,)
+    long on pending's device: [n accepted, the path's node indices by depth (-1 past n), m path nodes
+    the draft holds (n or n-1), the path's last token, the target's token, the tree's tokens, its
+    parents]. The draft's next feed is [the path's last token, the target's token] when m < n, else
+    the target's token alone: a slice of this."""
+    out_device = pending.device
+    tokens, parents, depths, slot = packed.view(4, -1)
+    n_nodes = tokens.shape[0]
+    held = kv.write_position(cache).clone()  # the target holds committed - 1 positions: all but the pending token
+    t_device = held.device
+    with_root = torch.cat([depths.new_zeros(1), depths])
+    seen = trees.visibility(parents, depth)  # (N, N), for the mask and the walk
+    tail = torch.zeros(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=out_device)
+    tail[:, 0] = True  # every node sees the root (the pending token)
+    tail[1:, 1:] = seen
+    prefix = torch.arange(kv.capacity(cache), device=t_device) < held
+    logits = _forward(model, cache, keyword, torch.cat([pending.view(1), tokens]).to(t_device),
+                      held + with_root.to(t_device), _allowed(prefix, held, tail.to(t_device))).to(out_device)
+    if sampling.greedy:
+        choice = logits.argmax(-1)
+    else:  # ancestral sampling along the tree: each draw is the target's own (c2c.tree explains why it is exact)
+        choice = trees.sample_choices(probabilities(logits, sampling), uniforms, with_root)
+    choice = torch.where(force, forced_choice(choice, tokens, parents, depths, seen), choice)
+    decided = trees.walk(tokens, parents, depths, choice, depth, seen)  # [n, path (depth), token]
+    n, path = decided[0], decided[1 : 1 + depth]
+    steps = torch.arange(depth, device=out_device)
+    # the target wrote [pending, nodes] at held..: keep the pending token there, the path right after it
+    kv.move_positions(cache, (held + 1 + path.clamp_min(0).to(t_device)), held + 1 + steps.to(t_device))
+    kv.set_length(cache, held + 1 + n.to(t_device))
+    # the draft wrote its fed nodes after the committed sequence (held + 1 positions): the path's fed prefix
+    where = slot.index_select(0, path.clamp_min(0))
+    fed = ((path >= 0) & (where >= 0)).long().cumprod(0)  # every path node but perhaps the deepest was fed
+    m = fed.sum()
+    committed = held.to(out_device) + 1
+    kv.move_positions(draft_cache, committed + where.clamp_min(0), committed + steps)
+    kv.set_length(draft_cache, committed + m)
+    last = tokens.index_select(0, path.index_select(0, (n - 1).clamp_min(0).view(1)).clamp_min(0)).view(1)
+    return torch.cat([decided[: 1 + depth], m.view(1), last, decided[-1:], tokens, parents])

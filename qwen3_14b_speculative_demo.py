@@ -15,10 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from c2c.cli import OneLineParser, apply_threads, default_lang, parse_with_preset, run_main
+from c2c.app.cli import OneLineParser, apply_threads, default_lang, parse_with_preset, run_main
 from c2c.errors import UserInputError
-from c2c.loading import DEFAULT_FUSER
-from c2c.presets import PRESETS
+from c2c.app.loading import DEFAULT_FUSER
+from c2c.app.presets import PRESETS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = HERE / "example_prompts.txt"
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tree_budget(text: str) -> int:
     """--tree_budget: a number of nodes, 0 (chains) or auto."""
-    from c2c.runner import AUTO
+    from c2c.app.runner import AUTO
 
     if text == "auto":
         return AUTO
@@ -98,7 +98,7 @@ def tree_budget(text: str) -> int:
 
 
 def runner_defaults():
-    from c2c.runner import RunConfig
+    from c2c.app.runner import RunConfig
 
     return RunConfig()
 
@@ -106,11 +106,13 @@ def runner_defaults():
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from tqdm import tqdm
 
-    from c2c import metrics, runner
-    from c2c.prompts import read_prompts
-    from c2c.report import Report
-    from c2c.results import check_output_dir, command_line, save_json_atomic
-    from c2c.stream import StreamPrinter, legend, use_colour
+    from c2c.core import metrics
+
+    from c2c.app import runner
+    from c2c.app.prompts import read_prompts
+    from c2c.app.report import Report
+    from c2c.app.results import check_output_dir, command_line, save_json_atomic
+    from c2c.app.stream import StreamPrinter, legend, use_colour
 
     if args.save_rounds and not args.save_results:
         raise UserInputError("--save_rounds adds the rounds to the results JSON: pass --save_results too")
@@ -209,8 +211,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 def results_record(config: dict, session, entries: list[dict], warmup_seconds, interrupted: bool = False) -> dict:
     """The results JSON: what ran, where, every finished prompt and their summary."""
-    from c2c import metrics
-    from c2c.results import environment
+    from c2c.core import metrics
+    from c2c.app.results import environment
 
     return {"config": config, "environment": environment(session.device), "prompts": entries,
             "summary": metrics.summary(entries), "warmup_seconds": warmup_seconds, "interrupted": interrupted}

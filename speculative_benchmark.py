@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from c2c.benchmark import ALL_MODES, GAMMA_FREE
-from c2c.cli import OneLineParser, apply_threads, parse_with_preset, run_main
+from c2c.app.benchmark import ALL_MODES, GAMMA_FREE
+from c2c.app.cli import OneLineParser, apply_threads, parse_with_preset, run_main
 from c2c.errors import UserInputError
-from c2c.loading import DEFAULT_FUSER
-from c2c.presets import PRESETS
+from c2c.app.loading import DEFAULT_FUSER
+from c2c.app.presets import PRESETS
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,16 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the speculative rows of the JSON get each round (drafted, accepted, token ids) per prompt of the last repeat")
     p.add_argument("--compile", action="store_true", help="our modes use static caches and compiled steps (CUDA graphs on GPU)")
     p.add_argument("--synthetic", default=None, choices=["qwen3", "tiny"],
-                   help="time the parts on random-init real-shape models (no download); see c2c/synthetic.py")
+                   help="time the parts on random-init real-shape models (no download); see c2c/tools/synthetic.py")
     p.add_argument("--context", type=int, default=128, help="--synthetic: cached positions before the timed steps")
     p.add_argument("--iters", type=int, default=20, help="--synthetic: timed iterations per step (median)")
     return p
 
 
 def run_synthetic(args, argv) -> int:
-    from c2c import synthetic
-    from c2c.loading import resolve_device, resolve_dtype
-    from c2c.results import check_output_dir, command_line, environment, save_json_atomic
+    from c2c.tools import synthetic
+    from c2c.app.loading import resolve_device, resolve_dtype
+    from c2c.app.results import check_output_dir, command_line, environment, save_json_atomic
 
     check_output_dir(args.output_dir)  # before the timing, not after it
     device = resolve_device(args.device)
@@ -94,9 +94,9 @@ def run(args, argv) -> int:
     if args.synthetic:
         return run_synthetic(args, argv)
 
-    from c2c import benchmark, runner
-    from c2c.prompts import read_prompts
-    from c2c.results import check_output_dir, command_line, environment, timestamp
+    from c2c.app import benchmark, runner
+    from c2c.app.prompts import read_prompts
+    from c2c.app.results import check_output_dir, command_line, environment, timestamp
 
     if min(args.gammas) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.warmup < 0:
         raise UserInputError("--gammas and --max_new_tokens must be >= 1, --repeats >= 1, --warmup >= 0")
@@ -171,7 +171,7 @@ def run(args, argv) -> int:
 
 def parse_tree(text: str):
     """'32,4,4' -> TreeShape(budget 32, depth 4, top_k 4), or one error line naming the fix."""
-    from c2c.tree import TreeShape
+    from c2c.core.tree import TreeShape
 
     try:
         budget, depth, top_k = (int(x) for x in text.split(","))
@@ -186,8 +186,8 @@ def parse_tree(text: str):
 def write_outputs(results: dict, rows: list[dict], table: str, out: Path, stamp: str, plots: bool) -> Path:
     """The plots, the JSON and the markdown table of one run, all named with `stamp`. If any write
     fails (a full disk), everything this run wrote is removed and the error says nothing was saved."""
-    from c2c.plots import plot_all
-    from c2c.results import save_json_atomic, write_failed
+    from c2c.app.plots import plot_all
+    from c2c.app.results import save_json_atomic, write_failed
 
     plot_dir, written = out / f"plots_{stamp}", []
     try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The fusion control's upper-bound study: can a trained draft use the target's cache better than a
-frozen one? Each arm trains with the project's trainer (`python -m c2c.train_fuser`, through the
+frozen one? Each arm trains with the project's trainer (`python -m c2c.tools.train_fuser`, through the
 arith build's fuser stage: the same data, steps, seed and schedule), then all arms are scored on
 the same held-out problems (the preset's eval files, never trained on), additions and chains apart:
 
@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT / "presets"))
 import arith_task as task  # noqa: E402
 import build_arith  # noqa: E402
 
-from c2c import train_data, train_objective  # noqa: E402
-from c2c.adapter import find_adapter, load_adapter  # noqa: E402
-from c2c.fuser import KVShape, find_final_dir, load_fuser  # noqa: E402
-from c2c.loading import eos_token_ids  # noqa: E402
+from c2c.tools import train_data, train_objective  # noqa: E402
+from c2c.core.adapter import find_adapter, load_adapter  # noqa: E402
+from c2c.core.fuser import KVShape, find_final_dir, load_fuser  # noqa: E402
+from c2c.app.loading import eos_token_ids  # noqa: E402
 
 ARMS = {
     "frozen": (),

@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c import cache as kv  # noqa: E402
-from c2c import synthetic  # noqa: E402
-from c2c.cli import run_main  # noqa: E402
-from c2c.engine import CompiledSteps, sync_device  # noqa: E402
-from c2c.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
+from c2c.core import cache as kv  # noqa: E402
+from c2c.tools import synthetic  # noqa: E402
+from c2c.app.cli import run_main  # noqa: E402
+from c2c.core.engine import CompiledSteps, sync_device  # noqa: E402
+from c2c.app.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
 
 # calls to matrix-product kernels in inductor's generated code (cuBLAS / oneDNN / MKL)
 MATMUL_CALLS = re.compile(r"extern_kernels\.(?:mm|addmm|bmm|baddbmm)\(|torch\.ops\.(?:mkl\._mkl_linear|mkldnn\._linear_pointwise)\.\w+\(")

@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "presets"))
 
-from c2c import train_data, train_objective, training  # noqa: E402
-from c2c.engine import SpecConfig, SpeculativeDecoder, standard_generate  # noqa: E402
-from c2c.fuser import KVShape, load_fuser  # noqa: E402
-from c2c.loading import eos_token_ids, load_model, load_tokenizer  # noqa: E402
-from c2c.prompts import encode_prompt, read_prompts  # noqa: E402
-from c2c.sampling import SamplingConfig  # noqa: E402
+from c2c.tools import train_data, train_objective, training  # noqa: E402
+from c2c.core.engine import SpecConfig, SpeculativeDecoder, standard_generate  # noqa: E402
+from c2c.core.fuser import KVShape, load_fuser  # noqa: E402
+from c2c.app.loading import eos_token_ids, load_model, load_tokenizer  # noqa: E402
+from c2c.app.prompts import encode_prompt, read_prompts  # noqa: E402
+from c2c.core.sampling import SamplingConfig  # noqa: E402
 
 ARMS = ("plain", "decode")
 

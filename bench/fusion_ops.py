@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c.fuser import C2CFuser, KVShape  # noqa: E402
+from c2c.core.fuser import C2CFuser, KVShape  # noqa: E402
 
 MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import arith_upper_bound as study  # noqa: E402
 import build_arith  # noqa: E402
 
-from c2c import train_data, train_objective  # noqa: E402
+from c2c.tools import train_data, train_objective  # noqa: E402
 
 PROBE_STEPS = 500  # long enough that the one-split arm's random split lengths average out
 

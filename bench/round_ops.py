@@ -29,12 +29,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c import cache as kv  # noqa: E402
-from c2c import synthetic  # noqa: E402
-from c2c.cli import run_main  # noqa: E402
-from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder  # noqa: E402
-from c2c.sampling import SamplingConfig  # noqa: E402
-from c2c.tree import TreeShape  # noqa: E402
+from c2c.core import cache as kv  # noqa: E402
+from c2c.tools import synthetic  # noqa: E402
+from c2c.app.cli import run_main  # noqa: E402
+from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder  # noqa: E402
+from c2c.core.sampling import SamplingConfig  # noqa: E402
+from c2c.core.tree import TreeShape  # noqa: E402
 
 VIEWS = {"aten::view", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::resolve_conj",
          "aten::resolve_neg", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::t", "aten::transpose"}
@@ -50,15 +50,7 @@ def count_round_ops(target, draft, fuser, compiled: CompiledSteps, gamma: int, p
         dec.generate(prompt)  # builds every graph of this run's shapes
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             result = dec.generate(prompt)
-        regions, ops = 0, {}
-        for event in prof.events():
-            if event.cpu_parent is not None:
-                continue
-            if "Compiled" in event.name:
-                regions += 1
-            elif event.name.startswith("aten::"):
-                ops[event.name] = ops.get(event.name, 0) + 1
-        return result.counters.rounds, regions, ops
+        return (result.counters.rounds, *_tally(prof))
 
     (r1, g1, o1), (r2, g2, o2) = count(4), count(12)
     per = {k: (o2.get(k, 0) - o1.get(k, 0)) / (r2 - r1) for k in set(o1) | set(o2)}

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c import synthetic, train_data, training  # noqa: E402
-from c2c.cli import run_main  # noqa: E402
-from c2c.engine import sync_device  # noqa: E402
-from c2c.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
+from c2c.tools import synthetic, train_data, training  # noqa: E402
+from c2c.app.cli import run_main  # noqa: E402
+from c2c.core.engine import sync_device  # noqa: E402
+from c2c.app.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
 
 
 def run(args, argv) -> int:

@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate  # noqa: E402
-from c2c.fuser import KVShape, load_fuser  # noqa: E402
-from c2c.loading import eos_token_ids, load_model, load_tokenizer  # noqa: E402
-from c2c.prompts import encode_prompt, read_prompts  # noqa: E402
-from c2c.sampling import SamplingConfig  # noqa: E402
-from c2c.tree import TreeShape  # noqa: E402
+from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate  # noqa: E402
+from c2c.core.fuser import KVShape, load_fuser  # noqa: E402
+from c2c.app.loading import eos_token_ids, load_model, load_tokenizer  # noqa: E402
+from c2c.app.prompts import encode_prompt, read_prompts  # noqa: E402
+from c2c.core.sampling import SamplingConfig  # noqa: E402
+from c2c.core.tree import TreeShape  # noqa: E402
 
 
 @torch.inference_mode()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c import synthetic  # noqa: E402
-from c2c.cli import run_main  # noqa: E402
-from c2c.engine import CompiledSteps  # noqa: E402
-from c2c.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
+from c2c.tools import synthetic  # noqa: E402
+from c2c.app.cli import run_main  # noqa: E402
+from c2c.core.engine import CompiledSteps  # noqa: E402
+from c2c.app.results import check_output_dir, command_line, environment, save_json_atomic  # noqa: E402
 
 
 def run(args, argv) -> int:

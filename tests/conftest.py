@@ -37,7 +37,7 @@ def fuser(pair):
 @pytest.fixture(scope="session")
 def saved_models(tmp_path_factory, pair, fuser):
     """The tiny pair, its tokenizer and fuser saved as a user would have them on disk."""
-    from c2c.fuser import save_fuser
+    from c2c.core.fuser import save_fuser
 
     root = tmp_path_factory.mktemp("models")
     tok = tiny.build_tokenizer()
@@ -51,9 +51,9 @@ def saved_models(tmp_path_factory, pair, fuser):
 @pytest.fixture(scope="module")
 def windows(target):
     """Windows of the target's own greedy text: structured data the fuser can learn from (trainer tests)."""
-    from c2c import train_data
-    from c2c.engine import standard_generate
-    from c2c.sampling import SamplingConfig
+    from c2c.tools import train_data
+    from c2c.core.engine import standard_generate
+    from c2c.core.sampling import SamplingConfig
 
     streams = []
     with torch.inference_mode():

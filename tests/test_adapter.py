@@ -8,8 +8,10 @@ import shutil
 import pytest
 import torch
 
-from c2c import runner, train_fuser, train_objective, training
-from c2c.adapter import DraftAdapter, adapted_linears, find_adapter, load_adapter
+from c2c.app import runner
+
+from c2c.tools import train_fuser, train_objective, training
+from c2c.core.adapter import DraftAdapter, adapted_linears, find_adapter, load_adapter
 from c2c.errors import UserInputError
 from tests.test_training import config, new_trainer
 
@@ -174,8 +176,8 @@ def test_adapter_alone_arm_writes_no_fuser(saved_models, tmp_path, capsys):
 def test_compiled_steps_serve_the_plain_and_the_adapted_draft_side_by_side(target, draft, fuser):
     """The benchmark alternates unfused (plain draft) and fused (adapted copy) modes on one CompiledSteps:
     each draft gets its own pooled cache and both stay lossless."""
-    from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
-    from c2c.sampling import SamplingConfig
+    from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+    from c2c.core.sampling import SamplingConfig
 
     adapter = DraftAdapter.create(draft, "lora", rank=4)
     randomize(adapter, 3)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import qwen3_14b_speculative_demo as demo
-from c2c import train_data, train_objective
-from c2c.fuser import KVShape, load_fuser
-from c2c.loading import eos_token_ids, load_model, load_tokenizer
-from c2c.presets import PRESET_ROOT, PRESETS
+from c2c.tools import train_data, train_objective
+from c2c.core.fuser import KVShape, load_fuser
+from c2c.app.loading import eos_token_ids, load_model, load_tokenizer
+from c2c.app.presets import PRESET_ROOT, PRESETS
 
 ARITH = PRESET_ROOT / "arith"
 ADAPTER_FUSER = ARITH / "fuser_adapter"  # the option: projectors and a draft adapter trained jointly
@@ -72,7 +72,7 @@ def test_demo_preset_arith_is_lossless_and_the_target_is_right(tmp_path):
 def shipped_agreement(fuser_folder, with_adapter: bool = False) -> dict:
     """Held-out paired agreement of the preset's draft with its target through a shipped fuser folder
     (and its draft adapter), on 60 additions and 20 chains."""
-    from c2c.adapter import find_adapter, load_adapter
+    from c2c.core.adapter import find_adapter, load_adapter
 
     preset, cpu = PRESETS["arith"], torch.device("cpu")
     target = load_model(preset["teacher_model"], "target", torch.float32, cpu)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from c2c import cache as kv
-from c2c import engine
-from c2c.api import SpeculativePipeline
-from c2c.fuser import C2CFuser, KVShape, StackedProjectors, load_fuser, save_fuser
+from c2c.core import cache as kv
+from c2c.core import engine
+from c2c.app.api import SpeculativePipeline
+from c2c.core.fuser import C2CFuser, KVShape, StackedProjectors, load_fuser, save_fuser
 from tests import tiny
 
 MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "addbmm"}

@@ -35,7 +35,7 @@ def test_round_ops_needs_a_gpu_for_the_real_shape_pair(capsys):
     """The shared synthetic options refuse a 14B target on a CPU before building anything."""
     import round_ops
 
-    from c2c.cli import run_main
+    from c2c.app.cli import run_main
 
     assert run_main(round_ops.main, ["--synthetic", "qwen3", "--device", "cpu"]) == 2  # as the script runs it
     assert "needs a GPU" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import speculative_benchmark as bench
-from c2c.benchmark import ALL_MODES
+from c2c.app.benchmark import ALL_MODES
 
 ROW_KEYS = {"mode", "gamma", "tree", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target"}
 
@@ -84,7 +84,7 @@ def test_bad_arguments_exit_2_before_any_run(bench_run, tmp_path, capsys, extra,
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(bench_run, monkeypatch, tmp_path, capsys):
-    from c2c import runner
+    from c2c.app import runner
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

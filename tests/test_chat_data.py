@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from c2c import chat_data, train_data, train_fuser
-from c2c.engine import standard_generate
+from c2c.tools import chat_data, train_data, train_fuser
+from c2c.core.engine import standard_generate
 from c2c.errors import UserInputError
-from c2c.sampling import SamplingConfig
+from c2c.core.sampling import SamplingConfig
 from tests import tiny
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},

@@ -153,7 +153,7 @@ def test_mismatched_fuser_names_both_shapes(saved_models, prompts_file, tmp_path
     """A fuser saved for another pair (target and draft swapped) is refused with both shapes in one line."""
     import torch
 
-    from c2c.fuser import C2CFuser, KVShape, save_fuser
+    from c2c.core.fuser import C2CFuser, KVShape, save_fuser
     from tests.tiny import tiny_config
 
     other = C2CFuser.create(KVShape.of(tiny_config(4, 4, 2, 16)), KVShape.of(tiny_config(2, 2, 1, 32)), hidden_dim=8, intermediate_dim=8, dtype=torch.float32)
@@ -196,7 +196,7 @@ def test_shell_wrapper_runs_the_demo_with_passed_arguments(saved_models, tmp_pat
 
 def test_a_divergence_is_reported_not_hidden(saved_models, prompts_file, tmp_path, monkeypatch):
     """If the speculative output ever differs (bf16 near-ties on GPUs), the JSON says where and how close."""
-    from c2c.engine import SpeculativeDecoder
+    from c2c.core.engine import SpeculativeDecoder
 
     real_generate = SpeculativeDecoder.generate
 

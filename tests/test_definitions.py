@@ -3,8 +3,8 @@ chain run and a tree run), so a planted change to any one formula fails here (is
 
 import pytest
 
-from c2c import metrics
-from c2c.engine import Counters, GenerationResult
+from c2c.core import metrics
+from c2c.core.engine import Counters, GenerationResult
 
 
 def chain_run() -> GenerationResult:

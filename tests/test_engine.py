@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from c2c import cache as kv
-from c2c.engine import SpecConfig, SpeculativeDecoder, fuse_positions, standard_generate
-from c2c.sampling import SamplingConfig
+from c2c.core import cache as kv
+from c2c.core.engine import SpecConfig, SpeculativeDecoder, fuse_positions, standard_generate
+from c2c.core.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
 PROMPTS = {
@@ -154,7 +154,7 @@ def test_bad_spec_config_is_rejected():
 
 
 def test_top2_margin_is_the_gap_between_the_two_best_logits(target):
-    from c2c.engine import top2_margin
+    from c2c.core.engine import top2_margin
 
     prompt, prefix = PROMPTS["short"], reference(target, PROMPTS["short"], 5)[:3]
     with torch.inference_mode():

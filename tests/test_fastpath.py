@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import speculative_benchmark as bench
-from c2c import cache as kv
-from c2c import synthetic
-from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.sampling import SamplingConfig
+from c2c.core import cache as kv
+from c2c.tools import synthetic
+from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core.sampling import SamplingConfig
 
 PROMPT = [5, 9, 33, 100, 7, 61, 2, 44, 3]
 
@@ -134,7 +134,7 @@ def test_synthetic_qwen3_without_a_gpu_is_a_clear_error(capsys):
 
 def test_fixed_window_fusion_equals_slice_fusion(target, draft, fuser):
     """The compiled path's decode fusion (fixed window, masked write-back) writes what the slices do."""
-    from c2c.engine import fuse_positions, fuse_window
+    from c2c.core.engine import fuse_positions, fuse_window
 
     ids = torch.tensor([PROMPT])
     caches = []
@@ -174,7 +174,7 @@ def test_after_the_warm_up_timed_compiled_runs_compile_nothing(target, draft):
     own runs never get there, so only the forced-accept warm-up builds it; draft = target always does)."""
     from torch._dynamo.utils import counters
 
-    from c2c import benchmark, runner
+    from c2c.app import benchmark, runner
 
     prompts = [PROMPT, PROMPT * 30, PROMPT[:4]]  # cache sizes 256, 512, 256
     for drafter in (draft, target):
@@ -215,7 +215,7 @@ def test_greedy_rounds_draft_in_one_compiled_call_and_sampling_per_step(target, 
 def test_the_round_decision_holds_the_next_feed():
     """accept_round's decision is [n, d_1..d_g, token]: the engine slices the next round's feed out of
     it ([d_g, token] after an all-accepted round), so the order is pinned here."""
-    from c2c.engine import accept_round
+    from c2c.core.engine import accept_round
 
     drafted = torch.tensor([5, 6, 7])
     logits = torch.full((4, 10), -1.0)
@@ -226,7 +226,7 @@ def test_the_round_decision_holds_the_next_feed():
     assert accept_round(drafted, None, logits).tolist() == [3, 5, 6, 7, 9]
     assert accept_round(drafted, None, torch.zeros(4, 10), force=torch.tensor(True)).tolist()[0] == 3
     # the compiled verify's device flag: off changes nothing, on accepts all with the bonus
-    from c2c.sampling import accept_greedy
+    from c2c.core.sampling import accept_greedy
 
     logits[2, 7] = -2.0  # back to two agreeing drafts
     off, on = (accept_greedy(drafted, logits, torch.tensor(flag)) for flag in (False, True))

@@ -8,8 +8,8 @@ import warnings
 import pytest
 
 import qwen3_14b_speculative_demo as demo
-from c2c import api, runner
-from c2c.cli import default_lang
+from c2c.app import api, runner
+from c2c.app.cli import default_lang
 from c2c.errors import UserInputError
 
 
@@ -131,7 +131,7 @@ def test_the_benchmark_stops_at_the_context_too(tmp_path, monkeypatch):
 def test_a_compiled_warm_up_stops_at_the_context_as_the_runs_do(monkeypatch):
     from types import SimpleNamespace
 
-    from c2c.engine import cache_sizes
+    from c2c.core.engine import cache_sizes
 
     session = SimpleNamespace(compiled=object())
     monkeypatch.setattr(runner, "context_length", lambda s: 2048)
@@ -151,7 +151,7 @@ def test_the_api_says_when_the_context_stopped_it(monkeypatch):
 
 
 def test_only_a_measured_loss_gets_what_would_have_to_change():
-    from c2c.report import Report
+    from c2c.app.report import Report
 
     lines = []
     e = {"measured_speedup": 1.2, "predicted_speedup": 0.9, "prefill_share": 0.1, "tokens_per_round": 2.0,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from c2c.fuser import C2CFuser, C2CProjector, FuserError, KVShape, count_parameters, last_aligned_map, load_fuser, save_fuser
-from c2c.loading import resolve_fuser
+from c2c.core.fuser import C2CFuser, C2CProjector, FuserError, KVShape, count_parameters, last_aligned_map, load_fuser, save_fuser
+from c2c.app.loading import resolve_fuser
 
 QWEN3_0_6B = KVShape(28, 8, 128)
 QWEN3_14B = KVShape(40, 8, 128)

@@ -17,6 +17,14 @@ def test_every_preset_folder_is_a_listed_package():
     assert folders and folders <= set(config["packages"]), sorted(folders - set(config["packages"]))
 
 
+def test_every_library_package_is_listed():
+    """The library's subpackages (c2c.core, c2c.app, c2c.tools): one left out of the list would install
+    without its modules, and `import c2c.core.engine` would fail only after `pip install .`."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "c2c").rglob("__init__.py")}
+    assert {"c2c", "c2c.core", "c2c.app", "c2c.tools"} <= packages <= set(config["packages"]), sorted(packages - set(config["packages"]))
+
+
 def test_build_artefacts_are_ignored_by_git():
-    for path in ("build/lib/c2c/engine.py", "c2c_speculative.egg-info/PKG-INFO"):
+    for path in ("build/lib/c2c/core/engine.py", "c2c_speculative.egg-info/PKG-INFO"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path

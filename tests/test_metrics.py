@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from c2c import metrics
-from c2c.engine import Counters, GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.sampling import SamplingConfig
+from c2c.core import metrics
+from c2c.core.engine import Counters, GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core.sampling import SamplingConfig
 
 
 def counters(**kw) -> Counters:
@@ -75,7 +75,7 @@ def test_drafts_after_an_end_of_sequence_token_are_not_counted(target):
 
 
 def test_report_explains_sampling_differences_and_prints_the_greedy_margin():
-    from c2c.report import Report
+    from c2c.app.report import Report
 
     lines = []
     report = Report("en", write=lines.append)
@@ -87,7 +87,7 @@ def test_report_explains_sampling_differences_and_prints_the_greedy_margin():
 
 
 def test_report_title_names_the_models_run():
-    from c2c.report import Report
+    from c2c.app.report import Report
 
     lines = []
     config = {"fusion": {"enabled": False, "reason": "none"}, "temperature": 0, "draft_model": "/x/presets/arith/draft",

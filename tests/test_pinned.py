@@ -5,11 +5,11 @@ C2C's hard gate opens only above logit 0, the counters add up as documented."""
 import pytest
 import torch
 
-from c2c import cache as kv
-from c2c import metrics
-from c2c.engine import Counters, GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.fuser import C2CFuser, KVShape, StackedProjectors
-from c2c.sampling import SamplingConfig
+from c2c.core import cache as kv
+from c2c.core import metrics
+from c2c.core.engine import Counters, GenerationResult, SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core.fuser import C2CFuser, KVShape, StackedProjectors
+from c2c.core.sampling import SamplingConfig
 
 PROMPT = [5, 17, 33, 80, 91, 12, 7, 44]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 
 import qwen3_14b_speculative_demo as demo
-from c2c.fuser import KVShape
-from c2c.loading import eos_token_ids, load_config, load_model, load_tokenizer, resolve_fuser
-from c2c.presets import PRESET_ROOT, PRESETS
+from c2c.core.fuser import KVShape
+from c2c.app.loading import eos_token_ids, load_config, load_model, load_tokenizer, resolve_fuser
+from c2c.app.presets import PRESET_ROOT, PRESETS
 
 TINY = PRESET_ROOT / "tiny"
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import qwen3_14b_speculative_demo as demo
-from c2c import metrics
+from c2c.core import metrics
 
 
 def run(tmp_path, capsys, *flags):

@@ -15,10 +15,10 @@ import torch
 
 import qwen3_14b_speculative_demo as demo
 import speculative_benchmark as bench
-from c2c import loading
-from c2c.api import SpeculativePipeline
+from c2c.app import loading
+from c2c.app.api import SpeculativePipeline
 from c2c.errors import UserInputError, clip
-from c2c.prompts import read_prompts
+from c2c.app.prompts import read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,7 +177,7 @@ def test_api_arguments_are_checked_with_the_fix_named(call, words):
 
 
 def test_api_sets_the_demos_thread_rule_and_loads_presets_from_anywhere(tmp_path):
-    code = ("import torch\nfrom c2c.api import SpeculativePipeline\n"
+    code = ("import torch\nfrom c2c.app.api import SpeculativePipeline\n"
             "pipe = SpeculativePipeline.from_preset('arith')\n"
             "out = pipe.generate('123+456=', max_new_tokens=8)\n"
             "print(torch.get_num_threads(), out.text.strip())\n")
@@ -208,7 +208,7 @@ def test_stream_labels_follow_the_report_language(saved_models, tmp_path, capsys
 
 
 def test_compile_is_the_default_on_cuda_only():
-    from c2c.runner import choose_compile
+    from c2c.app.runner import choose_compile
 
     assert choose_compile(None, "cpu") is False
     assert choose_compile(True, "cpu") is True and choose_compile(False, "cuda") is False
@@ -245,7 +245,7 @@ def test_trainer_says_nothing_about_token_indices_on_long_texts(saved_models, tm
     (target / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 64}))
     data = tmp_path / "long.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
-    run = subprocess.run([sys.executable, "-m", "c2c.train_fuser", "--base_model", str(saved_models / "draft"),
+    run = subprocess.run([sys.executable, "-m", "c2c.tools.train_fuser", "--base_model", str(saved_models / "draft"),
                           "--teacher_model", str(target), "--data", str(data), "--output_dir", str(tmp_path / "f"),
                           "--steps", "1", "--batch_size", "2", "--seq_len", "32", "--hidden_dim", "8",
                           "--intermediate_dim", "8", "--eval_every", "1", "--eval_tokens", "8", "--device", "cpu",

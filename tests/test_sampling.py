@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from c2c.sampling import SamplingConfig, accept_greedy, accept_sampled, probabilities
+from c2c.core.sampling import SamplingConfig, accept_greedy, accept_sampled, probabilities
 
 
 def chi2_critical(df: int, tail: float = 1e-6) -> float:
@@ -85,8 +85,8 @@ def test_engine_sampling_follows_the_target_joint_distribution_with_an_eos_insid
     output tokens must follow the target's exact joint distribution, computed from its logits, while
     one of the likely tokens is an end-of-sequence id (runs that emit it stop there, inside a block).
     Failure odds for a correct engine: under 1e-6 (chi-square, fixed seed)."""
-    from c2c import cache as kv
-    from c2c.engine import SpecConfig, SpeculativeDecoder
+    from c2c.core import cache as kv
+    from c2c.core.engine import SpecConfig, SpeculativeDecoder
 
     prompt, cfg = [5, 9, 33], SamplingConfig(temperature=1.5, top_k=4)
 

@@ -13,12 +13,12 @@ import torch
 
 import qwen3_14b_speculative_demo as demo
 import speculative_benchmark as bench
-from c2c import engine
-from c2c.api import SpeculativePipeline
-from c2c.engine import SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.presets import PRESET_ROOT
-from c2c.sampling import SamplingConfig
-from c2c.stream import StreamPrinter, TextStream, legend, use_colour
+from c2c.core import engine
+from c2c.app.api import SpeculativePipeline
+from c2c.core.engine import SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.app.presets import PRESET_ROOT
+from c2c.core.sampling import SamplingConfig
+from c2c.app.stream import StreamPrinter, TextStream, legend, use_colour
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = PRESET_ROOT / "tiny"

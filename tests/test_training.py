@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from c2c import train_data, train_fuser, training
-from c2c.fuser import KVShape, load_fuser
+from c2c.tools import train_data, train_fuser, training
+from c2c.core.fuser import KVShape, load_fuser
 
 
 def config(tmp_path, **kw):
@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_and_resume_continue_exactly(tmp_path, target, dra
 
 
 def test_read_records_plain_and_jsonl(tmp_path):
-    from c2c.chat_data import read_records
+    from c2c.tools.chat_data import read_records
 
     (tmp_path / "a.txt").write_text("hello world", encoding="utf-8")
     assert [r.text for r in read_records(tmp_path / "a.txt")] == ["hello world"]
@@ -106,8 +106,8 @@ def test_command_line_bad_input_exits_2(saved_models, tmp_path, capsys):
 
 
 def test_greedy_batch_equals_the_reference_loop_per_prompt(target):
-    from c2c.engine import standard_generate
-    from c2c.sampling import SamplingConfig
+    from c2c.core.engine import standard_generate
+    from c2c.core.sampling import SamplingConfig
 
     prompts = [[5, 9, 33], [7, 7, 1], [100, 2], [11, 12, 13, 14, 15]]  # two of the same length share a batch
     eos = {42, 57}
@@ -137,7 +137,7 @@ def test_answer_data_put_every_suffix_inside_the_answer():
 
 
 def test_gumbel_gate_noise_is_drawn_per_batch_head_and_token():
-    from c2c.fuser import C2CProjector
+    from c2c.core.fuser import C2CProjector
 
     torch.manual_seed(0)
     proj = C2CProjector(8, 4, 2, 2, hidden_dim=8, intermediate_dim=8, dtype=torch.float32).train()

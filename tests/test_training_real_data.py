@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from c2c import cache as kv
-from c2c import chat_data, train_data, train_fuser, train_objective, training
-from c2c.engine import SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core import cache as kv
+from c2c.tools import chat_data, train_data, train_fuser, train_objective, training
+from c2c.core.engine import SpecConfig, SpeculativeDecoder, standard_generate
 from c2c.errors import UserInputError
-from c2c.fuser import StackedProjectors, StepNoise
-from c2c.sampling import SamplingConfig
+from c2c.core.fuser import StackedProjectors, StepNoise
+from c2c.core.sampling import SamplingConfig
 from tests import test_training, test_training_scale, tiny
 
 

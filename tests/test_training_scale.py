@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2c import train_data, train_fuser, train_objective, training
-from c2c.fuser import C2CProjector, KVShape, load_fuser
+from c2c.tools import train_data, train_fuser, train_objective, training
+from c2c.core.fuser import C2CProjector, KVShape, load_fuser
 from tests import test_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def arith_command(out: Path, *extra: str, noise: bool = False) -> list[str]:
 
 
 def test_two_processes_train_the_same_fuser_as_one(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m c2c.train_fuser --device cpu` on the shipped arith
+    """`accelerate launch --multi_gpu --num_processes 2 -m c2c.tools.train_fuser --device cpu` on the shipped arith
     models (accelerate 1.x starts several CPU processes through its torchrun launcher, `--multi_gpu`;
     its `--cpu` launcher starts one unless mpirun is set up) writes a fuser that loads and matches the
     one-process run of the same command, with the default gate noise and dropout (drawn per global row)."""
@@ -134,12 +134,12 @@ def test_two_processes_train_the_same_fuser_as_one(tmp_path):
         pytest.fail("accelerate's launcher is not installed (it is a dependency in requirements.txt)")
     launcher = str(Path(sys.executable).parent / "accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    one = subprocess.run([sys.executable, "-m", "c2c.train_fuser", *arith_command(tmp_path / "one", noise=True)], cwd=ROOT,
+    one = subprocess.run([sys.executable, "-m", "c2c.tools.train_fuser", *arith_command(tmp_path / "one", noise=True)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                          "-m", "c2c.train_fuser", *arith_command(tmp_path / "two", noise=True)],
+                          "-m", "c2c.tools.train_fuser", *arith_command(tmp_path / "two", noise=True)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stderr and two.stdout.count("saved ") == 1  # only the main process writes
@@ -151,7 +151,7 @@ def test_two_processes_train_the_same_fuser_as_one(tmp_path):
     assert m2["processes"] == 2 and m1["processes"] == 1
     assert m1["target_tokens"] == m2["target_tokens"] and m1["supervised_tokens"] == m2["supervised_tokens"]
     # resume across process counts: one process continues the two-process run's checkpoint
-    resumed = subprocess.run([sys.executable, "-m", "c2c.train_fuser",
+    resumed = subprocess.run([sys.executable, "-m", "c2c.tools.train_fuser",
                               *arith_command(tmp_path / "two", "--steps", "6", "--resume", noise=True)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Tree speculation's pure parts (c2c.tree): growth, visibility, the verify mask, the greedy and
+"""Tree speculation's pure parts (c2c.core.tree): growth, visibility, the verify mask, the greedy and
 sampled walks. No models: token ids, log-probabilities and parents in, tensors out."""
 
 import math
@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from c2c import tree
+from c2c.core import tree
 from c2c.errors import UserInputError
 
 

@@ -11,11 +11,11 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import qwen3_14b_speculative_demo as demo
-from c2c import cache as kv
-from c2c.engine import SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.fuser import C2CFuser, KVShape
-from c2c.sampling import SamplingConfig, probabilities
-from c2c.tree import TreeShape
+from c2c.core import cache as kv
+from c2c.core.engine import SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core.fuser import C2CFuser, KVShape
+from c2c.core.sampling import SamplingConfig, probabilities
+from c2c.core.tree import TreeShape
 from tests import tiny
 
 PROMPTS = ([5, 9, 33, 7, 100, 2], [17, 4], [250, 251, 252, 3, 3, 3, 40, 41])
@@ -189,7 +189,7 @@ def test_the_demo_runs_trees_and_records_them(tmp_path, capsys):
 def test_tree_round_records_replay_the_output(settings):
     """--save_rounds / rounds=True: for a tree, drafted_ids are the path the target took, then the
     draft's first choices below it, so the records keep the chain's meaning (tests/test_stream.check_rounds)."""
-    from c2c import api
+    from c2c.app import api
     from tests.test_stream import check_rounds
 
     pipe = api.SpeculativePipeline.from_preset("arith", fuser="preset", threads=1)
@@ -238,7 +238,7 @@ def test_attention_without_custom_masks_is_an_error_for_trees(target, draft):
 def test_the_stream_marks_tokens_from_the_drafts_other_choices():
     import io
 
-    from c2c import api
+    from c2c.app import api
 
     pipe = api.SpeculativePipeline.from_preset("arith", threads=1)
     sink = io.StringIO()
@@ -256,7 +256,7 @@ def test_the_stream_marks_tokens_from_the_drafts_other_choices():
 def test_tree_budget_auto_chooses_a_measured_shape_and_stays_lossless(tmp_path, capsys):
     import json
 
-    from c2c.runner import AUTO_BUDGETS
+    from c2c.app.runner import AUTO_BUDGETS
 
     assert demo.main(["--preset", "tiny", "--threads", "1", "--lang", "en", "--tree_budget", "auto", "--tree_depth", "4",
                       "--max_new_tokens", "24", "--save_results", "--output_dir", str(tmp_path)]) == 0
@@ -274,7 +274,7 @@ def test_tree_budget_auto_chooses_a_measured_shape_and_stays_lossless(tmp_path, 
 def test_tree_budget_auto_without_a_round_to_measure_keeps_the_largest_tree(tmp_path, capsys):
     import json
 
-    from c2c.runner import AUTO_BUDGETS
+    from c2c.app.runner import AUTO_BUDGETS
 
     assert demo.main(["--preset", "tiny", "--threads", "1", "--tree_budget", "auto", "--max_new_tokens", "2", "--no_warmup",
                       "--save_results", "--output_dir", str(tmp_path)]) == 0
@@ -295,7 +295,7 @@ def test_auto_with_a_depth_beyond_its_budgets_names_auto(tmp_path, capsys):
 
 
 def test_choose_shape_skips_budgets_a_tree_of_that_depth_cannot_hold():
-    from c2c import tree
+    from c2c.core import tree
 
     rounds = [([-0.1, -0.5], [1, 1], [0])]
     _, figures = tree.choose_shape(rounds, {5: 1.0, 33: 2.0}, 0.1, 0.0, top_k=2, max_depth=2)

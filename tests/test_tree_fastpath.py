@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2c import cache as kv
-from c2c.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.sampling import SamplingConfig
-from c2c.tree import TreeShape
+from c2c.core import cache as kv
+from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core.sampling import SamplingConfig
+from c2c.core.tree import TreeShape
 
 PROMPTS = ([5, 9, 33, 7, 100, 2], [250, 251, 252, 3, 3, 3, 40, 41])
 SHAPES = [(8, 4, 2), (16, 5, 3), (4, 4, 1), (12, 2, 6), (6, 1, 6)]

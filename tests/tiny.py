@@ -80,7 +80,7 @@ def build_pair(seed: int = 0):
 
 def open_fuser(target, draft, seed: int = 0):
     """A random fuser for the pair with every gate open (so fusion really changes the draft's cache)."""
-    from c2c.fuser import C2CFuser, KVShape
+    from c2c.core.fuser import C2CFuser, KVShape
 
     torch.manual_seed(seed)
     fuser = C2CFuser.create(KVShape.of(draft.config), KVShape.of(target.config), hidden_dim=32, intermediate_dim=32, dtype=torch.float32)

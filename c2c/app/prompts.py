@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 def read_prompts(path: str | Path) -> list[str]:

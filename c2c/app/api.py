@@ -1,6 +1,6 @@
 """The engine from Python: load a draft, a target and an optional fuser once, then generate.
 
-    from c2c.api import SpeculativePipeline
+    from c2c import SpeculativePipeline
 
     pipe = SpeculativePipeline.load("Qwen/Qwen3-0.6B", "Qwen/Qwen3-14B", fuser="path/to/fuser")
     out = pipe.generate("Explain KV caches in one sentence.", max_new_tokens=64, gamma=4)
@@ -26,7 +26,7 @@ import warnings
 
 from . import runner
 from .cli import apply_threads
-from .errors import UserInputError
+from ..errors import UserInputError
 from .stream import StreamPrinter, use_colour
 
 def _integer(name: str, value, low: int, high: int | None = None) -> int:

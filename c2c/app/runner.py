@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import metrics
-from .adapter import find_adapter, load_adapter
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
-from .errors import UserInputError
-from .fuser import C2CFuser, KVShape, load_fuser
+from ..core import metrics
+from ..core.adapter import find_adapter, load_adapter
+from ..core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
+from ..errors import UserInputError
+from ..core.fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
     DEFAULT_FUSER,
     check_device_fits,
@@ -30,8 +30,8 @@ from .loading import (
     resolve_fuser,
 )
 from .prompts import encode_prompt
-from .sampling import SamplingConfig
-from .tree import TreeShape
+from ..core.sampling import SamplingConfig
+from ..core.tree import TreeShape
 
 
 AUTO = -1  # --tree_budget auto
@@ -352,8 +352,8 @@ def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
     this machine; keep the (budget, depth) with the most estimated tokens per second of round time
     (tree.choose_shape). Replaces the session's configuration and returns the figures (also in the
     results as config.tree_auto)."""
-    from .synthetic import forward_time
-    from .tree import choose_shape
+    from ..tools.synthetic import forward_time
+    from ..core.tree import choose_shape
 
     cfg = session.config
     draft_s = other_s = 0.0

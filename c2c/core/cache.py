@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 def new_cache(model, max_length: int | None = None) -> DynamicCache | StaticCache:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .engine import RoundInfo
+from ..core.engine import RoundInfo
 
 KINDS = ("draft", "branch", "correction", "bonus")
 COLOURS = {"draft": "\033[32m", "branch": "\033[35m", "correction": "\033[31;1m", "bonus": "\033[36m"}  # green, magenta, bold red, cyan

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserInputError, clip
-from .fuser import FuserError, find_final_dir
+from ..errors import UserInputError, clip
+from ..core.fuser import FuserError, find_final_dir
 
 FUSER_HUB_REPO = "nics-efc/C2C_Fuser"
 DEFAULT_FUSER = "qwen3_0.6b+qwen3_14b_Fuser"
@@ -198,7 +198,7 @@ def resolve_fuser(name: str | None, explicit: bool, search_dir: Path = LOCAL_FUS
     return FuserChoice(
         None,
         f"no fuser {name!r} found locally or on {FUSER_HUB_REPO} ({hub_error}); no public C2C fuser exists "
-        "for Qwen3-14B: train one with `python -m c2c.train_fuser` into output/fusers/, or use "
+        "for Qwen3-14B: train one with `python -m c2c.tools.train_fuser` into output/fusers/, or use "
         "--teacher_model Qwen/Qwen3-4B --fuser_checkpoint qwen3_0.6b+qwen3_4b_Fuser",
     )
 

@@ -10,8 +10,8 @@ supervised (`block_layout`); drawn from a length-sorted pool of a few batches' w
 batch pads less while every row stays as likely as any other. Rows and block offsets come from the caller's `random.Random` alone,
 so every process of a data-parallel run draws the same global batch and keeps its share.
 
-This module knows nothing about the fuser or the loss; `c2c.train_objective` turns a batch into
-logits and `c2c.training` runs the loop.
+This module knows nothing about the fuser or the loss; `c2c.tools.train_objective` turns a batch into
+logits and `c2c.tools.training` runs the loop.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cache as kv
-from .errors import UserInputError
+from ..core import cache as kv
+from ..errors import UserInputError
 
 PAD_ID = 0  # the padding token id: never attended by a real position, never supervised
 
@@ -38,7 +38,7 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: 
     Each continuation ends at its first end-of-sequence token (included) or after max_new_tokens.
     The reference for single prompts is `engine.standard_generate`; a test checks they agree.
     """
-    from .engine import model_device
+    from ..core.engine import model_device
 
     device = model_device(model)
     eos = torch.tensor(sorted(eos_ids), device=device)
@@ -82,7 +82,7 @@ def target_generations(target, tokenizer, prompts: list, max_new_tokens: int, eo
     what the draft will see, split points inside the answers. Across several processes each answers
     its share of the prompts and all get every answer."""
     from .chat_data import prompt_ids
-    from .prompts import encode_prompt
+    from ..app.prompts import encode_prompt
 
     encoded = [encode_prompt(tokenizer, p, enable_thinking) if isinstance(p, str) else prompt_ids(tokenizer, p, enable_thinking)
                for p in prompts]

@@ -32,7 +32,7 @@ def environment(device: torch.device) -> dict:
 
 def check_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
     """Create `folder` and prove it writable now, before a long run whose results would be lost."""
-    from .errors import UserInputError
+    from ..errors import UserInputError
 
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def save_json_atomic(data: dict, output_dir: str | os.PathLike, prefix: str = "r
 
 def write_failed(folder: str | os.PathLike, error: OSError):
     """The error for results that could not be written (a full disk, a folder that went away)."""
-    from .errors import UserInputError
+    from ..errors import UserInputError
 
     return UserInputError(f"cannot write the results to {folder}: {error.strerror or error} (free some space or pass "
                           "another --output_dir); nothing was saved")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserInputError, clip
+from ..errors import UserInputError, clip
 
 PROJECTOR_CLASS = "C2CProjector"
 

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -35,7 +35,7 @@ class SpecConfig:
     prefill_fusion: bool = True
     decode_fusion: bool = True
     fuse_last_prompt: bool = True  # decode fusion also covers the last prompt position (C2C's prefill skips it)
-    tree: TreeShape | None = None  # None: a chain of gamma drafts per round; else a tree of drafts (c2c.tree)
+    tree: TreeShape | None = None  # None: a chain of gamma drafts per round; else a tree of drafts (c2c.core.tree)
 
     def __post_init__(self):
         if self.gamma < 1:
@@ -516,7 +516,7 @@ class SpeculativeDecoder:
 
     def _tree_round(self, feed: torch.Tensor, pending: torch.Tensor, shape: TreeShape, clock: "PhaseClock"):
         """Draft a tree after the pending token, verify it in one target forward, walk it and keep the
-        accepted path in both caches (c2c.tree_steps): on the fast path two compiled calls, the
+        accepted path in both caches (c2c.core.tree_steps): on the fast path two compiled calls, the
         round's random numbers (sampling) drawn between them. Returns the round's decision as host
         values ([n, path node indices by depth (-1 past n), m, last path token, the target's token],
         the tree's tokens, its parents) and the output on the device (the next pending token and

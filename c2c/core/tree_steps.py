@@ -2,7 +2,7 @@
 graph each, CUDA graphs on a GPU) and short rounds call as they are:
 
 - `grow_tree`: the draft takes the tokens it has not seen, then grows the tree depth by depth (one
-  forward over the frontier per depth, `c2c.tree.grow`), its nodes written after the committed
+  forward over the frontier per depth, `c2c.core.tree.grow`), its nodes written after the committed
   sequence in the draft's cache;
 - `verify_tree`: the target's one forward over [pending token, nodes], the walk (greedy, or the
   round's uniforms drawn by the caller), and both caches' compaction: the accepted path moved to
@@ -11,7 +11,7 @@ graph each, CUDA graphs on a GPU) and short rounds call as they are:
 
 Every per-round value (the committed length, the positions, where the nodes lie) comes from the
 caches' device-side write positions, so no round's numbers are baked into a graph: fixed (budget,
-depth, top_k) means fixed shapes. The tree's own logic lives in `c2c.tree` (no caches, no models).
+depth, top_k) means fixed shapes. The tree's own logic lives in `c2c.core.tree` (no caches, no models).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
                       held + with_root.to(t_device), _allowed(prefix, held, tail.to(t_device))).to(out_device)
     if sampling.greedy:
         choice = logits.argmax(-1)
-    else:  # ancestral sampling along the tree: each draw is the target's own (c2c.tree explains why it is exact)
+    else:  # ancestral sampling along the tree: each draw is the target's own (c2c.core.tree explains why it is exact)
         choice = trees.sample_choices(probabilities(logits, sampling), uniforms, with_root)
     choice = torch.where(force, forced_choice(choice, tokens, parents, depths, seen), choice)
     decided = trees.walk(tokens, parents, depths, choice, depth, seen)  # [n, path (depth), token]

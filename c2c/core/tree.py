@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import additive_mask  # the mask form attention takes (a pure function, no cache)
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 @dataclass(frozen=True)

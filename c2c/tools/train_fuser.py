@@ -1,4 +1,4 @@
-"""Command line of the fuser trainer: `python -m c2c.train_fuser --help`.
+"""Command line of the fuser trainer: `python -m c2c.tools.train_fuser --help`.
 
 Trains C2C projectors for any draft/target pair (Hub ids or local folders), both models frozen,
 and writes the official C2C layout (`<output_dir>/final/`) plus `<output_dir>/config.json`.
@@ -6,7 +6,7 @@ Optional, not C2C: `--draft_adapter lora|full` trains a draft adapter jointly wi
 written to `<output_dir>/draft_adapter/` and applied by the demo whenever that fuser is used.
 Example (the recipe for Qwen3-0.6B <- Qwen3-14B is in docs/training.md):
 
-    python -m c2c.train_fuser --base_model Qwen/Qwen3-0.6B --teacher_model Qwen/Qwen3-14B \\
+    python -m c2c.tools.train_fuser --base_model Qwen/Qwen3-0.6B --teacher_model Qwen/Qwen3-14B \\
         --data corpus.jsonl --output_dir output/fusers/qwen3_0.6b+qwen3_14b_Fuser --steps 4000
 """
 
@@ -20,8 +20,8 @@ from dataclasses import fields
 
 import torch
 
-from .cli import OneLineParser, apply_threads, run_main
-from .errors import UserInputError
+from ..app.cli import OneLineParser, apply_threads, run_main
+from ..errors import UserInputError
 from .training import TrainConfig
 
 HELP = {
@@ -71,7 +71,7 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m c2c.train_fuser", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m c2c.tools.train_fuser", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base_model", required=True, help="draft (C2C receiver): Hub id or folder")
     p.add_argument("--teacher_model", required=True, help="target (C2C sharer): Hub id or folder")
@@ -104,7 +104,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from . import chat_data, train_data, training
-    from .loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from ..app.loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
@@ -130,8 +130,8 @@ def run(args) -> int:
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ:
             print("WARNING: `accelerate launch --cpu` started this one process only (accelerate needs mpirun for "
                   "several CPU processes); for N processes on CPU use `accelerate launch --multi_gpu "
-                  "--num_processes N -m c2c.train_fuser --device cpu ...` or `torchrun --nproc_per_node N -m "
-                  "c2c.train_fuser --device cpu ...`", file=sys.stderr)
+                  "--num_processes N -m c2c.tools.train_fuser --device cpu ...` or `torchrun --nproc_per_node N -m "
+                  "c2c.tools.train_fuser --device cpu ...`", file=sys.stderr)
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if processes.main else (lambda *a, **k: None)
     if processes.main and args.overwrite and not args.resume:
         removed = training.clear_run(out)
@@ -199,7 +199,7 @@ def run(args) -> int:
         final = out
     last = result["history"][-1]
     if trainer.adapter is not None:
-        from .adapter import ADAPTER_DIR
+        from ..core.adapter import ADAPTER_DIR
 
         saved = trainer.adapter.save(out / ADAPTER_DIR, dtype=save_dtype,
                                      extra={"draft_model": cfg.draft_model, "trained_with_fusion": cfg.fusion})

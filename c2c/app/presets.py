@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 
 def _preset_root() -> Path:
     """presets/ of a source checkout (or an editable install), else the copy `pip install .` put
     beside the package (package data `c2c.presets_data`)."""
-    checkout = Path(__file__).resolve().parent.parent / "presets"
+    checkout = Path(__file__).resolve().parents[2] / "presets"
     if (checkout / "tiny").is_dir():
         return checkout
     try:

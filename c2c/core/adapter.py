@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 ADAPTER_DIR = "draft_adapter"
 KINDS = ("lora", "full")
@@ -175,7 +175,7 @@ def load_adapter(folder: str | Path, model) -> DraftAdapter:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    fix = "train the fuser again with this draft (python -m c2c.train_fuser --draft_adapter ...) or remove the folder"
+    fix = "train the fuser again with this draft (python -m c2c.tools.train_fuser --draft_adapter ...) or remove the folder"
     try:
         meta = json.loads((folder / "adapter.json").read_text(encoding="utf-8"))
         kind, rank, alpha, names = meta["kind"], int(meta.get("rank", 8)), meta.get("alpha"), list(meta["modules"])

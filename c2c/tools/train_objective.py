@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cache as kv
-from .errors import UserInputError
+from ..core import cache as kv
+from ..errors import UserInputError
 
 DRAFT_KV = ("decode", "plain")
 
@@ -172,8 +172,8 @@ def paired_agreement(fuser, target, draft, heldout, tokens: int, batch_size: int
 def engine_counts(fuser, target, draft, prompts: list[list[int]], gamma: int, max_new_tokens: int,
                   eos_ids: set[int]) -> tuple[int, int]:
     """(tokens emitted, target forward passes) of greedy speculative decoding of `prompts` at `gamma`."""
-    from .engine import SpecConfig, SpeculativeDecoder
-    from .sampling import SamplingConfig
+    from ..core.engine import SpecConfig, SpeculativeDecoder
+    from ..core.sampling import SamplingConfig
 
     decoder = SpeculativeDecoder(target, draft, SpecConfig(gamma=gamma, max_new_tokens=max_new_tokens), SamplingConfig(),
                                  eos_ids, fuser=fuser)

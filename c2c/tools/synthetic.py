@@ -17,14 +17,14 @@ from statistics import median
 
 import torch
 
-from . import cache as kv
-from .cli import apply_threads
-from .engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, step_forward, sync_device
-from .errors import UserInputError
-from .fuser import C2CFuser, KVShape
-from .loading import resolve_device, resolve_dtype
-from .metrics import expected_tokens_per_round
-from .sampling import SamplingConfig
+from ..core import cache as kv
+from ..app.cli import apply_threads
+from ..core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, step_forward, sync_device
+from ..errors import UserInputError
+from ..core.fuser import C2CFuser, KVShape
+from ..app.loading import resolve_device, resolve_dtype
+from ..core.metrics import expected_tokens_per_round
+from ..core.sampling import SamplingConfig
 
 # Public config numbers (see ../shared/docs/c2c-fuser.md); "tiny" keeps the structure at toy size for tests.
 SHAPES = {
@@ -154,7 +154,7 @@ def forward_time(model, tokens: int, context: int, compiled: CompiledSteps | Non
 
 def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, warmup: int, compiled) -> float:
     """Seconds to fuse `tokens` positions: the compiled fixed window the fast path uses, or eager slices."""
-    from .engine import fuse_positions, fuse_window, static_capacity
+    from ..core.engine import fuse_positions, fuse_window, static_capacity
 
     device = model_device(pair.draft)
     fusion = pair.fuser.batched()  # what the engine fuses with

@@ -1,12 +1,12 @@
 """The fuser trainer's loop: configuration, steps across processes, held-out figures, checkpoints.
 
 Both language models stay frozen; only the C2C projectors learn (and, optionally, a draft adapter,
-`c2c.adapter`: not C2C, for when a frozen draft cannot read what the projectors give it; with fusion
+`c2c.core.adapter`: not C2C, for when a frozen draft cannot read what the projectors give it; with fusion
 off, the adapter alone, the "draft fine-tuned alone" arm of the upper-bound study).
 
-The data (sequences, spans, right-padded batches of distinct rows) live in `c2c.train_data`; the
+The data (sequences, spans, right-padded batches of distinct rows) live in `c2c.tools.train_data`; the
 objective (the fused draft's logits at every supervised position, with the K/V decoding gives the
-fuser, and the losses) in `c2c.train_objective`. Objective, `suffixes="all"` (the default): every
+fuser, and the losses) in `c2c.tools.train_objective`. Objective, `suffixes="all"` (the default): every
 position of every sequence's supervised span, in blocks of gamma+1; `suffixes="one"`: one split per
 row (the earlier objective). The loss makes the fused draft's next-token distribution match the
 target's: KL(p_target || q_draft) or cross-entropy on the target's greedy tokens.
@@ -16,7 +16,7 @@ Gates follow C2C: Gumbel-sigmoid with a temperature annealed from initial to fin
 gate noise and dropout are drawn per global row from a generator seeded by (seed, step, row)
 (`fuser.StepNoise`), so 1 and N processes train the same fuser and a resume repeats the run.
 
-This module knows nothing about argument parsing; `c2c.train_fuser` is its command line.
+This module knows nothing about argument parsing; `c2c.tools.train_fuser` is its command line.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .adapter import KINDS, DraftAdapter
-from .errors import UserInputError
-from .fuser import C2CFuser, KVShape, StepNoise, load_fuser, save_fuser
+from ..core.adapter import KINDS, DraftAdapter
+from ..errors import UserInputError
+from ..core.fuser import C2CFuser, KVShape, StepNoise, load_fuser, save_fuser
 from .train_data import SplitData
 from .train_objective import DRAFT_KV, all_position_logits, engine_figures, paired_agreement, plain_engine_counts, token_losses
 
@@ -404,7 +404,7 @@ def clear_run(output_dir: str | Path) -> list[str]:
     as this run's. Returns what was removed."""
     import shutil
 
-    from .adapter import ADAPTER_DIR
+    from ..core.adapter import ADAPTER_DIR
 
     out, removed = Path(output_dir), []
     if (out / "checkpoints").is_dir():

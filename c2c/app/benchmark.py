@@ -23,11 +23,11 @@ from statistics import median
 
 import torch
 
-from . import metrics
+from ..core import metrics
 from . import runner
-from .engine import HOOK_PHASE, Counters, GenerationResult, SpecConfig, sync_device
+from ..core.engine import HOOK_PHASE, Counters, GenerationResult, SpecConfig, sync_device
 from .runner import Session
-from .tree import TreeShape
+from ..core.tree import TreeShape
 
 GAMMA_FREE = ("target", "hf_generate", "hf_assisted_default")
 FUSED = {"speculative_fused": (True, True), "speculative_prefill": (True, False), "speculative_decode": (False, True)}

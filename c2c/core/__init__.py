@@ -1,0 +1,1 @@
+"""The algorithm: caches, the fuser, sampling, trees, the engine, the metrics."""

@@ -1,0 +1,1 @@
+"""The tools: fuser training and its data, synthetic real-shape timing."""

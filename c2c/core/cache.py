@@ -328,6 +328,7 @@ def move_positions(cache, source: torch.Tensor, dest: torch.Tensor) -> None:
     overlapping positions are read before they are written."""
     pool = _pooled(cache)
     if pool is not None:
+        source, dest = source.to(pool.keys.device), dest.to(pool.keys.device)
         for tensor in (pool.keys, pool.values):
             tensor.index_copy_(3, dest, tensor.index_select(3, source))
         return

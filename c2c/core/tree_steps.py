@@ -105,8 +105,8 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     out_device = pending.device
     tokens, parents, depths, slot = packed.view(4, -1)
     n_nodes = tokens.shape[0]
-    held = kv.write_position(cache).clone()  # the target holds committed - 1 positions: all but the pending token
-    t_device = held.device
+    t_device = model.get_input_embeddings().weight.device  # the target's inputs (a split model: its first device)
+    held = kv.write_position(cache).clone().to(t_device)  # the target holds committed - 1 positions: all but the pending token
     with_root = torch.cat([depths.new_zeros(1), depths])
     seen = trees.visibility(parents, depth)  # (N, N), for the mask and the walk
     tail = torch.zeros(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=out_device)
@@ -124,7 +124,7 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     n, path = decided[0], decided[1 : 1 + depth]
     steps = torch.arange(depth, device=out_device)
     # the target wrote [pending, nodes] at held..: keep the pending token there, the path right after it
-    kv.move_positions(cache, (held + 1 + path.clamp_min(0).to(t_device)), held + 1 + steps.to(t_device))
+    kv.move_positions(cache, held + 1 + path.clamp_min(0).to(t_device), held + 1 + steps.to(t_device))
     kv.set_length(cache, held + 1 + n.to(t_device))
     # the draft wrote its fed nodes after the committed sequence (held + 1 positions): the path's fed prefix
     where = slot.index_select(0, path.clamp_min(0))

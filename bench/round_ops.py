@@ -96,8 +96,9 @@ def count_tree_round_ops(target, draft, fuser, compiled: CompiledSteps, shape: T
         dec.generate(prompt)
         return dec, prof
 
-    run(torch.Generator().manual_seed(0))  # builds every graph of this run's shapes
-    dec, prof = run(torch.Generator().manual_seed(0))
+    device = next(draft.parameters()).device  # the round's draws happen on the draft's device
+    run(torch.Generator(device=device).manual_seed(0))  # builds every graph of this run's shapes
+    dec, prof = run(torch.Generator(device=device).manual_seed(0))
     regions, ops = _tally(prof)
     with profile(activities=[ProfilerActivity.CPU]) as reads:
         kv.length(dec.target_cache), kv.length(dec.draft_cache)

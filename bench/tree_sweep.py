@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Tokens per target call of tree rounds against chains on a shipped pair (CPU, eager, greedy): every
+"""Tokens per target call of tree rounds against chains on a shipped pair (CPU, greedy; uncompiled, or
+the fast path with --compile): every
 chain gamma and every tree shape in the grid decode the same held-out prompts with the pair's fuser,
 each output checked equal to the target's. Tokens per target call = tokens emitted / target forward
 passes, prefill included (the demo's average accepted length); nodes per round and the seconds are
@@ -91,11 +92,15 @@ def main() -> int:
               else itertools.product(args.budgets, args.depths, args.topks))
     for budget, depth, top_k in shapes:
         if budget < depth or budget > top_k + top_k ** 2 * (depth - 1):
-            continue  # a budget below the depth, or more nodes than a tree of this shape grows
+            print(f"skipped {budget},{depth},{top_k}: a budget below the depth, or more nodes than a tree of that "
+                  f"depth and top_k grows ({top_k + top_k ** 2 * (depth - 1)})", file=sys.stderr)
+            continue
         specs.append(SpecConfig(gamma=4, max_new_tokens=args.max_new_tokens, tree=TreeShape(budget, depth, top_k)))
         rows.append({"kind": "tree", "budget": budget, "depth": depth, "top_k": top_k,
                      **run(target, draft, fuser, prompts, references, eos, specs[-1], compiled)})
         print(json.dumps(rows[-1]), file=sys.stderr)
+    if not any(r["kind"] == "tree" for r in rows) or not any(r["kind"] == "chain" for r in rows):
+        raise SystemExit("error: nothing to compare: give at least one gamma and one tree shape that fits")
     best_chain = max((r for r in rows if r["kind"] == "chain"), key=lambda r: r["tokens_per_target_call"])
     best_tree = max((r for r in rows if r["kind"] == "tree"), key=lambda r: r["tokens_per_target_call"])
     out = {"preset": args.preset, "prompt_file": name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,

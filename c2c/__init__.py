@@ -22,7 +22,7 @@ Three subpackages, by role:
 `c2c.errors` holds the one exception every part raises for bad user input.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ Stages, each seeded (CPU, float32; weights rounded to bf16 before the next stage
    6,000-step schedule at half the learning rate on 75% chains (chains 0% -> 100% on a glance set);
 3. the draft, trained the same way but small and briefly (its exact rate must stay <= 50%);
 4. held-out exact rates of both (greedy, batched), written to build_info.json;
-5. the fuser, trained by `python -m c2c.train_fuser` (frozen models, official layout);
+5. the fuser, trained by `python -m c2c.tools.train_fuser` (frozen models, official layout);
 6. not C2C, an option: `fuser_adapter/`, projectors and a rank-8 LoRA draft adapter trained jointly
    (`--draft_adapter lora`), the same data and seed, 12,000 steps.
 No network access: the data are generated.
@@ -53,7 +53,7 @@ class Encoder:
     against `encode_prompt` once)."""
 
     def __init__(self, tokenizer):
-        from c2c.prompts import encode_prompt
+        from c2c.app.prompts import encode_prompt
 
         probe = "123+456="
         ids = encode_prompt(tokenizer, probe)
@@ -112,7 +112,7 @@ def train(model, encoder, problems, steps: int, batch_size: int, lr: float, seed
 
 
 def exact_rate(model, encoder, problems: list[tuple[str, str]], eos_ids: set[int]) -> float:
-    from c2c.train_data import greedy_batch
+    from c2c.tools.train_data import greedy_batch
 
     prompts = [encoder.prompt(p) for p, _ in problems]
     wanted = [[encoder.chars[c] for c in a] + [encoder.eos] for _, a in problems]
@@ -134,7 +134,7 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
     """The shipped fuser, trained by the project's own trainer command (frozen models); `folder`,
     `extra` trainer flags and `steps` serve the adapter fuser and the upper-bound study
     (bench/arith_upper_bound.py): the same data, seed and schedule."""
-    from c2c import train_fuser
+    from c2c.tools import train_fuser
 
     seed, steps, problems = args.seed, steps or args.fuser_steps, args.fuser_problems
     gen = task.TrainingProblems(seed + 7, *task.heldout(SEED_HELDOUT, HELD_ADDITIONS, HELD_CHAINS), args.fuser_chain_fraction)
@@ -166,7 +166,7 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
                            "data": f"presets/build_arith.py's fuser problems ({data.name}, written and deleted by the build)",
                            "output_dir": f"presets/arith/{folder}"}
     (out / folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    return {"seconds": round(time.perf_counter() - started), "command": "python -m c2c.train_fuser " + " ".join(argv),
+    return {"seconds": round(time.perf_counter() - started), "command": "python -m c2c.tools.train_fuser " + " ".join(argv),
             "last_eval": config["history"][-1]}
 
 

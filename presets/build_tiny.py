@@ -14,7 +14,7 @@ Stages, each seeded (CPU, float32, deterministic for a given torch build):
    (user: the first line of a speech; assistant: the rest of it);
 3. the draft (~0.23M parameters, fewer layers, 1 KV head, another head_dim), distilled from the
    target (KL to the target's next-token distribution);
-4. a C2C fuser for the pair, trained with c2c.training (the same code as `python -m c2c.train_fuser`).
+4. a C2C fuser for the pair, trained with c2c.tools.training (the same code as `python -m c2c.tools.train_fuser`).
 Weights are stored in bfloat16 (the models are rounded before the next stage uses them, so the
 shipped files are exactly the models that were measured); the demo loads them in float32.
 """
@@ -229,7 +229,7 @@ def main() -> int:
         tokenizer.save_pretrained(out / name)
 
     print("fuser:")
-    from c2c import train_data, training
+    from c2c.tools import train_data, training
 
     fuser_dir = out / "fuser"
     cfg = training.TrainConfig(

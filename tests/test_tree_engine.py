@@ -1,9 +1,10 @@
-"""Tree rounds in the engine (eager, dynamic caches): every greedy output is the target's for many
+"""Tree rounds in the engine (static caches, uncompiled; tests/test_tree_fastpath.py compiles them): every greedy output is the target's for many
 tree shapes, with and without fusion; a tree with top_k 1 is the chain, outputs and counters; after
 every round both caches hold exactly the committed sequence; sampled trees follow the target's
 distribution; bad tree flags are one error line."""
 
 import itertools
+import math
 from collections import Counter
 
 import pytest
@@ -128,9 +129,12 @@ def test_unusual_shapes_and_an_offset_layer_map_stay_lossless():
 
 
 def test_sampled_trees_follow_the_targets_distribution():
-    """The first two sampled tokens of a tiny 6-token-vocabulary pair, over 3,000 seeded runs, against
-    the target's exact two-step distribution (enumerated). Chi-square, 35 degrees of freedom: the
-    1e-4 critical value is 76 (a correct sampler fails with odds 1e-4; seeded, so the outcome is fixed)."""
+    """The first three sampled tokens of a tiny 6-token-vocabulary pair, over 4,000 seeded runs,
+    against the target's exact three-step distribution (enumerated): the tokens after the prefill's
+    come from one tree round of depth 3 (max_new_tokens 5), so a draw at every depth of a path is
+    checked. Chi-square over the cells expected 5 times or more (the rest pooled in one cell), at the
+    1e-4 critical value (Wilson-Hilferty): a correct sampler fails with odds 1e-4; seeded, so the
+    outcome is fixed."""
     V = 6
 
     def model(layers, seed):
@@ -147,15 +151,26 @@ def test_sampled_trees_follow_the_targets_distribution():
     sampling = SamplingConfig(temperature=1.0)
     prompt = [1, 2, 3]
     with torch.no_grad():
-        first = probabilities(target(input_ids=torch.tensor([prompt])).logits[0, -1], sampling)
-        joint = torch.stack([probabilities(target(input_ids=torch.tensor([prompt + [a]])).logits[0, -1], sampling) * first[a]
-                             for a in range(V)])  # (V, V)
-    decoder = SpeculativeDecoder(target, draft, spec((6, 3, 2), 3), sampling, set(), generator=torch.Generator().manual_seed(0))
-    n = 3000
-    counts = Counter(tuple(decoder.generate(prompt).output_ids[:2]) for _ in range(n))
-    chi2 = sum((counts[(a, b)] - n * float(joint[a, b])) ** 2 / (n * float(joint[a, b]))
-               for a in range(V) for b in range(V) if joint[a, b] > 0)
-    assert chi2 < 76, chi2
+        def p(seq):
+            return probabilities(target(input_ids=torch.tensor([prompt + list(seq)])).logits[0, -1], sampling)
+        joint = {}
+        for a, b in itertools.product(range(V), repeat=2):
+            pab = float(p(())[a]) * float(p((a,))[b])
+            last = p((a, b))
+            for c in range(V):
+                joint[(a, b, c)] = pab * float(last[c])
+    decoder = SpeculativeDecoder(target, draft, spec((6, 3, 2), 5), sampling, set(), generator=torch.Generator().manual_seed(0))
+    n = 4000
+    with torch.inference_mode():
+        counts = Counter(tuple(decoder.generate(prompt).output_ids[:3]) for _ in range(n))
+    assert decoder.counters.nodes_verified and max(decoder.counters.drafted_at[:3]) > 0  # a tree round of depth 3 drew them
+    cells = [k for k, q in joint.items() if n * q >= 5]
+    pooled_q = 1 - sum(joint[k] for k in cells)
+    pooled = n - sum(counts[k] for k in cells)
+    chi2 = sum((counts[k] - n * joint[k]) ** 2 / (n * joint[k]) for k in cells) + (pooled - n * pooled_q) ** 2 / max(n * pooled_q, 1e-9)
+    df = len(cells)  # cells + the pooled one, less one
+    critical = df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3  # chi-square's 1e-4 upper tail
+    assert len(cells) > 20 and chi2 < critical, (chi2, critical)
 
 
 @pytest.mark.parametrize("flags, expected", [(["--tree_budget", "3", "--tree_depth", "4"], "--tree_budget 3 is smaller than --tree_depth 4"),

@@ -341,8 +341,10 @@ def warmup(session: Session, prompts: list[str], run_standard: bool, tokens: int
         warm_compiled(session, ids, spec)
     if cfg.tree_budget == AUTO:
         choose_tree(session, all_ids)
-        for ids, length in runs:  # compiling: the chosen shape's graphs, before the timed runs
-            warm_compiled(session, ids, dataclasses.replace(session.config.spec, max_new_tokens=length))
+        chosen = session.config  # compiling: the chosen shape's graphs, before the timed runs (its caches may
+        for ids, length in warm_runs(session, all_ids, chosen.max_new_tokens, chosen.gamma, tokens,  # be sized apart)
+                                     lookahead=chosen.spec.lookahead):
+            warm_compiled(session, ids, dataclasses.replace(chosen.spec, max_new_tokens=length))
     return time.perf_counter() - started
 
 

@@ -8,3 +8,5 @@ from .app.api import SpeculativePipeline  # noqa: F401
 
 warnings.warn("c2c.api moved to c2c.app.api in 0.3.0: use `from c2c import SpeculativePipeline`", DeprecationWarning,
               stacklevel=2)
+
+__all__ = ["SpeculativePipeline"]

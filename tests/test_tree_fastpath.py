@@ -125,3 +125,36 @@ def test_inductor_compiled_tree_rounds_give_the_targets_ids(target, draft, fuser
                                     compiled=CompiledSteps()).generate(PROMPTS[0])
     assert result.output_ids == want
     assert counters["stats"]["unique_graphs"] >= 3  # the growth, the verify and the fusion window really were compiled
+
+
+def test_auto_with_compile_builds_every_graph_before_the_timed_runs():
+    """--tree_budget auto chooses its shape in the warm-up, then builds that shape's graphs at the cache
+    sizes the timed runs use (a smaller shape can put a prompt in a smaller static cache than the
+    largest tree's did: 180 + 32 tokens, 256 positions instead of 512): the timed runs compile nothing."""
+    from torch._dynamo.utils import counters
+
+    from c2c.app import runner
+    from c2c.app.presets import preset_defaults
+
+    v = preset_defaults("tiny")
+    cfg = runner.RunConfig(draft_model=v["base_model"], target_model=v["teacher_model"], fuser_checkpoint=v["fuser_checkpoint"],
+                           device="cpu", dtype="float32", compile=True, max_new_tokens=32, tree_budget=runner.AUTO,
+                           tree_depth=5, tree_topk=4)
+    session = runner.prepare(cfg, log=lambda m: None)
+    session.compiled = CompiledSteps(backend="eager")  # traced: the same guards and graphs, no code generation
+    words = "the king is dead long live the king and all his men".split()
+
+    def prompt_of(n):
+        text, i = "", 0
+        while len(runner.encode(session, text)) < n:
+            text, i = text + words[i % len(words)] + " ", i + 1
+        return text
+
+    prompts = [prompt_of(180), prompt_of(220)]
+    runner.warmup(session, prompts, run_standard=True)
+    assert session.tree_auto is not None
+    for prompt in prompts:
+        before = counters["stats"]["unique_graphs"]
+        record = runner.run_prompt(session, prompt, run_standard=True)
+        assert counters["stats"]["unique_graphs"] == before, session.config.tree
+        assert record["speculative"]["output_ids"] == record["standard"]["output_ids"]

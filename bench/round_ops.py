@@ -115,53 +115,28 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed runs of --rounds rounds each (median)")
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--tree", default=None, metavar="B,D,K", help="count tree rounds of this shape (budget, depth, top_k)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="with --tree: sampled rounds (0: greedy)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="with --tree: sampled rounds (0: greedy); chain rounds are counted greedy")
     args = ap.parse_args(argv)
+    shape = None
     if args.tree is not None:
-        return tree_main(args)
+        try:
+            shape = TreeShape(*(int(x) for x in args.tree.split(",")))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"error: --tree takes BUDGET,DEPTH,TOPK (e.g. 16,4,4): {e}") from None
     device, dtype = synthetic.resolve(args)
     pair = synthetic.build(args.synthetic, device, dtype)
-    compiled = CompiledSteps()
-    prompt = torch.randint(0, pair.target.config.vocab_size, (args.context,)).tolist()
-    spec = SpecConfig(args.gamma, args.rounds * (args.gamma + 1) + 1)
-    with torch.inference_mode():
-        print(f"compiling ({args.synthetic}, {device}, {dtype}) ...", flush=True)
-        calls, per = count_round_ops(pair.target, pair.draft, pair.fuser, compiled, args.gamma, prompt)
-        times = []
-        for _ in range(args.runs + 1):  # the first builds the long run's cache size
-            dec = SpeculativeDecoder(pair.target, pair.draft, spec, SamplingConfig(), set(), fuser=pair.fuser,
-                                     compiled=compiled, force_accept=True)
-            result = dec.generate(prompt)
-            times.append(result.latency / result.counters.rounds)
-        times = times[1:]
-    launches = {k: v for k, v in per.items() if k not in VIEWS}
-    report = {"synthetic": args.synthetic, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "gamma": args.gamma, "torch": torch.__version__, "compiled_calls_per_round": calls,
-              "eager_ops_per_round": sum(per.values()), "eager_launches_per_round": sum(launches.values()),
-              "eager_launches": launches, "eager_views": {k: v for k, v in per.items() if k in VIEWS},
-              "round_ms_median": statistics.median(times) * 1e3, "round_ms_runs": [round(t * 1e3, 3) for t in times]}
-    print(f"per round: {calls:g} compiled calls, {report['eager_launches_per_round']:g} "
-          f"eager launches ({', '.join(f'{k[6:]} {v:g}' for k, v in launches.items())}), "
-          f"{sum(report['eager_views'].values()):g} views; round {report['round_ms_median']:.3f} ms (median of {args.runs})")
-    print(json.dumps(report))
-    return 0
-
-
-def tree_main(args) -> int:
-    device, dtype = synthetic.resolve(args)
-    pair = synthetic.build(args.synthetic, device, dtype)
-    try:
-        shape = TreeShape(*(int(x) for x in args.tree.split(",")))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: --tree takes BUDGET,DEPTH,TOPK (e.g. 16,4,4): {e}") from None
-    sampling = SamplingConfig(temperature=args.temperature)
+    sampling = SamplingConfig(temperature=args.temperature if shape is not None else 0.0)
     compiled = CompiledSteps()
     prompt = torch.randint(0, pair.target.config.vocab_size, (args.context,)).tolist()
     with torch.inference_mode():
-        print(f"compiling ({args.synthetic}, {device}, {dtype}, tree {args.tree}) ...", flush=True)
-        calls, per = count_tree_round_ops(pair.target, pair.draft, pair.fuser, compiled, shape, prompt, sampling)
+        print(f"compiling ({args.synthetic}, {device}, {dtype}{'' if shape is None else ', tree ' + args.tree}) ...", flush=True)
+        if shape is None:
+            calls, per = count_round_ops(pair.target, pair.draft, pair.fuser, compiled, args.gamma, prompt)
+            spec = SpecConfig(args.gamma, args.rounds * (args.gamma + 1) + 1)
+        else:
+            calls, per = count_tree_round_ops(pair.target, pair.draft, pair.fuser, compiled, shape, prompt, sampling)
+            spec = SpecConfig(args.gamma, args.rounds * (shape.depth + 1) + 1, tree=shape)
         times = []
-        spec = SpecConfig(4, args.rounds * (shape.depth + 1) + 1, tree=shape)
         for i in range(args.runs + 1):  # the first builds the long run's cache size
             dec = SpeculativeDecoder(pair.target, pair.draft, spec, sampling, set(), fuser=pair.fuser, compiled=compiled,
                                      generator=torch.Generator(device=device).manual_seed(i), force_accept=True)
@@ -169,13 +144,14 @@ def tree_main(args) -> int:
             times.append(result.latency / result.counters.rounds)
         times = times[1:]
     launches = {k: v for k, v in per.items() if k not in VIEWS}
-    report = {"synthetic": args.synthetic, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "tree": {"budget": shape.budget, "depth": shape.depth, "top_k": shape.top_k},
-              "temperature": args.temperature, "torch": torch.__version__, "compiled_calls_per_round": calls,
+    shape_fields = ({"gamma": args.gamma} if shape is None else
+                    {"tree": {"budget": shape.budget, "depth": shape.depth, "top_k": shape.top_k}, "temperature": args.temperature})
+    report = {"synthetic": args.synthetic, "device": str(device), "dtype": str(dtype).removeprefix("torch."), **shape_fields,
+              "torch": torch.__version__, "compiled_calls_per_round": calls,
               "eager_ops_per_round": sum(per.values()), "eager_launches_per_round": sum(launches.values()),
               "eager_launches": launches, "eager_views": {k: v for k, v in per.items() if k in VIEWS},
               "round_ms_median": statistics.median(times) * 1e3, "round_ms_runs": [round(t * 1e3, 3) for t in times]}
-    print(f"per tree round: {calls:g} compiled calls, {report['eager_launches_per_round']:g} "
+    print(f"per {'round' if shape is None else 'tree round'}: {calls:g} compiled calls, {report['eager_launches_per_round']:g} "
           f"eager launches ({', '.join(f'{k[6:]} {v:g}' for k, v in launches.items())}), "
           f"{sum(report['eager_views'].values()):g} views; round {report['round_ms_median']:.3f} ms "
           f"(forced acceptance, median of {args.runs})")

@@ -39,7 +39,7 @@ from c2c.core.fuser import KVShape, load_fuser  # noqa: E402
 from c2c.app.loading import eos_token_ids, load_model, load_tokenizer  # noqa: E402
 from c2c.app.prompts import encode_prompt, read_prompts  # noqa: E402
 from c2c.core.sampling import SamplingConfig  # noqa: E402
-from c2c.core.tree import TreeShape  # noqa: E402
+from c2c.core.tree import TreeShape, grown_nodes  # noqa: E402
 
 
 @torch.inference_mode()
@@ -91,9 +91,9 @@ def main() -> int:
     shapes = ([tuple(int(x) for x in t.split(",")) for t in args.trees] if args.trees
               else itertools.product(args.budgets, args.depths, args.topks))
     for budget, depth, top_k in shapes:
-        if budget < depth or budget > top_k + top_k ** 2 * (depth - 1):
+        if budget < depth or budget > grown_nodes(depth, top_k):
             print(f"skipped {budget},{depth},{top_k}: a budget below the depth, or more nodes than a tree of that "
-                  f"depth and top_k grows ({top_k + top_k ** 2 * (depth - 1)})", file=sys.stderr)
+                  f"depth and top_k grows ({grown_nodes(depth, top_k)})", file=sys.stderr)
             continue
         specs.append(SpecConfig(gamma=4, max_new_tokens=args.max_new_tokens, tree=TreeShape(budget, depth, top_k)))
         rows.append({"kind": "tree", "budget": budget, "depth": depth, "top_k": top_k,

@@ -31,7 +31,7 @@ from .loading import (
 )
 from .prompts import encode_prompt
 from ..core.sampling import SamplingConfig
-from ..core.tree import TreeShape
+from ..core.tree import TreeShape, grown_nodes
 
 
 AUTO = -1  # --tree_budget auto
@@ -119,7 +119,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.tree_budget == AUTO and cfg.tree_depth > AUTO_BUDGETS[-1]:
         raise UserInputError(f"--tree_budget auto weighs budgets up to {AUTO_BUDGETS[-1]} nodes, fewer than --tree_depth "
                              f"{cfg.tree_depth}: lower --tree_depth, or give a --tree_budget of at least {cfg.tree_depth}")
-    if cfg.tree_budget == AUTO and cfg.tree_topk + cfg.tree_topk ** 2 * (cfg.tree_depth - 1) < AUTO_BUDGETS[0]:
+    if cfg.tree_budget == AUTO and grown_nodes(cfg.tree_depth, cfg.tree_topk) < AUTO_BUDGETS[0]:
         raise UserInputError(f"--tree_budget auto weighs trees of {AUTO_BUDGETS[0]} to {AUTO_BUDGETS[-1]} nodes, more than "
                              f"--tree_topk {cfg.tree_topk} at --tree_depth {cfg.tree_depth} can hold: raise either")
     if cfg.tree_budget < 0 and cfg.tree_budget != AUTO:

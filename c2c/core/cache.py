@@ -141,14 +141,16 @@ def check_custom_masks(model, role: str, needs: str, fix: str) -> None:
         raise UserInputError(f"{needs} ({' or '.join(MASKABLE)}); the {role} runs {impl!r}: {fix}")
 
 
-def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, attention_mask: torch.Tensor):
+def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   logits_to_keep: int = 0, keyword: str | None = None):
     """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with an attention mask: a custom 4-D
     additive one (B, 1, N, held + N; see `additive_mask`) over the keys `cache` holds followed by the
     new ones (the trainer's objective, tree rounds), or a 2-D padding mask (B, held + N; 1 = a real
-    token) that the model combines with causality (batched generation with left padding).
-    Returns logits (B, N, V)."""
+    token) that the model combines with causality (batched generation with left padding); None: the
+    model's own causal mask. Returns logits (B, N or logits_to_keep, V). `keyword`: `cache_keyword(model)`,
+    passed by compiled callers (the lookup inspects the model's signature)."""
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
-                **{_cache_keyword(type(model)): cache})
+                logits_to_keep=logits_to_keep, **{keyword or _cache_keyword(type(model)): cache})
     return out.logits
 
 
@@ -169,13 +171,7 @@ def crop(cache, new_length: int) -> None:
     Static caches: moves the write position back, in place on the device.
     """
     if is_static(cache):
-        pool = _pooled(cache)
-        if pool is not None:  # one launch for every layer
-            pool.lengths.fill_(new_length)
-            return
-        for layer in cache.layers:
-            if layer.is_initialized:
-                layer.cumulative_length.fill_(new_length)
+        set_length(cache, new_length)
         return
     for layer in cache.layers:
         if layer.keys is not None and layer.keys.shape[-2] > new_length:
@@ -310,15 +306,13 @@ def capacity(cache) -> int:
     return cache.layers[0].max_cache_len
 
 
-def set_length(cache, length: torch.Tensor) -> None:
-    """Move a static cache's write position to `length` (0-d device tensor), in place: no host read."""
+def set_length(cache, length: int | torch.Tensor) -> None:
+    """Move a static cache's write position to `length` (a host integer, or a 0-d device tensor: no
+    host read), in place: one fill for a pooled cache's every layer, else one per layer."""
     pool = _pooled(cache)
-    if pool is not None:
-        pool.lengths.copy_(length.expand(pool.lengths.shape))
-        return
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.cumulative_length.copy_(length.to(layer.cumulative_length.device))
+    held = [pool.lengths] if pool is not None else [layer.cumulative_length for layer in cache.layers if layer.is_initialized]
+    for tensor in held:
+        tensor.fill_(length.to(tensor.device) if isinstance(length, torch.Tensor) else length)
 
 
 def move_positions(cache, source: torch.Tensor, dest: torch.Tensor) -> None:

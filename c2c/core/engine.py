@@ -44,6 +44,11 @@ class SpecConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
+    def longest(self) -> int:
+        """The most drafts a round holds on one path: gamma for a chain, the depth for a tree."""
+        return self.tree.depth if self.tree is not None else self.gamma
+
+    @property
     def lookahead(self) -> int:
         """Cache positions a round may write past the committed sequence: gamma drafts for a chain; for
         a tree the target's verified nodes or the draft's fed frontier, the larger."""
@@ -503,7 +508,7 @@ class SpeculativeDecoder:
         """Decode fusion of positions [start, end): a compiled fixed window of gamma+1 positions (a
         tree's depth+1) when compiling (at most that many become committed per round), the plain
         slices otherwise."""
-        width = (self.spec.tree.depth if self.spec.tree is not None else self.spec.gamma) + 1
+        width = self.spec.longest + 1
         if self.fuse_step is None or end - start > width:
             return self._fuse(start, end)
         positions = (torch.arange(end - width, end, device=self.device)).clamp_min(0)  # (W,)
@@ -560,8 +565,7 @@ class SpeculativeDecoder:
                 kv.check_custom_masks(model, role, "tree rounds need attention that takes a tree mask",
                                       "load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
 
-        longest = spec.tree.depth if spec.tree is not None else spec.gamma
-        width = max(0, min(longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
+        width = max(0, min(spec.longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
         c.drafted_at, c.accepted_at = [0] * width, [0] * width
         c.gamma_rounds = width
         # a fuser with every gate closed changes nothing (fused == the draft's own K/V): skip its cost

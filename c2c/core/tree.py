@@ -81,6 +81,12 @@ def best(scores: torch.Tensor, depths: torch.Tensor, count: int) -> torch.Tensor
     return torch.sort(ranked[:count]).values
 
 
+def grown_nodes(depth: int, top_k: int) -> int:
+    """The most nodes `grow` makes at this depth and top_k (and so the largest budget it can fill):
+    top_k children of the root, then top_k children of each of top_k frontier nodes per later depth."""
+    return top_k + top_k ** 2 * (depth - 1)
+
+
 def grow(root_logprobs: torch.Tensor, expand, shape: TreeShape) -> tuple[Tree, torch.Tensor]:
     """Grow a tree from the draft's log-probabilities after the root (V,). `expand(frontier, tree)`
     runs the draft over the frontier nodes (F,) of the tree so far (every earlier node they descend
@@ -126,14 +132,22 @@ def ancestors(nodes: torch.Tensor, parents: torch.Tensor, depth: int) -> torch.T
     return rows
 
 
+def verify_visibility(parents: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(N+1, N+1) bool over [root, nodes]: the root sees itself; node i the root, its ancestors and
+    itself. `seen`: visibility(parents), when the caller has it."""
+    n = parents.shape[0]
+    block = torch.zeros(n + 1, n + 1, dtype=torch.bool, device=parents.device)
+    block[:, 0] = True
+    block[1:, 1:] = visibility(parents) if seen is None else seen
+    return block
+
+
 def verify_mask(parents: torch.Tensor, held: int, dtype: torch.dtype, seen: torch.Tensor | None = None) -> torch.Tensor:
     """(1, 1, N+1, held+N+1) additive mask for the target's verify of [root, nodes]: every query sees
     the `held` committed positions in the cache; the root sees itself; node i the root, its ancestors
     and itself (additive: cache.additive_mask). `seen`: visibility(parents), when the caller has it."""
     n = parents.shape[0]
-    allowed = torch.zeros(n + 1, held + n + 1, dtype=torch.bool, device=parents.device)
-    allowed[:, : held + 1] = True  # the prefix and the root
-    allowed[1:, held + 1 :] = visibility(parents) if seen is None else seen
+    allowed = torch.cat([torch.ones(n + 1, held, dtype=torch.bool, device=parents.device), verify_visibility(parents, seen)], 1)
     return additive_mask(allowed, dtype).view(1, 1, n + 1, held + n + 1)
 
 
@@ -207,7 +221,7 @@ def choose_shape(rounds: list[tuple[list[float], list[int], list[int]]], verify_
     for size in sorted(verify_ms):
         budget = size - 1
         for depth in range(1, max_depth + 1):
-            if budget < depth or budget > top_k + top_k ** 2 * (depth - 1):
+            if budget < depth or budget > grown_nodes(depth, top_k):
                 continue  # a chain can't be shorter than its depth; a tree of this depth can't hold the budget
             tokens = sum(accepted_under(sc, dp, pa, budget, depth) + 1 for sc, dp, pa in rounds) / max(len(rounds), 1)
             ms = depth * draft_depth_ms + verify_ms[size] + other_ms

@@ -42,8 +42,8 @@ def _allowed(prefix: torch.Tensor, start: torch.Tensor, tail: torch.Tensor) -> t
 def _forward(model, cache, keyword: str, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
              keep: int = 0) -> torch.Tensor:
     mask = None if allowed is None else kv.additive_mask(allowed, model.get_input_embeddings().weight.dtype)
-    return model(input_ids=tokens.view(1, -1), position_ids=positions.view(1, -1), use_cache=True, logits_to_keep=keep,
-                 attention_mask=None if mask is None else mask.view(1, 1, *mask.shape), **{keyword: cache}).logits[0]
+    return kv.forward_masked(model, tokens.view(1, -1), cache, positions.view(1, -1),
+                             None if mask is None else mask.view(1, 1, *mask.shape), keep, keyword)[0]
 
 
 def grow_tree(model, cache, feed: torch.Tensor, keyword: str, shape: TreeShape, sampling: SamplingConfig):
@@ -104,14 +104,11 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     the target's token alone: a slice of this."""
     out_device = pending.device
     tokens, parents, depths, slot = packed.view(4, -1)
-    n_nodes = tokens.shape[0]
     t_device = model.get_input_embeddings().weight.device  # the target's inputs (a split model: its first device)
     held = kv.write_position(cache).clone().to(t_device)  # the target holds committed - 1 positions: all but the pending token
     with_root = torch.cat([depths.new_zeros(1), depths])
     seen = trees.visibility(parents, depth)  # (N, N), for the mask and the walk
-    tail = torch.zeros(n_nodes + 1, n_nodes + 1, dtype=torch.bool, device=out_device)
-    tail[:, 0] = True  # every node sees the root (the pending token)
-    tail[1:, 1:] = seen
+    tail = trees.verify_visibility(parents, seen)  # (N+1, N+1) over [pending, nodes]
     prefix = torch.arange(kv.capacity(cache), device=t_device) < held
     logits = _forward(model, cache, keyword, torch.cat([pending.view(1), tokens]).to(t_device),
                       held + with_root.to(t_device), _allowed(prefix, held, tail.to(t_device))).to(out_device)

@@ -200,22 +200,22 @@ def test_greedy_rounds_draft_in_one_compiled_call_and_sampling_per_step(target, 
     calls, verifies = [], []
     with torch.inference_mode():
         dec = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(), set(), fuser=fuser, compiled=traced)
-        inner, inner_verify = dec.draft_graph, dec.verify_graph
-        dec.draft_graph = lambda *args: calls.append(args[4]) or inner(*args)
-        dec.verify_graph = lambda *args: verifies.append(args[3].shape[0]) or inner_verify(*args)
+        inner, inner_verify = dec.rounds.draft_graph, dec.rounds.verify_graph
+        dec.rounds.draft_graph = lambda *args: calls.append(args[4]) or inner(*args)
+        dec.rounds.verify_graph = lambda *args: verifies.append(args[3].shape[0]) or inner_verify(*args)
         result = dec.generate(PROMPT)
         sampled = SpeculativeDecoder(target, draft, SpecConfig(3, 40), SamplingConfig(temperature=0.8), set(),
                                      compiled=traced)
     assert result.output_ids == reference
     assert calls and set(calls) == {3} and len(calls) == result.counters.drafted_at[2]  # every full round, once
     assert verifies == calls  # and its verify with the acceptance: one call
-    assert sampled.draft_graph is None and sampled.verify_graph is None
+    assert sampled.rounds.draft_graph is None and sampled.rounds.verify_graph is None
 
 
 def test_the_round_decision_holds_the_next_feed():
     """accept_round's decision is [n, d_1..d_g, token]: the engine slices the next round's feed out of
     it ([d_g, token] after an all-accepted round), so the order is pinned here."""
-    from c2c.core.engine import accept_round
+    from c2c.core.rounds import accept_round
 
     drafted = torch.tensor([5, 6, 7])
     logits = torch.full((4, 10), -1.0)

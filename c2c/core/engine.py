@@ -21,11 +21,10 @@ from typing import Callable
 import torch
 
 from . import cache as kv
-from . import tree as trees
 from .fuser import C2CFuser, StackedProjectors
+from .rounds import round_kind, step_begin, step_forward
+from .sampling import SamplingConfig, next_token
 from .tree import TreeShape
-from .sampling import SamplingConfig, accept_greedy, accept_sampled, next_token, probabilities
-from .tree_steps import grow_tree, verify_tree
 
 
 @dataclass(frozen=True)
@@ -36,10 +35,13 @@ class SpecConfig:
     decode_fusion: bool = True
     fuse_last_prompt: bool = True  # decode fusion also covers the last prompt position (C2C's prefill skips it)
     tree: TreeShape | None = None  # None: a chain of gamma drafts per round; else a tree of drafts (c2c.core.tree)
+    parallel: bool = False  # all gamma drafts of a round from one draft forward (c2c.core.parallel)
 
     def __post_init__(self):
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1 (draft tokens per round), got {self.gamma}")
+        if self.parallel and self.tree is not None:
+            raise ValueError("parallel drafting drafts a chain: it can't be combined with tree rounds")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -50,10 +52,11 @@ class SpecConfig:
 
     @property
     def lookahead(self) -> int:
-        """Cache positions a round may write past the committed sequence: gamma drafts for a chain; for
-        a tree the target's verified nodes or the draft's fed frontier, the larger."""
+        """Cache positions a round may write past the committed sequence: gamma drafts for a chain; the
+        draft's block of 2 gamma for parallel drafting (c2c.core.parallel); for a tree the target's
+        verified nodes or the draft's fed frontier, the larger."""
         if self.tree is None:
-            return self.gamma
+            return 2 * self.gamma if self.parallel else self.gamma
         return max(self.tree.budget, (self.tree.depth - 1) * self.tree.top_k)
 
 
@@ -70,6 +73,7 @@ class Counters:
     fused_tokens: int = 0  # draft cache positions overwritten by the fuser (per position, all layers)
     nodes_verified: int = 0  # tree rounds: draft nodes the target checked (0 for chain rounds)
     branching: bool = False  # tree rounds with top_k > 1 (a chain's closed form does not describe them)
+    parallel: bool = False  # parallel drafting: one draft forward per round, whatever gamma
     gamma_rounds: int | None = None  # the most drafts a round could hold on one path (gamma capped by max_new_tokens)
     drafted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was proposed
     accepted_at: list[int] = field(default_factory=list)  # [k]: rounds in which draft token k was accepted
@@ -84,6 +88,7 @@ class Counters:
         total = cls(runs=0)
         for c in items:
             total.branching = total.branching or c.branching
+            total.parallel = total.parallel or c.parallel
             for name in ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens",
                          "nodes_verified", "runs"):
                 setattr(total, name, getattr(total, name) + getattr(c, name))
@@ -215,18 +220,7 @@ class CompiledSteps:
         self._caches[key] = (model, cache)
         return cache
 
-    @staticmethod
-    def step_begin(device: torch.device) -> None:
-        """Tell CUDA graph trees that the previous step's outputs are consumed (may be overwritten)."""
-        if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-
-
-def step_forward(model, input_ids: torch.Tensor, cache, start: int, logits_to_keep: int = 0, call=None):
-    """`cache.forward`, first telling CUDA graph trees that a new step begins when `call` is a compiled step."""
-    if call is not None:
-        CompiledSteps.step_begin(input_ids.device)
-    return kv.forward(model, input_ids, cache, start, logits_to_keep=logits_to_keep, call=call)
+    step_begin = staticmethod(step_begin)  # tell CUDA graph trees the previous step's outputs are consumed
 
 
 class PhaseClock:
@@ -324,57 +318,6 @@ def standard_generate(
     return GenerationResult(out, time.perf_counter() - t0 - hook.seconds, ttft, counters)
 
 
-def draft_block(model, cache, feed: torch.Tensor, position_ids: torch.Tensor, steps: int, keyword: str) -> torch.Tensor:
-    """`steps` greedy draft tokens in one function: the compiled fast path captures it as one graph
-    (one replay per round instead of one per draft step), the next token chosen on the device.
-
-    feed (1, k): the tokens the draft has not seen (k = 1, or 2 after an all-accepted round) at
-    position_ids (1, k); `keyword`: the forward's cache keyword (kv.cache_keyword). Returns the drafted
-    ids (steps,). Same ops as `SpeculativeDecoder._draft`'s greedy loop, so the same tokens."""
-    tokens = []
-    for _ in range(steps):
-        logits = model(input_ids=feed, position_ids=position_ids, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
-        token = logits[0, -1].argmax(-1)
-        tokens.append(token)
-        feed = token.view(1, 1)
-        position_ids = position_ids[:, -1:] + 1
-    return torch.stack(tokens)
-
-
-def accept_round(drafted: torch.Tensor, q, target_logits: torch.Tensor, sampling: SamplingConfig | None = None,
-                 generator: torch.Generator | None = None, force: torch.Tensor | None = None) -> torch.Tensor:
-    """The round's decision on the device: (g+2,) long, [n accepted, d_1..d_g, the target's token]
-    (the correction at the first rejection, else the bonus). The host reads it once; the next
-    round's draft feed is a slice of it ([d_g, token] after an all-accepted round, else [token]).
-
-    drafted (g,), q (g, V) the draft's probabilities (sampling only), target_logits (g+1, V);
-    `sampling` None or greedy: the longest prefix equal to the target's argmax. `force` (0-d bool
-    device flag, timing only): the greedy rule, and where true every draft accepted and the bonus
-    from the target."""
-    if force is not None or sampling is None or sampling.greedy:
-        n, token = accept_greedy(drafted, target_logits, force)
-    else:
-        p = probabilities(target_logits, sampling)  # (g+1, V)
-        if q is None:  # g == 0: nothing drafted, sample straight from p
-            q = p[:0]
-        n, token = accept_sampled(drafted, q, p, generator)
-    return torch.cat([n.view(1), drafted, token.view(1)])
-
-
-def verify_block(model, cache, pending: torch.Tensor, drafted: torch.Tensor, position_ids: torch.Tensor, keyword: str,
-                 force: torch.Tensor) -> torch.Tensor:
-    """The target's verify of [pending, d_1..d_g] and the greedy acceptance in one function: the
-    compiled fast path captures both as one graph, with its own code object (a compiled model call
-    shares transformers' `forward` with every other compiled step, and checks their guards too).
-
-    pending (): the token the target has not seen, drafted (g,), position_ids (1, g+1), force (): the
-    timing-only forced acceptance as a device flag (one graph, not a second 14B graph to compile).
-    Returns the round's decision (see `accept_round`)."""
-    block = torch.cat([pending.view(1), drafted]).view(1, -1)
-    logits = model(input_ids=block, position_ids=position_ids, use_cache=True, **{keyword: cache}).logits
-    return accept_round(drafted, None, logits[0], force=force)
-
-
 def top2_margin(target, prompt_ids: list[int], output_prefix: list[int]) -> float:
     """The target's top-1 minus top-2 logit after prompt + output_prefix: how near a tie the next
     token was (a greedy divergence in bf16 is a rounding flip only where this is small)."""
@@ -423,8 +366,10 @@ class SpeculativeDecoder:
         on_round: Callable[[RoundInfo], None] | None = None,
         compiled: CompiledSteps | None = None,
         force_accept: bool = False,
+        masks: list[int] | None = None,
     ):
         """`compiled`: static caches and compiled fixed-shape steps (same output ids as eager).
+        `masks`: the draft's mask id(s), for parallel drafting (c2c.core.parallel.config_mask_ids).
         `force_accept`: timing only (engine overhead with every draft accepted); the output is then
         NOT the target's, so nothing user-facing sets it."""
         self.target, self.draft, self.spec, self.sampling = target, draft, spec, sampling
@@ -434,72 +379,12 @@ class SpeculativeDecoder:
         self.target_device = model_device(target)
         self.compiled, self.force_accept = compiled, force_accept
         self.tree_log: list | None = None  # a list: each tree round appends (kept scores, depths, accepted path)
-        self.draft_step = compiled(draft) if compiled else None
-        self.verify_step = compiled(target) if compiled else None
         self.fuse_step = compiled.function(fuse_window, self.device) if compiled and fuser is not None else None
-        # greedy drafting as one graph per round; sampling keeps one graph per draft step (its generator
-        # draws on the host side of torch and can't live inside a captured graph)
-        self.draft_graph = compiled.function(draft_block, self.device) if compiled and sampling.greedy else None
-        # greedy verify and acceptance as one graph, where the two models share a device
-        same_device = self.device == self.target_device
-        self.verify_graph = compiled.function(verify_block, self.device) if self.draft_graph and same_device else None
-        # tree rounds, greedy or sampled: the draft's growth and the verify with the walk and both caches'
-        # compaction, one graph each (the round's uniforms are an input, drawn with the user's generator)
-        self.tree_graphs = None
-        if compiled and spec.tree is not None and same_device:
-            self.tree_graphs = (compiled.function(grow_tree, self.device), compiled.function(verify_tree, self.device))
         # the forced acceptance as a device flag: an input of the verify graph (so one graph serves both)
-        forced = self.verify_graph or force_accept or spec.tree is not None
-        self._force = torch.tensor(force_accept, device=self.device) if forced else None
+        self.force = torch.tensor(force_accept, device=self.device)
+        self.rounds = round_kind(self, compiled, masks)  # chain, parallel or tree (c2c.core.rounds)
 
-    # ---------------------------------------------------------------- the round's steps
-
-    def _draft(self, feed: torch.Tensor, start: int, g: int):
-        """g autoregressive draft tokens. feed (1, k): tokens the draft has not seen yet."""
-        if self.draft_graph is not None and g == self.spec.gamma and feed.shape[-1] <= 2:
-            positions = torch.arange(start, start + feed.shape[-1], device=feed.device).unsqueeze(0)
-            CompiledSteps.step_begin(self.device)
-            # a copy: with CUDA graphs the graph's output memory is reused once the verify step begins,
-            # and the drafted ids are read again after it (acceptance, the round's record)
-            drafted = self.draft_graph(self.draft, self.draft_cache, feed, positions, g, kv.cache_keyword(self.draft)).clone()
-            self.counters.draft_calls += g
-            return drafted, None
-        tokens, qs = [], []
-        for _ in range(g):
-            # compiled: one token, or the 2-token catch-up after an all-accepted round (its own graph;
-            # eager it cost a 28-layer draft ~10x a compiled step on an H100). Longer feeds (gamma 0) stay eager.
-            call = self.draft_step if feed.shape[-1] <= 2 else None
-            logits = step_forward(self.draft, feed, self.draft_cache, start, logits_to_keep=1, call=call)  # (1, 1, V)
-            start += feed.shape[-1]
-            token, q = next_token(logits[0, -1], self.sampling, self.generator)
-            tokens.append(token)
-            qs.append(q)
-            feed = token.view(1, 1)
-        self.counters.draft_calls += g
-        drafted = torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long, device=self.device)  # (g,)
-        return drafted, (torch.stack(qs) if qs and qs[0] is not None else None)
-
-    def _verify(self, pending: torch.Tensor, drafted: torch.Tensor, q, start: int, clock: "PhaseClock") -> torch.Tensor:
-        """One target forward over [pending, d_1..d_g] and the acceptance -> the round's decision
-        (`accept_round`) on the sampling device. A full greedy round on the fast path is one compiled
-        call; otherwise the verify (compiled when full) and then the acceptance, eager."""
-        g = drafted.shape[0]
-        self.counters.target_calls += 1
-        if self.verify_graph is not None and g == self.spec.gamma:
-            positions = torch.arange(start, start + g + 1, device=self.device).unsqueeze(0)
-            CompiledSteps.step_begin(self.device)
-            # a copy: with CUDA graphs the graph's output memory is reused by the next replay, and the
-            # next round's feed and pending token are slices of it
-            decision = self.verify_graph(self.target, self.target_cache, pending, drafted, positions,
-                                         kv.cache_keyword(self.target), self._force).clone()
-            clock.lap("target")
-            return decision
-        block = torch.cat([pending.view(1), drafted]).view(1, -1).to(self.target_device)  # (1, g+1)
-        call = self.verify_step if g == self.spec.gamma else None  # shorter last rounds stay eager
-        logits = step_forward(self.target, block, self.target_cache, start, call=call)  # (1, g+1, V)
-        clock.lap("target")
-        return accept_round(drafted, q, logits[0].to(self.device), self.sampling, self.generator,
-                            self._force if self.force_accept else None)
+    # ---------------------------------------------------------------- fusion
 
     def _fuse(self, start: int, end: int) -> None:
         self.counters.fused_tokens += fuse_positions(self.fusion, self.target_cache, self.draft_cache, start, end)
@@ -517,44 +402,6 @@ class SpeculativeDecoder:
         self.fuse_step(self.fusion, self.target_cache, self.draft_cache, positions, keep)
         self.counters.fused_tokens += end - start
 
-    # ---------------------------------------------------------------- a tree round (static caches)
-
-    def _tree_round(self, feed: torch.Tensor, pending: torch.Tensor, shape: TreeShape, clock: "PhaseClock"):
-        """Draft a tree after the pending token, verify it in one target forward, walk it and keep the
-        accepted path in both caches (c2c.core.tree_steps): on the fast path two compiled calls, the
-        round's random numbers (sampling) drawn between them. Returns the round's decision as host
-        values ([n, path node indices by depth (-1 past n), m, last path token, the target's token],
-        the tree's tokens, its parents) and the output on the device (the next pending token and
-        the draft's next feed are slices of it)."""
-        full = shape == self.spec.tree and feed.shape[-1] <= 2  # the compiled shapes; short last rounds run as they are
-        grow, verify = (self.tree_graphs if full and self.tree_graphs else (grow_tree, verify_tree))
-        # 1. draft: the tokens it has not seen, then one forward per depth over the frontier
-        CompiledSteps.step_begin(self.device)
-        packed, scores = grow(self.draft, self.draft_cache, feed, kv.cache_keyword(self.draft), shape, self.sampling)
-        # a copy: with CUDA graphs the graph's outputs are overwritten once the verify graph runs
-        packed = packed.clone()
-        scores = scores.clone() if self.tree_log is not None else None
-        self.counters.draft_calls += shape.depth
-        clock.lap("draft")
-        # 2-4. verify [pending, nodes] in one forward, walk, keep the path in both caches
-        uniforms = None  # sampling: the round's random numbers, one per depth, drawn with the user's generator
-        if not self.sampling.greedy:
-            uniforms = torch.rand(shape.depth + 1, device=self.device, generator=self.generator)
-        CompiledSteps.step_begin(self.device)
-        out = verify(self.target, self.target_cache, self.draft_cache, pending, packed, kv.cache_keyword(self.target),
-                     shape.depth, self.sampling, uniforms, self._force).clone()
-        n_nodes = packed.shape[0] // 4
-        self.counters.target_calls += 1
-        self.counters.nodes_verified += n_nodes
-        clock.lap("target")
-        host = out.tolist()  # sync: the round's one host read
-        width = shape.depth + 4
-        decision, tokens, parents = host[:width], host[width : width + n_nodes], host[width + n_nodes :]
-        if self.tree_log is not None:  # --tree_budget auto's warm-up: what smaller trees would have accepted
-            n = decision[0]
-            self.tree_log.append((scores.tolist(), packed[2 * n_nodes : 3 * n_nodes].tolist(), decision[1 : 1 + n]))
-        return decision, tokens, parents, out
-
     # ---------------------------------------------------------------- the loop
 
     def generate(self, prompt_ids: list[int]) -> GenerationResult:
@@ -567,7 +414,7 @@ class SpeculativeDecoder:
 
         width = max(0, min(spec.longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
         c.drafted_at, c.accepted_at = [0] * width, [0] * width
-        c.gamma_rounds = width
+        c.gamma_rounds, c.parallel = width, spec.parallel
         # a fuser with every gate closed changes nothing (fused == the draft's own K/V): skip its cost
         fusing = self.fuser is not None and self.fuser.open_gates()[0] > 0
         self.fusion = self.fuser.batched() if fusing else None  # every layer at once where it can be
@@ -581,7 +428,7 @@ class SpeculativeDecoder:
         if self.compiled:
             self.target_cache = self.compiled.cache(self.target, capacity)
             self.draft_cache = self.compiled.cache(self.draft, capacity, "draft")
-        elif spec.tree is not None:  # tree rounds write their nodes where the device says: static caches
+        elif spec.tree is not None or spec.parallel:  # tree and parallel rounds write where the device says: static caches
             self.target_cache, self.draft_cache = kv.new_cache(self.target, capacity), kv.new_cache(self.draft, capacity)
         else:
             self.target_cache, self.draft_cache = kv.new_cache(self.target), kv.new_cache(self.draft)
@@ -608,58 +455,24 @@ class SpeculativeDecoder:
         decode_fused_upto = n0  # from here decode fusion covers generated positions
         hook = HookTimer(self.on_round)
         if self.on_round is not None:
-            hook(RoundInfo(n0 + 1, kv.length(self.target_cache), kv.length(self.draft_cache), 0, 0, 0, (out[0],)))
+            hook(RoundInfo(n0 + 1, n0, n0, 0, 0, 0, (out[0],)))
             clock.lap(HOOK_PHASE)
 
         committed, draft_len = n0 + 1, n0
-        feed = pending.view(1, 1)  # tokens the draft has not seen: seq[draft_len:committed]
+        feed = self.rounds.first_feed(pending)  # what the draft has not seen: seq[draft_len:committed]
         while out[-1] not in self.eos_ids and len(out) < spec.max_new_tokens:
-            g = min(spec.gamma, spec.max_new_tokens - len(out) - 1)
-            room = spec.max_new_tokens - len(out) - 1
-            branched_at = None
-            if spec.tree is not None and room >= 1:
-                # 1-4. a tree round: draft a tree, verify it in one forward, walk it, keep the path
-                shape = TreeShape(spec.tree.budget, min(spec.tree.depth, room), spec.tree.top_k)
-                c.branching = c.branching or shape.top_k > 1  # a round with more than a chain's choices
-                decision, tokens, parents, decided = self._tree_round(feed, pending, shape, clock)
-                n, depth = decision[0], shape.depth
-                path, m = decision[1 : 1 + n], decision[1 + depth]
-                drafted_ids = trees.drafted_path(tokens, parents, path)  # the taken path, then the draft's first choices
-                g = len(drafted_ids)
-                branched_at = trees.branch_point(parents, path)
-                new_tokens = [tokens[i] for i in path] + [decision[depth + 3]]
-                draft_len = committed + m  # the draft holds the committed sequence, then the path nodes it fed
-                committed += n + 1
-                pending = decided[depth + 3]  # views: no launch
-                feed = decided[depth + 2 : depth + 4].view(1, 2) if m < n else decided[depth + 3 : depth + 4].view(1, 1)
-            else:
-                # 1. draft
-                drafted, q = self._draft(feed, draft_len, g)
-                clock.lap("draft")
-                # 2. verify and accept; 3. read the decision: the round's one host synchronisation
-                decided = self._verify(pending, drafted, q, committed - 1, clock)  # (g+2,): n, d_1..d_g, token
-                decision = decided.tolist()
-                n, drafted_ids = decision[0], decision[1 : 1 + g]
-                new_tokens = drafted_ids[:n] + [decision[-1]]
-                token = decided[g + 1]  # a view: no launch
-                # 4. roll back both caches to what is committed
-                old_committed = committed
-                committed += n + 1
-                kv.crop(self.target_cache, committed - 1)
-                if g > 0:
-                    draft_len = old_committed + min(n, g - 1)
-                    kv.crop(self.draft_cache, draft_len)
-                    all_accepted = n == g
-                    feed = decided[g : g + 2].view(1, 2) if all_accepted else decided[g + 1 :].view(1, 1)
-                else:
-                    feed = torch.cat([feed.view(-1), token.view(1)]).view(1, -1)
-                pending = token
+            room = spec.max_new_tokens - len(out) - 1  # drafts that fit before max_new_tokens
+            # 1-4. draft, verify, accept (the round's one host read), roll both caches back to what is committed
+            end = self.rounds.run(feed, pending, committed, draft_len, room, clock)
+            committed += end.n + 1
+            draft_len, pending, feed = end.draft_len, end.pending, end.feed
             # 5. record (drafts after an end-of-sequence token are never counted), emit up to the first one
             # (a tree's drafted_ids are its taken path then the draft's first choices: the same rule as a chain's)
-            counted = next((k + 1 for k, t in enumerate(drafted_ids) if t in self.eos_ids), g)
-            accepted = min(n, counted)
+            g = len(end.drafted_ids)
+            counted = next((k + 1 for k, t in enumerate(end.drafted_ids) if t in self.eos_ids), g)
+            accepted = min(end.n, counted)
             emitted = len(out)
-            for t in new_tokens:
+            for t in end.new_tokens:
                 out.append(t)
                 if t in self.eos_ids:
                     break
@@ -670,10 +483,10 @@ class SpeculativeDecoder:
                 self._fuse_decode(decode_fused_upto, draft_len)
                 decode_fused_upto = draft_len
                 clock.lap("fusion")
-            if self.on_round is not None:
-                hook(RoundInfo(committed, kv.length(self.target_cache), kv.length(self.draft_cache), counted,
-                               accepted, c.rounds, tuple(out[emitted:]), tuple(drafted_ids[:counted]),
-                               branched_at if branched_at is not None and branched_at < accepted else None))
+            if self.on_round is not None:  # host values only: the target holds all but the pending token
+                branched = end.branched_at if end.branched_at is not None and end.branched_at < accepted else None
+                hook(RoundInfo(committed, committed - 1, draft_len, counted, accepted, c.rounds, tuple(out[emitted:]),
+                               tuple(end.drafted_ids[:counted]), branched))
                 clock.lap(HOOK_PHASE)  # the hook's time: in no phase, and out of the latency
         sync_device(self.device)
         latency = time.perf_counter() - t_start - hook.seconds

@@ -16,12 +16,53 @@ depth, top_k) means fixed shapes. The tree's own logic lives in `c2c.core.tree` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import cache as kv
 from . import tree as trees
 from .sampling import SamplingConfig, probabilities
 from .tree import TreeShape
+
+
+@dataclass(frozen=True)
+class TreeDecision:
+    """`verify_tree`'s output, (depth + 4 + 2N,) long, laid out here once for both sides:
+    [n accepted, the path's node indices by depth (-1 past n), m path nodes the draft holds (n or n-1),
+    the path's last token, the target's token, the tree's tokens (N), its parents (N)]."""
+
+    n: int
+    path: list[int]  # node indices by depth, -1 past n
+    m: int
+    last: int
+    token: int
+
+    @staticmethod
+    def pack(n: torch.Tensor, path: torch.Tensor, m: torch.Tensor, last: torch.Tensor, token: torch.Tensor,
+             tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([n.view(1), path, m.view(1), last.view(1), token.view(1), tokens, parents])
+
+    @classmethod
+    def read(cls, host: list[int], depth: int, nodes: int) -> tuple["TreeDecision", list[int], list[int]]:
+        """The host's copy of a packed output -> (the decision, the tree's tokens, its parents)."""
+        head = depth + 4
+        n, path, m, last, token = host[0], host[1 : 1 + depth], host[1 + depth], host[2 + depth], host[3 + depth]
+        return cls(n, path, m, last, token), host[head : head + nodes], host[head + nodes : head + 2 * nodes]
+
+    @property
+    def depth(self) -> int:
+        return len(self.path)
+
+    def pending(self, packed: torch.Tensor) -> torch.Tensor:
+        """The target's token on the device (a view of the packed output: no launch)."""
+        return packed[self.depth + 3]
+
+    def next_feed(self, packed: torch.Tensor) -> torch.Tensor:
+        """The draft's next feed on the device: [the path's last token, the target's token] when the draft
+        never fed the path's last node (m < n), else the target's token alone (a view)."""
+        first = self.depth + 2 if self.m < self.n else self.depth + 3
+        return packed[first : self.depth + 4].view(1, -1)
 
 
 def draft_logprobs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -97,11 +138,9 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     timing-only forced acceptance as a device flag.
 
     Both caches end holding the accepted path at contiguous positions: the target's [pending, path]
-    after its committed sequence, the draft's the path nodes it has fed. Returns (depth + 4 + 2N,)
-    long on pending's device: [n accepted, the path's node indices by depth (-1 past n), m path nodes
-    the draft holds (n or n-1), the path's last token, the target's token, the tree's tokens, its
-    parents]. The draft's next feed is [the path's last token, the target's token] when m < n, else
-    the target's token alone: a slice of this."""
+    after its committed sequence, the draft's the path nodes it has fed. Returns the packed
+    `TreeDecision` (depth + 4 + 2N,) long on pending's device; the draft's next feed and the next
+    pending token are slices of it (`TreeDecision.next_feed`, `TreeDecision.pending`)."""
     out_device = pending.device
     tokens, parents, depths, slot = packed.view(4, -1)
     t_device = model.get_input_embeddings().weight.device  # the target's inputs (a split model: its first device)
@@ -131,4 +170,4 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     kv.move_positions(draft_cache, committed + where.clamp_min(0), committed + steps)
     kv.set_length(draft_cache, committed + m)
     last = tokens.index_select(0, path.index_select(0, (n - 1).clamp_min(0).view(1)).clamp_min(0)).view(1)
-    return torch.cat([decided[: 1 + depth], m.view(1), last, decided[-1:], tokens, parents])
+    return TreeDecision.pack(n, path, m, last, decided[-1], tokens, parents)

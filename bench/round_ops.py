@@ -9,6 +9,7 @@ this is mostly host work).
 
     OMP_NUM_THREADS=1 python bench/round_ops.py --synthetic tiny --gamma 4 --runs 5
     OMP_NUM_THREADS=1 python bench/round_ops.py --synthetic tiny --tree 16,4,4 --temperature 0.8
+    OMP_NUM_THREADS=1 python bench/round_ops.py --synthetic tiny --gamma 8 --parallel --temperature 0.8
 
 Chain counts are the difference between a long and a short run divided by the difference in rounds,
 so the prefill and the last (shorter, eager) rounds cancel out; tree counts come from a profiler
@@ -40,13 +41,16 @@ VIEWS = {"aten::view", "aten::slice", "aten::select", "aten::unsqueeze", "aten::
          "aten::resolve_neg", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::t", "aten::transpose"}
 
 
-def count_round_ops(target, draft, fuser, compiled: CompiledSteps, gamma: int, prompt: list[int]) -> tuple[float, dict]:
+def count_round_ops(target, draft, fuser, compiled: CompiledSteps, gamma: int, prompt: list[int],
+                    parallel: list[int] | None = None, sampling: SamplingConfig = SamplingConfig()) -> tuple[float, dict]:
     """Per full compiled forced-accept round: (compiled calls, {eager aten op: count}), the difference
-    of a 12-round and a 4-round run (the prefill and the shorter last rounds cancel out)."""
+    of a 12-round and a 4-round run (the prefill and the shorter last rounds cancel out). `parallel`:
+    the mask ids of parallel rounds (None: chain rounds)."""
 
     def count(rounds: int):
-        dec = SpeculativeDecoder(target, draft, SpecConfig(gamma, rounds * (gamma + 1) + 1), SamplingConfig(), set(),
-                                 fuser=fuser, compiled=compiled, force_accept=True)
+        spec = SpecConfig(gamma, rounds * (gamma + 1) + 1, parallel=parallel is not None)
+        dec = SpeculativeDecoder(target, draft, spec, sampling, set(), fuser=fuser, compiled=compiled, force_accept=True,
+                                 masks=parallel)
         dec.generate(prompt)  # builds every graph of this run's shapes
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             result = dec.generate(prompt)
@@ -78,8 +82,7 @@ def count_tree_round_ops(target, draft, fuser, compiled: CompiledSteps, shape: T
                          sampling: SamplingConfig = SamplingConfig(), rounds: int = 8) -> tuple[float, dict]:
     """Per full compiled tree round: (compiled calls, {eager aten op: count}), from a profiler the
     round hook starts after round 2 and stops after round 2 + `rounds` (every round between them has
-    the full shape: the run is long enough). The hook's RoundInfo reads both caches' lengths from the
-    device (two reads a round, not the engine's): those ops are counted alone and taken out."""
+    the full shape: the run is long enough). The hook's RoundInfo holds host values only (no device read)."""
     spec = SpecConfig(4, (rounds + 4) * (shape.depth + 1) + 2, tree=shape)
 
     def run(generator):
@@ -100,10 +103,7 @@ def count_tree_round_ops(target, draft, fuser, compiled: CompiledSteps, shape: T
     run(torch.Generator(device=device).manual_seed(0))  # builds every graph of this run's shapes
     dec, prof = run(torch.Generator(device=device).manual_seed(0))
     regions, ops = _tally(prof)
-    with profile(activities=[ProfilerActivity.CPU]) as reads:
-        kv.length(dec.target_cache), kv.length(dec.draft_cache)
-    _, hook_ops = _tally(reads)
-    per = {k: (v - rounds * hook_ops.get(k, 0)) / rounds for k, v in ops.items()}
+    per = {k: v / rounds for k, v in ops.items()}
     return regions / rounds, _sorted(per)
 
 
@@ -115,7 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed runs of --rounds rounds each (median)")
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--tree", default=None, metavar="B,D,K", help="count tree rounds of this shape (budget, depth, top_k)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="with --tree: sampled rounds (0: greedy); chain rounds are counted greedy")
+    ap.add_argument("--parallel", action="store_true", help="count parallel-drafting rounds (one draft forward of gamma drafts)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="with --tree or --parallel: sampled rounds (0: greedy); chain rounds are counted greedy")
     args = ap.parse_args(argv)
     shape = None
     if args.tree is not None:
@@ -125,26 +127,29 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --tree takes BUDGET,DEPTH,TOPK (e.g. 16,4,4): {e}") from None
     device, dtype = synthetic.resolve(args)
     pair = synthetic.build(args.synthetic, device, dtype)
-    sampling = SamplingConfig(temperature=args.temperature if shape is not None else 0.0)
+    if args.parallel and shape is not None:
+        raise SystemExit("error: --parallel drafts a chain: drop --tree")
+    sampling = SamplingConfig(temperature=args.temperature if shape is not None or args.parallel else 0.0)
+    masks = [pair.draft.config.vocab_size - 1] if args.parallel else None  # timing only: any id serves
     compiled = CompiledSteps()
     prompt = torch.randint(0, pair.target.config.vocab_size, (args.context,)).tolist()
     with torch.inference_mode():
         print(f"compiling ({args.synthetic}, {device}, {dtype}{'' if shape is None else ', tree ' + args.tree}) ...", flush=True)
         if shape is None:
-            calls, per = count_round_ops(pair.target, pair.draft, pair.fuser, compiled, args.gamma, prompt)
-            spec = SpecConfig(args.gamma, args.rounds * (args.gamma + 1) + 1)
+            calls, per = count_round_ops(pair.target, pair.draft, pair.fuser, compiled, args.gamma, prompt, masks, sampling)
+            spec = SpecConfig(args.gamma, args.rounds * (args.gamma + 1) + 1, parallel=args.parallel)
         else:
             calls, per = count_tree_round_ops(pair.target, pair.draft, pair.fuser, compiled, shape, prompt, sampling)
             spec = SpecConfig(args.gamma, args.rounds * (shape.depth + 1) + 1, tree=shape)
         times = []
         for i in range(args.runs + 1):  # the first builds the long run's cache size
             dec = SpeculativeDecoder(pair.target, pair.draft, spec, sampling, set(), fuser=pair.fuser, compiled=compiled,
-                                     generator=torch.Generator(device=device).manual_seed(i), force_accept=True)
+                                     generator=torch.Generator(device=device).manual_seed(i), force_accept=True, masks=masks)
             result = dec.generate(prompt)
             times.append(result.latency / result.counters.rounds)
         times = times[1:]
     launches = {k: v for k, v in per.items() if k not in VIEWS}
-    shape_fields = ({"gamma": args.gamma} if shape is None else
+    shape_fields = ({"gamma": args.gamma, "parallel": args.parallel, "temperature": sampling.temperature} if shape is None else
                     {"tree": {"budget": shape.budget, "depth": shape.depth, "top_k": shape.top_k}, "temperature": args.temperature})
     report = {"synthetic": args.synthetic, "device": str(device), "dtype": str(dtype).removeprefix("torch."), **shape_fields,
               "torch": torch.__version__, "compiled_calls_per_round": calls,

@@ -1,0 +1,222 @@
+"""Parallel drafting (c2c.core.parallel, ParallelRound): all K drafts of a round from one draft
+forward over [unseen tokens, K-1 mask ids]. Every greedy output is the target's for K 1..8, fused
+and not, eager and compiled, on the tiny pair and an odd-shaped one; K 1 is the gamma-1 chain,
+outputs and counters; after every round both caches equal a fresh prefill of what they hold (the
+mask K/V dropped); sampled rounds follow the target's distribution; one draft forward per round;
+mask ids read from a draft's config as vLLM reads them."""
+
+import itertools
+import math
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from c2c.core import cache as kv
+from c2c.core import parallel
+from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
+from c2c.core.sampling import SamplingConfig, probabilities
+from tests import tiny
+
+PROMPTS = ([5, 9, 33, 7, 100, 2], [17, 4], [250, 251, 252, 3, 3, 3, 40, 41])
+MASK = tiny.VOCAB - 1  # an id the tiny tokenizer never makes (PARD takes one from the unused range)
+
+COUNTED = ("draft_calls", "target_calls", "rounds", "total_drafted", "total_accepted", "rejections", "fused_tokens",
+           "drafted_at", "accepted_at", "tokens_per_round")
+
+
+def decode(target, draft, k, max_new=30, fuser=None, compiled=None, sampling=SamplingConfig(), **kw):
+    return SpeculativeDecoder(target, draft, SpecConfig(k, max_new, parallel=True), sampling, set(), fuser=fuser,
+                              compiled=compiled, masks=[MASK], **kw)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("fused", [False, True])
+def test_greedy_parallel_output_is_the_targets(target, draft, fuser, k, fused):
+    for prompt in PROMPTS:
+        want = standard_generate(target, prompt, 30, SamplingConfig(), set()).output_ids
+        got = decode(target, draft, k, fuser=fuser if fused else None).generate(prompt)
+        assert got.output_ids == want, (k, prompt)
+        c = got.counters
+        assert c.draft_calls <= 1 + c.rounds  # the prefill, then at most one draft forward a round
+        assert c.parallel and c.total_drafted <= k * c.rounds
+
+
+def test_one_draft_forward_per_round_whatever_k(target, draft):
+    for k in (2, 5, 8):
+        c = decode(target, draft, k, 40).generate(PROMPTS[0]).counters
+        # the prefill, then one forward per round that drafts (a last round with room for none drafts nothing)
+        assert c.draft_calls == 1 + c.drafted_at[0] and c.drafted_at[0] >= c.rounds - 1, k
+        assert c.drafted_at[k - 1] > c.rounds / 2 and c.total_drafted > (k - 1) * c.drafted_at[0]  # k drafts a forward
+
+
+def test_k_one_is_the_gamma_one_chain(target, draft, fuser):
+    """K = 1 drafts one token from the unseen tokens, as the chain's one draft step does: same ids and counters."""
+    for prompt in PROMPTS:
+        for f in (None, fuser):
+            chain = SpeculativeDecoder(target, draft, SpecConfig(1, 30), SamplingConfig(), set(), fuser=f).generate(prompt)
+            par = decode(target, draft, 1, fuser=f).generate(prompt)
+            assert par.output_ids == chain.output_ids
+            for name in COUNTED:
+                assert getattr(par.counters, name) == getattr(chain.counters, name), name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_after_every_round_the_caches_hold_the_committed_sequence(target, draft, fuser, fused):
+    """The target cache equals a fresh prefill of the committed tokens but the pending one; the draft's
+    write position is what the round says it holds (its mask K/V dropped) and, without fusion, its K/V
+    equal a fresh draft prefill of those tokens (1e-5)."""
+    prompt, emitted, seen = PROMPTS[0], [], []
+    dec = decode(target, draft, 5, 24, fuser=fuser if fused else None)
+
+    def hook(info):
+        emitted.extend(info.tokens)
+        seq = prompt + emitted
+        t_len, d_len = kv.length(dec.target_cache), kv.length(dec.draft_cache)
+        assert (t_len, d_len) == (info.target_cache, info.draft_cache) == (info.committed - 1, d_len)
+        assert d_len <= info.committed - 1 or info.round == 0
+        checks = [(target, dec.target_cache, t_len)] + ([] if fused else [(draft, dec.draft_cache, d_len)])
+        for model, cache, n in checks:
+            fresh = kv.new_cache(model)
+            kv.forward(model, torch.tensor([seq[:n]]), fresh, 0)
+            for layer in range(kv.num_layers(fresh)):
+                for a, b in zip(kv.read_kv(fresh, layer, 0, n), kv.read_kv(cache, layer, 0, n)):
+                    assert torch.allclose(a, b, atol=1e-5), layer
+        seen.append(info.round)
+
+    dec.on_round = hook
+    result = dec.generate(prompt)
+    assert emitted == result.output_ids and len(seen) == result.counters.rounds + 1
+
+
+def odd_pair():
+    from tests.test_tree_engine import odd_pair as build
+
+    return build()
+
+
+def test_unusual_shapes_stay_lossless():
+    target, draft, fuser = odd_pair()
+    for k in (3, 7):
+        for prompt in PROMPTS:
+            want = standard_generate(target, prompt, 20, SamplingConfig(), set()).output_ids
+            for f in (None, fuser):
+                assert decode(target, draft, k, 20, fuser=f).generate(prompt).output_ids == want
+
+
+def test_forced_rounds_accept_every_draft_and_keep_the_caches_right(target, draft):
+    """Timing's forced acceptance: every round accepts all K, so the window always holds K+1 tokens."""
+    c = decode(target, draft, 4, 31, force_accept=True).generate(PROMPTS[0]).counters
+    assert c.total_accepted == c.total_drafted == 4 * c.rounds and c.rounds == 6
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_parallel_rounds_give_the_targets_ids_and_the_eager_counters(target, draft, fuser, k, fused):
+    compiled = CompiledSteps(backend="eager")  # dynamo tracing without C++ code generation
+    f = fuser if fused else None
+    with torch.inference_mode():
+        for prompt in PROMPTS[:2]:
+            want = standard_generate(target, prompt, 30, SamplingConfig(), set()).output_ids
+            eager = decode(target, draft, k, fuser=f).generate(prompt)
+            fast = decode(target, draft, k, fuser=f, compiled=compiled).generate(prompt)
+            assert fast.output_ids == want
+            for name in COUNTED:
+                assert getattr(fast.counters, name) == getattr(eager.counters, name), name
+
+
+def test_a_compiled_parallel_round_is_at_most_three_calls(target, draft, fuser):
+    """Greedy: the draft graph, the verify+accept graph, the fusion window; sampled: the draft graph,
+    the compiled verify, the fusion window (the acceptance eager between them). Counted per round by
+    bench/round_ops.py's forced-accept difference of a long and a short run."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from round_ops import count_round_ops
+
+    compiled = CompiledSteps(backend="eager")
+    with torch.inference_mode():
+        for temperature in (0.0, 0.8):
+            calls, _ = count_round_ops(target, draft, fuser, compiled, 4, PROMPTS[0], parallel=[MASK],
+                                       sampling=SamplingConfig(temperature))
+            assert calls == 3, (temperature, calls)
+
+
+def test_sampled_parallel_rounds_follow_the_targets_distribution():
+    """The first three sampled tokens of a 6-token-vocabulary pair, over 4,000 seeded runs, against the
+    target's exact three-step distribution: the first round after the prefill drafts K 3 in one forward
+    (max_new_tokens 5), so a draw at every offset is checked, jointly and per position. Chi-square
+    over cells expected 5 times or more (the rest pooled), at the 1e-4 critical value (Wilson-Hilferty):
+    a correct sampler fails each test with odds 1e-4; seeded, so the outcome is fixed."""
+    V = 6
+
+    def model(layers, seed):
+        torch.manual_seed(seed)
+        config = Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                             tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=None)
+        m = Qwen3ForCausalLM(config).eval().requires_grad_(False)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(8.0)
+        return m
+
+    target, draft = model(2, 1), model(1, 2)
+    sampling, prompt = SamplingConfig(temperature=1.0), [1, 2, 3]
+    with torch.no_grad():
+        def p(seq):
+            return probabilities(target(input_ids=torch.tensor([prompt + list(seq)])).logits[0, -1], sampling)
+        joint = {}
+        for a, b in itertools.product(range(V), repeat=2):
+            pab, last = float(p(())[a]) * float(p((a,))[b]), p((a, b))
+            for c in range(V):
+                joint[(a, b, c)] = pab * float(last[c])
+    dec = SpeculativeDecoder(target, draft, SpecConfig(3, 5, parallel=True), sampling, set(),
+                             generator=torch.Generator().manual_seed(0), masks=[5])
+    n = 4000
+    with torch.inference_mode():
+        counts = Counter(tuple(dec.generate(prompt).output_ids[:3]) for _ in range(n))
+    assert dec.counters.drafted_at[2] == 1  # the first round drafted all three in one forward
+
+    def chi2_test(expected: dict, observed: Counter) -> tuple[float, float]:
+        cells = [k for k, q in expected.items() if n * q >= 5]
+        pooled_q = 1 - sum(expected[k] for k in cells)
+        pooled = n - sum(observed[k] for k in cells)
+        chi2 = sum((observed[k] - n * expected[k]) ** 2 / (n * expected[k]) for k in cells)
+        chi2 += (pooled - n * pooled_q) ** 2 / max(n * pooled_q, 1e-9)
+        df = max(len(cells), 1)
+        return chi2, df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3  # the 1e-4 upper tail
+
+    chi2, critical = chi2_test(joint, counts)
+    assert chi2 < critical, ("joint", chi2, critical)
+    for pos in range(3):
+        marginal, observed = Counter(), Counter()
+        for key, q in joint.items():
+            marginal[key[pos]] += q
+        for key, m in counts.items():
+            observed[key[pos]] += m
+        chi2, critical = chi2_test(dict(marginal), observed)
+        assert chi2 < critical, (pos, chi2, critical)
+
+
+def test_mask_ids_are_read_as_vllm_reads_them():
+    cfg = SimpleNamespace
+    assert parallel.config_mask_ids(cfg(pard_token=7)) == [7]
+    assert parallel.config_mask_ids(cfg(mask_token_id=3, pard_token=7)) == [3]  # vLLM's order
+    assert parallel.config_mask_ids(cfg(dflash_config={"mask_token_id": 9}, mask_token_id=3)) == [9]
+    assert parallel.config_mask_ids(cfg(ptd_token_id=[4, 5])) == [4, 5]
+    assert parallel.config_mask_ids(cfg(dflash_config={}, other=1)) is None
+    assert parallel.mask_row([4, 5], 5) == [4, 5, 5, 5] and parallel.mask_row([4], 1) == []
+
+
+def test_the_block_puts_the_unseen_tokens_then_the_masks_then_padding():
+    window = torch.tensor([11, 12, 13, 0, 0])  # K = 4: a window of 5, three unseen tokens
+    masks = torch.tensor([90, 91, 92])
+    assert parallel.block(window, torch.tensor(3), masks).tolist() == [11, 12, 13, 90, 91, 92, 90, 90]
+    assert parallel.block(window, torch.tensor(1), masks).tolist() == [11, 90, 91, 92, 90, 90, 90, 90]
+    assert parallel.block(torch.tensor([7, 8]), torch.tensor(2), masks[:0]).tolist() == [7, 8]
+    decided = torch.tensor([2, 21, 22, 23, 24, 99])  # n 2 of 4, then the target's token
+    window, count = parallel.next_window(decided, 4)
+    assert window[: int(count)].tolist() == [21, 22, 99] and int(count) == 3

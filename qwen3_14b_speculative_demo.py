@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "best nodes, depth by depth) and the target checks them all in one forward; 0: a chain of --gamma "
                    "drafts; auto: the warm-up weighs budgets 4-64 and depths up to --tree_depth on this machine and "
                    "keeps the fastest")
+    p.add_argument("--parallel_drafting", action="store_true",
+                   help="draft all --gamma tokens of a round in one draft forward (PARD); the draft's config.json names "
+                   "its mask id (pard_token, mask_token_id, ...), e.g. amd/PARD-Qwen3-0.6B")
     p.add_argument("--tree_depth", type=int, default=defaults.tree_depth, help="tree rounds: the longest path (draft forwards per round)")
     p.add_argument("--tree_topk", type=int, default=defaults.tree_topk, help="tree rounds: children per expanded node (1: a chain)")
     p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft model (C2C's base/receiver): Hub id or path")
@@ -140,6 +143,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         tree_budget=args.tree_budget,
         tree_depth=args.tree_depth,
         tree_topk=args.tree_topk,
+        parallel_drafting=args.parallel_drafting,
     )
     runner.validate(cfg)
     args.lang = args.lang or default_lang(os.environ, locale.getlocale()[0])

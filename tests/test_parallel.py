@@ -220,3 +220,73 @@ def test_the_block_puts_the_unseen_tokens_then_the_masks_then_padding():
     decided = torch.tensor([2, 21, 22, 23, 24, 99])  # n 2 of 4, then the target's token
     window, count = parallel.next_window(decided, 4)
     assert window[: int(count)].tolist() == [21, 22, 99] and int(count) == 3
+
+
+# ---------------------------------------------------------------- the application: PARD folders, flags, API
+
+
+@pytest.fixture(scope="module")
+def pard_folder(tmp_path_factory, draft):
+    """The tiny draft saved in PARD's layout: its own weights, `pard_token` in config.json (no resize)."""
+    import json
+
+    folder = tmp_path_factory.mktemp("pard") / "draft"
+    draft.save_pretrained(folder)
+    tiny.build_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pard_token"] = MASK
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_pard_folder_runs_in_the_demo_lossless_with_one_forward_a_round(saved_models, pard_folder, tmp_path, capsys):
+    import json
+
+    import qwen3_14b_speculative_demo as demo
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 1 + 1?\nThe quick brown fox\n", encoding="utf-8")
+    rc = demo.main(["--base_model", str(pard_folder), "--teacher_model", str(saved_models / "target"), "--fuser_checkpoint",
+                    "none", "--prompts", str(prompts), "--max_new_tokens", "24", "--gamma", "6", "--parallel_drafting",
+                    "--device", "cpu", "--threads", "1", "--lang", "en", "--save_results", "--output_dir", str(tmp_path / "out")])
+    assert rc == 0
+    data = json.loads(next((tmp_path / "out").glob("results_*.json")).read_text())
+    assert data["config"]["draft_mode"] == "parallel" and data["config"]["parallel_drafting"] == {"mask_ids": [MASK]}
+    for entry in data["prompts"]:
+        sp = entry["speculative"]
+        assert entry["comparison"]["outputs_match"]
+        assert sp["draft_mode"] == "parallel" and sp["draft_forwards_per_round"] == 1
+        assert sp["draft_calls"] <= 1 + sp["rounds"]
+    assert "parallel drafting: one draft forward a round" in capsys.readouterr().out
+
+
+def test_parallel_drafting_without_a_mask_id_is_one_error_line(saved_models, tmp_path, capsys):
+    import qwen3_14b_speculative_demo as demo
+
+    rc = demo.main(["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
+                    "--fuser_checkpoint", "none", "--parallel_drafting", "--device", "cpu", "--save_results",
+                    "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --parallel_drafting needs a draft"), err
+    assert "pard_token" in err[0] and "amd/PARD-Qwen3-0.6B" in err[0] and not list((tmp_path / "out").glob("*.json"))
+
+
+def test_parallel_drafting_and_trees_are_one_error_line(tmp_path, capsys):
+    import qwen3_14b_speculative_demo as demo
+
+    rc = demo.main(["--preset", "tiny", "--parallel_drafting", "--tree_budget", "8", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--parallel_drafting drafts a chain" in err[0], err
+
+
+def test_the_api_drafts_in_parallel_from_a_pard_folder(saved_models, pard_folder):
+    from c2c import SpeculativePipeline
+    from c2c.errors import UserInputError
+
+    pipe = SpeculativePipeline.load(str(pard_folder), str(saved_models / "target"), fuser=None, device="cpu", threads=1)
+    out = pipe.generate("What is 1 + 1?", max_new_tokens=20, gamma=5, parallel_drafting=True, compare=True)
+    assert out.comparison["outputs_match"] and out.metrics["draft_mode"] == "parallel"
+    plain = SpeculativePipeline.load(str(saved_models / "draft"), str(saved_models / "target"), fuser=None, device="cpu",
+                                     threads=1)
+    with pytest.raises(UserInputError, match="parallel_drafting needs a draft"):
+        plain.generate("What is 1 + 1?", parallel_drafting=True)

@@ -127,13 +127,14 @@ class SpeculativePipeline:
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, prefill_fusion: bool = True,
                  decode_fusion: bool = True, compare: bool = False, rounds: bool = False,
                  stream: TextIO | None = None, color: bool | None = None, tree_budget: int = 0, tree_depth: int = 5,
-                 tree_topk: int = 4) -> Generation:
+                 tree_topk: int = 4, parallel_drafting: bool = False) -> Generation:
         """Speculative decoding of one prompt (the chat template is applied). Greedy at temperature 0,
         else sampling whose output follows the target's distribution. `stream`: a text file (e.g.
         sys.stdout) to print the output to as rounds commit, marked (colour: default on a terminal).
         `tree_budget` > 0: tree rounds (the draft's top `tree_topk` children of the best nodes, depth by
         depth up to `tree_depth`, the best `tree_budget` nodes verified in one target forward); 0: a
-        chain of `gamma` drafts."""
+        chain of `gamma` drafts. `parallel_drafting`: all `gamma` drafts of a round from one draft forward
+        (the draft's config names its mask id, as PARD drafts' do)."""
         if not isinstance(prompt, str):
             raise UserInputError(f"prompt must be a string (one prompt per call), got {type(prompt).__name__}"
                                  + (": call generate once per prompt" if isinstance(prompt, (list, tuple)) else ""))
@@ -145,7 +146,7 @@ class SpeculativePipeline:
         tree_budget, tree_depth = _integer("tree_budget", tree_budget, 0), _integer("tree_depth", tree_depth, 1)
         tree_topk = _integer("tree_topk", tree_topk, 1)
         for name, value in (("prefill_fusion", prefill_fusion), ("decode_fusion", decode_fusion), ("compare", compare),
-                            ("rounds", rounds)):
+                            ("rounds", rounds), ("parallel_drafting", parallel_drafting)):
             _flag(name, value)
         if stream is not None and not callable(getattr(stream, "write", None)):
             raise UserInputError(f"stream must be a text file (with .write), e.g. sys.stdout, got {stream!r}")
@@ -153,13 +154,16 @@ class SpeculativePipeline:
         cfg = dataclasses.replace(
             self.session.config, max_new_tokens=max_new_tokens, gamma=gamma, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, prefill_fusion=prefill_fusion and has_fuser, decode_fusion=decode_fusion and has_fuser,
-            tree_budget=tree_budget, tree_depth=tree_depth, tree_topk=tree_topk,
+            tree_budget=tree_budget, tree_depth=tree_depth, tree_topk=tree_topk, parallel_drafting=parallel_drafting,
         )
         try:
             runner.validate(cfg)
         except UserInputError as e:  # its messages name command-line flags: here they are arguments
             raise UserInputError(str(e).replace("--", "")) from None
-        session = dataclasses.replace(self.session, config=cfg)
+        masks = self.session.masks
+        if parallel_drafting and masks is None:
+            masks = runner.parallel_masks(self.session.draft.config, cfg.draft_model, _arg)
+        session = dataclasses.replace(self.session, config=cfg, masks=masks)
         capped = (runner.gamma_warning(tree_depth, max_new_tokens, _arg, "tree_depth") if tree_budget
                   else runner.gamma_warning(gamma, max_new_tokens, arg=_arg))
         if capped:

@@ -101,7 +101,8 @@ class Report:
             f"{L['target']}: {config['target_model']}",
             f"{L['fuser']}: {config['fuser_checkpoint']}  |  {L['fusion']}: {fusion}",
             (f"tree: budget {config['tree']['budget']}, depth {config['tree']['depth']}, top_k {config['tree']['top_k']}"
-             if config.get("tree") else f"gamma: {config['gamma']}")
+             if config.get("tree") else f"gamma: {config['gamma']}"
+             + (" (parallel drafting: one draft forward a round)" if config.get("draft_mode") == "parallel" else ""))
             + f"  |  max_new_tokens: {config['max_new_tokens']}  |  {L['sampling']}: {sampling}",
             f"{L['device']}: {config['device']} ({config['dtype']}, threads {config.get('threads')})  |  {L['prompts']}: {num_prompts}",
             RULE,

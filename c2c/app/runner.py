@@ -31,6 +31,7 @@ from .loading import (
 )
 from .prompts import encode_prompt
 from ..core.sampling import SamplingConfig
+from ..core.parallel import MASK_KEYS, config_mask_ids
 from ..core.tree import TreeShape, grown_nodes
 
 
@@ -62,6 +63,7 @@ class RunConfig:
     tree_budget: int = 0  # > 0: tree rounds of this many draft nodes (0: a chain of gamma drafts; AUTO: chosen in the warm-up)
     tree_depth: int = 5  # tree rounds: draft forwards per round, the longest path
     tree_topk: int = 4  # tree rounds: children per expanded node, nodes expanded per depth
+    parallel_drafting: bool = False  # all gamma drafts of a round from one draft forward (the draft names its mask id)
 
     @property
     def tree(self) -> TreeShape | None:
@@ -72,7 +74,7 @@ class RunConfig:
     @property
     def spec(self) -> SpecConfig:
         return SpecConfig(self.gamma, self.max_new_tokens, self.prefill_fusion, self.decode_fusion, self.fuse_last_prompt,
-                          self.tree)
+                          self.tree, self.parallel_drafting)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -95,6 +97,7 @@ class Session:
     compiled: CompiledSteps | None = None
     fused_draft: object = None  # the draft with the fuser's draft adapter merged in (fused runs only), if it has one
     tree_auto: dict | None = None  # --tree_budget auto: what the warm-up measured and chose
+    masks: list[int] | None = None  # the draft's mask id(s) for parallel drafting (None: its config names none)
 
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -122,6 +125,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.tree_budget == AUTO and grown_nodes(cfg.tree_depth, cfg.tree_topk) < AUTO_BUDGETS[0]:
         raise UserInputError(f"--tree_budget auto weighs trees of {AUTO_BUDGETS[0]} to {AUTO_BUDGETS[-1]} nodes, more than "
                              f"--tree_topk {cfg.tree_topk} at --tree_depth {cfg.tree_depth} can hold: raise either")
+    if cfg.parallel_drafting and cfg.tree_budget:
+        raise UserInputError("--parallel_drafting drafts a chain of --gamma tokens in one forward; tree rounds "
+                             "(--tree_budget) draft one forward per depth: pass one of the two")
     if cfg.tree_budget < 0 and cfg.tree_budget != AUTO:
         raise UserInputError(f"--tree_budget must be >= 0 (0: a chain of --gamma drafts) or auto, got {cfg.tree_budget}")
     try:
@@ -170,6 +176,7 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
             raise
         raise UserInputError(f"{e}; no GPU here either: {first_contact}") from None
     check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
+    masks = parallel_masks(draft_config, cfg.draft_model, arg) if cfg.parallel_drafting else None
 
     fusion_wanted = cfg.prefill_fusion or cfg.decode_fusion
     if not fusion_wanted:
@@ -210,7 +217,24 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
     }
     compiled = CompiledSteps() if cfg.compile else None
     return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer), compiled,
-                   fused_draft)
+                   fused_draft, masks=masks)
+
+
+def parallel_masks(draft_config, draft_name: str, arg=flag) -> list[int]:
+    """The draft's mask id(s) for parallel drafting, from its config (as vLLM reads them), checked
+    against its vocabulary; an error naming the fix when it names none."""
+    ids = config_mask_ids(draft_config)
+    if ids is None:
+        raise UserInputError(
+            f"{arg('parallel_drafting')} needs a draft trained to draft in parallel, and {draft_name}'s config.json names "
+            f"no mask id ({', '.join(MASK_KEYS)}): use a PARD draft such as amd/PARD-Qwen3-0.6B (or its folder), "
+            f"or drop {arg('parallel_drafting')} to draft a chain")
+    vocab = getattr(draft_config.get_text_config() if hasattr(draft_config, "get_text_config") else draft_config, "vocab_size", None)
+    bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if bad:
+        raise UserInputError(f"{draft_name}'s config.json names mask id {bad[0]}, outside its vocabulary of {vocab} "
+                             "embeddings: fix the mask id in the draft's config.json")
+    return ids
 
 
 def _generator(session: Session) -> torch.Generator:
@@ -227,7 +251,7 @@ def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool
     return SpeculativeDecoder(
         session.target, draft, spec, cfg.sampling, set() if force_accept else session.eos_ids,
         fuser=session.fuser, generator=_generator(session), compiled=session.compiled, force_accept=force_accept,
-        on_round=on_round,
+        on_round=on_round, masks=session.masks,
     )
 
 
@@ -470,6 +494,8 @@ def config_record(session: Session, prompts_file: str, command: str) -> dict:
         "tree": {"budget": "auto" if cfg.tree_budget == AUTO else cfg.tree_budget, "depth": cfg.tree_depth,
                  "top_k": cfg.tree_topk} if cfg.tree_budget else None,
         "tree_auto": session.tree_auto,
+        "draft_mode": "tree" if cfg.tree_budget else "parallel" if cfg.parallel_drafting else "chain",
+        "parallel_drafting": {"mask_ids": session.masks} if cfg.parallel_drafting else None,
         "threads": cfg.threads,
         "prompts_file": prompts_file,
         "command": command,

@@ -11,9 +11,11 @@ Definitions (see docs/report.md, "Metrics"):
   decoding scores exactly 1.0.
 - predicted_speedup = E[tokens per round](alpha, gamma) * target one-token step / measured round
   cost (gamma draft steps + verify + fusion + overhead), all measured in this run.
-- theoretical_speedup = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma*c + 1)) (Leviathan et al.),
-  with c = draft step time / target one-token step time: the closed form, which ignores the
-  verify's extra cost over one step, fusion and overhead.
+- theoretical_speedup = (1 - alpha^(gamma+1)) / ((1 - alpha)(f*c + 1)) (Leviathan et al.),
+  with c = draft step time / target one-token step time and f the draft forwards a round
+  (`draft_forwards_per_round`: gamma for a chain, 1 for parallel drafting, whose draft step is its
+  one forward of gamma tokens): the closed form, which ignores the verify's extra cost over one
+  step, fusion and overhead.
 Both predictions need the target-only run's step time (absent with --skip_standard). Both use the
 gamma the rounds really had (`gamma`: at most max_new_tokens - 2 drafts fit a round, whatever was
 asked; `gamma_requested` keeps the flag).
@@ -40,9 +42,16 @@ def expected_tokens_per_round(alpha: float, gamma: int) -> float:
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
-    """Leviathan et al. 2023, eq. for expected wall-clock improvement over target-only decoding."""
-    return expected_tokens_per_round(alpha, gamma) / (gamma * c + 1)
+def theoretical_speedup(alpha: float, gamma: int, c: float, forwards: int | None = None) -> float:
+    """Leviathan et al. 2023, eq. for expected wall-clock improvement over target-only decoding.
+    `forwards`: draft forwards a round (default gamma; 1 with parallel drafting, whose one forward of
+    gamma tokens is what c measures then)."""
+    return expected_tokens_per_round(alpha, gamma) / ((gamma if forwards is None else forwards) * c + 1)
+
+
+def draft_forwards(gamma: int, parallel: bool) -> int:
+    """Draft forwards in a round of gamma drafts: gamma for a chain, 1 for parallel drafting."""
+    return min(gamma, 1) if parallel else gamma
 
 
 def standard_metrics(result: GenerationResult, text: str) -> dict:
@@ -77,6 +86,7 @@ def round_statistics(c: Counters, gamma: int, target_step: float | None = None) 
     target-only loop's seconds per generated token (None: no prediction). `gamma` as asked; the
     predictions use the gamma the rounds had."""
     gamma = rounds_gamma(c, gamma)
+    forwards = draft_forwards(gamma, c.parallel)
     t = c.times
     draft_step = _safe_div(t.get("draft", 0.0), c.draft_calls - c.runs)
     verify_step = _safe_div(t.get("target", 0.0), c.rounds)
@@ -98,7 +108,9 @@ def round_statistics(c: Counters, gamma: int, target_step: float | None = None) 
         "expected_tokens_per_round": per_round,
         "cost_ratio_c": cost_ratio,
         "predicted_speedup": per_round * target_step / round_cost if per_round and target_step and round_cost else None,
-        "theoretical_speedup": theoretical_speedup(alpha, gamma, cost_ratio) if alpha is not None and cost_ratio and not branching else None,
+        "theoretical_speedup": theoretical_speedup(alpha, gamma, cost_ratio, forwards) if alpha is not None and cost_ratio and not branching else None,
+        "draft_mode": "tree" if c.branching or c.nodes_verified else "parallel" if c.parallel else "chain",
+        "draft_forwards_per_round": forwards,
         "branching": branching,
         "accepted_per_position": [_safe_div(a, d) for a, d in zip(c.accepted_at, c.drafted_at)],
     }
@@ -151,6 +163,8 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
         "round_time": stats["round_time"],
         "expected_tokens_per_round": stats["expected_tokens_per_round"],
         "branching": stats["branching"],
+        "draft_mode": stats["draft_mode"],
+        "draft_forwards_per_round": stats["draft_forwards_per_round"],
         "cost_ratio_c": stats["cost_ratio_c"],
         "predicted_speedup": stats["predicted_speedup"],
         "theoretical_speedup": stats["theoretical_speedup"],
@@ -159,10 +173,11 @@ def speculative_metrics(result: GenerationResult, text: str, gamma: int, target_
     }
 
 
-def alpha_needed(gamma: int, c: float) -> float | None:
-    """The smallest alpha at which the closed form reaches 1x: E(alpha, gamma) = gamma c + 1 (None
-    when no alpha can: c >= 1, a draft step as costly as the target's)."""
-    goal = gamma * c + 1
+def alpha_needed(gamma: int, c: float, forwards: int | None = None) -> float | None:
+    """The smallest alpha at which the closed form reaches 1x: E(alpha, gamma) = forwards c + 1
+    (forwards: gamma for a chain, 1 for parallel drafting; None when no alpha can: a round's drafting
+    as costly as gamma target steps)."""
+    goal = (gamma if forwards is None else forwards) * c + 1
     if expected_tokens_per_round(1.0, gamma) <= goal:
         return None
     lo, hi = 0.0, 1.0
@@ -185,6 +200,7 @@ def explain(standard: dict, speculative: dict, prompts: int = 1) -> dict | None:
     if not step or not rounds or predicted is None or alpha is None:
         return None
     gamma, c = speculative["gamma"], speculative.get("cost_ratio_c")
+    forwards = speculative.get("draft_forwards_per_round") or gamma
     branching = speculative.get("branching", False)
     expected = speculative["expected_tokens_per_round"] if branching else expected_tokens_per_round(alpha, gamma)
     out = {
@@ -194,8 +210,8 @@ def explain(standard: dict, speculative: dict, prompts: int = 1) -> dict | None:
         "expected_tokens_per_round": expected,
         "tokens_per_round": (speculative["num_tokens"] - prompts) / rounds,  # the prefill gives each prompt's first
         "gamma": gamma, "alpha": alpha, "cost_ratio_c": c,
-        "c_needed": (expected - 1) / gamma if gamma and not branching else None,
-        "alpha_needed": alpha_needed(gamma, c) if c is not None and not branching else None,
+        "c_needed": (expected - 1) / forwards if forwards and not branching else None,
+        "alpha_needed": alpha_needed(gamma, c, forwards) if c is not None and not branching else None,
         "branching": branching,
         "tokens_needed": _safe_div(speculative.get("round_time") or 0, step) or None,  # a round pays above this
         "theoretical_speedup": speculative.get("theoretical_speedup"),
@@ -264,6 +280,8 @@ def summary(prompts: list[dict]) -> dict:
             "target_verify_time": _median_of(s["target_verify_time"] for s in spec),
             "round_time": _median_of(s["round_time"] for s in spec),
             "branching": any(s.get("branching", False) for s in spec),
+            "draft_mode": spec[0].get("draft_mode", "chain"),
+            "draft_forwards_per_round": max(s.get("draft_forwards_per_round") or 0 for s in spec) or None,
             "expected_tokens_per_round": _median_of(s.get("expected_tokens_per_round") for s in spec),
             "predicted_speedup": _median_of(s["predicted_speedup"] for s in spec),
             "theoretical_speedup": _median_of(s["theoretical_speedup"] for s in spec),

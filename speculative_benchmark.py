@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target")
     p.add_argument("--fuser_checkpoint", default=None, help=f"as in the demo (default {DEFAULT_FUSER}); fused modes need one")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6, 8])
+    p.add_argument("--parallel_drafting", action="store_true",
+                   help="each speculative mode also runs parallel-drafting rows (all gamma drafts from one draft forward; "
+                   "the draft's config.json names its mask id, as PARD drafts' do)")
     p.add_argument("--trees", nargs="*", default=[], metavar="BUDGET,DEPTH,TOPK",
                    help="tree shapes each speculative mode also runs (e.g. 32,4,4 16,5,3)")
     p.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES))
@@ -117,6 +120,7 @@ def run(args, argv) -> int:
         fuser_checkpoint=args.fuser_checkpoint or DEFAULT_FUSER, fuser_explicit=args.fuser_checkpoint is not None,
         gamma=gammas[0], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
         compile=args.compile, fuse_last_prompt=not args.no_fuse_last_prompt, threads=apply_threads(args.threads),
+        parallel_drafting=args.parallel_drafting,
     )
     session = runner.prepare(cfg, log=lambda m: print(m, file=sys.stderr))
     if session.device.type == "cuda" and not args.compile:
@@ -130,18 +134,20 @@ def run(args, argv) -> int:
         print(f"warning: mode {mode} skipped: {why}", file=sys.stderr)
     if not modes:
         raise UserInputError("no mode left to run (" + "; ".join(f"{m}: {w}" for m, w in skipped.items()) + ")")
-    plan = [(m, g, None) for m in modes for g in ([gammas[0]] if m in GAMMA_FREE else gammas)]
-    plan += [(m, gammas[0], t) for m in modes if m.startswith("speculative") for t in trees]
+    plan = [(m, g, None, False) for m in modes for g in ([gammas[0]] if m in GAMMA_FREE else gammas)]
+    plan += [(m, g, None, True) for m in modes if args.parallel_drafting and m.startswith("speculative") for g in gammas]
+    plan += [(m, gammas[0], t, False) for m in modes if m.startswith("speculative") for t in trees]
     if trees and not any(m.startswith("speculative") for m in modes):
         print("warning: --trees runs with the speculative modes only, and none of them runs here", file=sys.stderr)
     plan.sort(key=lambda item: item[0] != "target")  # the target first: its step time feeds the predictions
     bar = tqdm(total=len(plan) * len(ids) * args.repeats, desc="benchmark", unit="run", file=sys.stderr)
     rows, target_step = [], None
-    for mode, gamma, tree in plan:
-        bar.set_postfix(mode=mode, gamma=gamma if tree is None else f"tree {tree.budget}/{tree.depth}/{tree.top_k}")
+    for mode, gamma, tree, parallel in plan:
+        bar.set_postfix(mode=mode, gamma=f"tree {tree.budget}/{tree.depth}/{tree.top_k}" if tree else
+                        f"parallel {gamma}" if parallel else gamma)
         rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update,
                                       target_step=target_step, save_rounds=args.save_rounds,
-                                      room_gamma=max(gammas + [t.depth for t in trees]), tree=tree))
+                                      room_gamma=max(gammas + [t.depth for t in trees]), tree=tree, parallel=parallel))
         target_step = rows[-1].get("target_step_time", target_step)
     bar.close()
     benchmark.compare_to_target(rows)
@@ -164,7 +170,7 @@ def run(args, argv) -> int:
     path = write_outputs(results, rows, table, out, stamp, plots=not args.no_plots)
     plots = f"; plots: {Path(results['plots'][0]).parent} ({len(results['plots'])} PNG)" if results["plots"] else ""
     print(f"results: {path}; table: {path.with_suffix('.md')}{plots}", file=sys.stderr)
-    keys = ("mode", "gamma", "tree", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
+    keys = ("mode", "gamma", "tree", "parallel", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target")
     print(json.dumps({"results": [{k: r.get(k) for k in keys} for r in rows], "output_dir": str(out)}, separators=(",", ":")))
     return 0
 

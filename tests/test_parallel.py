@@ -290,3 +290,23 @@ def test_the_api_drafts_in_parallel_from_a_pard_folder(saved_models, pard_folder
                                      threads=1)
     with pytest.raises(UserInputError, match="parallel_drafting needs a draft"):
         plain.generate("What is 1 + 1?", parallel_drafting=True)
+
+
+def test_the_benchmark_runs_parallel_rows_beside_the_chains(saved_models, pard_folder, tmp_path, capsys):
+    import json
+
+    import speculative_benchmark
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 1 + 1?\nThe quick brown fox\n", encoding="utf-8")
+    assert speculative_benchmark.main([
+        "--base_model", str(pard_folder), "--teacher_model", str(saved_models / "target"), "--fuser_checkpoint",
+        str(saved_models / "fuser"), "--prompts", str(prompts), "--device", "cpu", "--gammas", "2", "5", "--parallel_drafting",
+        "--modes", "target", "speculative", "speculative_fused", "--repeats", "1", "--warmup", "0", "--no_plots",
+        "--threads", "1", "--max_new_tokens", "16", "--output_dir", str(tmp_path / "out")]) == 0
+    data = json.loads(next((tmp_path / "out").glob("benchmark_*.json")).read_text())
+    rows = [(r["mode"], r["gamma"]) for r in data["rows"] if r["parallel"]]
+    assert rows == [("speculative", 2), ("speculative", 5), ("speculative_fused", 2), ("speculative_fused", 5)]
+    assert all(r["outputs_match_target"] for r in data["rows"])
+    assert sum(not r["parallel"] and r["mode"] != "target" for r in data["rows"]) == 4  # the chains still run
+    assert "| speculative_fused | parallel 5 |" in capsys.readouterr().out

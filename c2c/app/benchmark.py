@@ -70,15 +70,17 @@ def hf_assistant_settings(mode: str, gamma: int) -> dict | None:
     return None
 
 
-def mode_spec(session: Session, mode: str, gamma: int, max_new_tokens: int, tree: TreeShape | None = None) -> SpecConfig:
+def mode_spec(session: Session, mode: str, gamma: int, max_new_tokens: int, tree: TreeShape | None = None,
+              parallel: bool = False) -> SpecConfig:
     """A speculative mode's settings; `speculative` is the fused modes' decoder with both fusion kinds off;
-    `tree`: tree rounds of that shape instead of a chain of gamma."""
+    `tree`: tree rounds of that shape instead of a chain of gamma; `parallel`: the gamma drafts from one
+    draft forward (parallel drafting)."""
     prefill, decode = FUSED.get(mode, (False, False))
-    return SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt, tree)
+    return SpecConfig(gamma, max_new_tokens, prefill, decode, session.config.fuse_last_prompt, tree, parallel)
 
 
 def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_tokens: int, on_round=None,
-             tree: TreeShape | None = None) -> Run:
+             tree: TreeShape | None = None, parallel: bool = False) -> Run:
     """One fresh run of `mode`."""
     with torch.inference_mode():
         if mode == "target":
@@ -86,7 +88,8 @@ def run_once(session: Session, mode: str, ids: list[int], gamma: int, max_new_to
         elif mode in ("hf_generate", "hf_assisted", "hf_assisted_default"):
             return _hf(session, ids, max_new_tokens, hf_assistant_settings(mode, gamma))
         else:
-            r = runner.decoder(session, mode_spec(session, mode, gamma, max_new_tokens, tree), on_round=on_round).generate(ids)
+            spec = mode_spec(session, mode, gamma, max_new_tokens, tree, parallel)
+            r = runner.decoder(session, spec, on_round=on_round).generate(ids)
         return Run(r.output_ids, r.latency, r.time_to_first_token, r.counters)
 
 
@@ -97,22 +100,23 @@ def available_modes(requested: list[str], has_fuser: bool) -> tuple[list[str], d
 
 
 def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int, room_gamma: int,
-            tree: TreeShape | None = None) -> None:
+            tree: TreeShape | None = None, parallel: bool = False) -> None:
     """Untimed: a short run of the first prompt (a full-size round at least). Compiling: full-length
     runs of the first prompt of each static cache size, plus a forced-accept run that meets every
     compiled shape, so that the timed runs compile and record nothing. Lengths stop at the context
     as the timed runs' do (runner.context_room at `room_gamma`)."""
-    lookahead = mode_spec(session, mode, gamma, max_new_tokens, tree).lookahead
+    lookahead = mode_spec(session, mode, gamma, max_new_tokens, tree, parallel).lookahead
     for ids, length in runner.warm_runs(session, prompts, max_new_tokens, gamma, 16, room_gamma, lookahead):
-        run_once(session, mode, ids, gamma, length, tree=tree)
+        run_once(session, mode, ids, gamma, length, tree=tree, parallel=parallel)
         if mode.startswith("speculative"):
             with torch.inference_mode():
-                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, length, tree))
+                runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, length, tree, parallel))
 
 
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None,
-            save_rounds: bool = False, room_gamma: int | None = None, tree: TreeShape | None = None) -> dict:
+            save_rounds: bool = False, room_gamma: int | None = None, tree: TreeShape | None = None,
+            parallel: bool = False) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
     (the first may still include lazy initialisation or compilation the warm-up did not reach).
     `target_step`: the target mode's seconds per token, for the speculative modes' prediction.
@@ -124,7 +128,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     room_gamma = gamma if room_gamma is None else room_gamma
     lengths = [runner.context_room(session, len(ids), max_new_tokens, room_gamma) for ids in prompts]
     for _ in range(warmup):
-        warm_up(session, mode, prompts, gamma, max_new_tokens, room_gamma, tree)
+        warm_up(session, mode, prompts, gamma, max_new_tokens, room_gamma, tree, parallel)
     repeat_totals, ttfts, rounds = [], [], []
     recording = save_rounds and mode.startswith("speculative")
     for repeat in range(repeats):
@@ -134,7 +138,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
             if recording and repeat == repeats - 1:
                 rounds.append([])
                 hook = lambda info, into=rounds[-1]: into.append(info.record())  # noqa: E731
-            run = run_once(session, mode, ids, gamma, length, on_round=hook, tree=tree)
+            run = run_once(session, mode, ids, gamma, length, on_round=hook, tree=tree, parallel=parallel)
             latency += run.latency
             tokens += len(run.output_ids)
             if run.ttft is not None:
@@ -148,6 +152,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
         "mode": mode,
         "gamma": None if mode in GAMMA_FREE or tree is not None else gamma,
         "tree": {"budget": tree.budget, "depth": tree.depth, "top_k": tree.top_k} if tree is not None else None,
+        "parallel": parallel,
         "context_capped_prompts": sum(n < max_new_tokens for n in lengths),
         "latency": median(latencies),
         "tokens_per_second": median(tps),
@@ -205,9 +210,12 @@ def compare_to_target(rows: list[dict]) -> None:
 
 
 def tree_label(row: dict) -> str:
-    """'tree 32/4/4' (budget/depth/top_k) for a tree row, '' otherwise."""
+    """'tree 32/4/4' (budget/depth/top_k) for a tree row, 'parallel 8' for a parallel-drafting row of
+    gamma 8, '' otherwise."""
     t = row.get("tree")
-    return f"tree {t['budget']}/{t['depth']}/{t['top_k']}" if t else ""
+    if t:
+        return f"tree {t['budget']}/{t['depth']}/{t['top_k']}"
+    return f"parallel {row['gamma']}" if row.get("parallel") else ""
 
 
 def markdown_table(rows: list[dict]) -> str:

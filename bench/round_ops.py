@@ -30,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from c2c.core import cache as kv  # noqa: E402
 from c2c.tools import synthetic  # noqa: E402
 from c2c.app.cli import run_main  # noqa: E402
 from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder  # noqa: E402

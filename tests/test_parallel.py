@@ -310,3 +310,46 @@ def test_the_benchmark_runs_parallel_rows_beside_the_chains(saved_models, pard_f
     assert all(r["outputs_match_target"] for r in data["rows"])
     assert sum(not r["parallel"] and r["mode"] != "target" for r in data["rows"]) == 4  # the chains still run
     assert "| speculative_fused | parallel 5 |" in capsys.readouterr().out
+
+
+def test_the_demo_runs_without_the_tools_package(tmp_path):
+    """The application (c2c.core, c2c.app, the demo) never imports c2c.tools, --tree_budget auto's
+    timing included: a copy of the repository without c2c/tools runs the demo."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "repo"
+    shutil.copytree(root / "c2c", copy / "c2c", ignore=shutil.ignore_patterns("tools", "__pycache__"))
+    shutil.copytree(root / "presets", copy / "presets", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("qwen3_14b_speculative_demo.py", "example_prompts.txt"):
+        shutil.copy(root / name, copy / name)
+    assert not (copy / "c2c" / "tools").exists()
+    out = subprocess.run([sys.executable, "qwen3_14b_speculative_demo.py", "--preset", "tiny", "--tree_budget", "auto",
+                          "--tree_depth", "2", "--max_new_tokens", "8", "--threads", "1", "--lang", "en"],
+                         cwd=copy, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tree (auto)" in out.stdout
+
+
+def test_a_tree_budget_beyond_what_the_tree_can_grow_is_capped_and_recorded(tmp_path, capsys):
+    import json
+    import warnings
+
+    import qwen3_14b_speculative_demo as demo
+    from c2c import SpeculativePipeline
+
+    assert demo.main(["--preset", "tiny", "--threads", "1", "--lang", "en", "--tree_budget", "64", "--tree_depth", "2",
+                      "--tree_topk", "2", "--max_new_tokens", "12", "--no_warmup", "--save_results",
+                      "--output_dir", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("results_*.json")).read_text())
+    assert data["config"]["tree"]["budget"] == 6  # 2 children of the root, 2 x 2 below
+    assert all(e["speculative"]["nodes_per_round"] <= 6 for e in data["prompts"])
+    assert "--tree_budget 64 is more than a tree of --tree_depth 2 and --tree_topk 2 can grow (6 nodes)" in capsys.readouterr().err
+    pipe = SpeculativePipeline.from_preset("tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pipe.generate("To be", max_new_tokens=10, tree_budget=64, tree_depth=2, tree_topk=2, compare=True)
+    assert out.comparison["outputs_match"] and any("tree_budget 64 is more than" in str(w.message) for w in caught)

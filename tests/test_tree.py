@@ -31,11 +31,16 @@ def test_visibility_is_each_node_and_its_ancestors():
     assert torch.equal(tree.visibility(parents, depth=3), tree.visibility(parents))
 
 
-def test_verify_mask_lets_a_node_see_the_prefix_the_root_and_its_ancestors():
-    mask = tree.verify_mask(torch.tensor([-1, 0, -1]), held=2, dtype=torch.float32)[0, 0]
-    allowed = (mask == 0).int().tolist()
-    assert allowed == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
-    assert mask.min() == torch.finfo(torch.float32).min
+def test_the_verify_mask_lets_a_node_see_the_prefix_the_root_and_its_ancestors():
+    """What verify_tree itself builds (tree_steps.verify_allowed), over a cache of 8 positions with 2 held."""
+    from c2c.core import cache as kv
+    from c2c.core.tree_steps import verify_allowed
+
+    parents = torch.tensor([-1, 0, -1])
+    allowed = verify_allowed(parents, tree.visibility(parents), torch.tensor(2), 8).int().tolist()
+    assert allowed == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 1, 0, 0]]
+    mask = kv.additive_mask(torch.tensor(allowed, dtype=torch.bool), torch.float32)
+    assert mask.max() == 0 and mask.min() == torch.finfo(torch.float32).min
 
 
 @pytest.mark.parametrize("budget, depth, top_k", [(8, 4, 2), (12, 3, 3), (5, 5, 1), (30, 6, 4)])

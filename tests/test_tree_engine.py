@@ -197,7 +197,9 @@ def test_the_demo_runs_trees_and_records_them(tmp_path, capsys):
         assert entry["comparison"]["outputs_match"]
         sp = entry["speculative"]
         assert 0 < sp["nodes_per_round"] <= 12 and sp["theoretical_speedup"] is None and sp["branching"]
-    assert "tokens/round (measured, a tree)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tokens/round (measured, a tree)" in printed
+    assert "per-token acceptance: " in printed and "(a tree: along the path the target took, not comparable with a chain's)" in printed
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(temperature=0.9, top_k=50, seed=3)])

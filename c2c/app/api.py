@@ -160,6 +160,9 @@ class SpeculativePipeline:
             runner.validate(cfg)
         except UserInputError as e:  # its messages name command-line flags: here they are arguments
             raise UserInputError(str(e).replace("--", "")) from None
+        cfg, budget_capped = runner.cap_tree_budget(cfg, _arg)
+        if budget_capped:
+            warnings.warn(budget_capped, stacklevel=2)
         masks = self.session.masks
         if parallel_drafting and masks is None:
             masks = runner.parallel_masks(self.session.draft.config, cfg.draft_model, _arg)

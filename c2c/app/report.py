@@ -17,7 +17,7 @@ LABELS = {
         "prompt": "提示", "standard": "标准生成 (仅目标模型)", "speculative": "推测解码",
         "comparison": "对比", "output": "输出", "latency": "延迟", "tokens": "词元数",
         "throughput": "吞吐", "ttft": "首词元时间", "acceptance": "接受率 (已接受/已起草)",
-        "alpha": "单词元接受概率", "predicted": "预测加速比", "needs_standard": "需要标准生成的步时",
+        "alpha": "单词元接受概率", "tree_alpha": "（树：沿目标所走路径计，不可与链的数值比较）", "predicted": "预测加速比", "needs_standard": "需要标准生成的步时",
         "avg_len": "平均接受长度", "draft_calls": "草稿调用", "target_calls": "目标调用",
         "time_split": "时间分解", "draft_t": "草稿", "target_t": "目标", "fusion_t": "融合",
         "other_t": "其他", "theory": "Leviathan 公式", "per_position": "各位置接受率",
@@ -45,7 +45,7 @@ LABELS = {
         "prompt": "Prompt", "standard": "Standard generation (target only)", "speculative": "Speculative decoding",
         "comparison": "Comparison", "output": "Output", "latency": "Latency", "tokens": "Tokens",
         "throughput": "Throughput", "ttft": "Time to first token", "acceptance": "Acceptance rate (accepted/drafted)",
-        "alpha": "per-token acceptance", "predicted": "Predicted speedup", "needs_standard": "needs the standard run's step time",
+        "alpha": "per-token acceptance", "tree_alpha": " (a tree: along the path the target took, not comparable with a chain's)", "predicted": "Predicted speedup", "needs_standard": "needs the standard run's step time",
         "avg_len": "Average accepted length", "draft_calls": "Draft calls", "target_calls": "Target calls",
         "time_split": "Time split", "draft_t": "draft", "target_t": "target", "fusion_t": "fusion",
         "other_t": "other", "theory": "Leviathan closed form", "per_position": "Acceptance per position",
@@ -127,7 +127,8 @@ class Report:
             f"--- {L['speculative']} ---\n{L['output']}: {m['text']}\n"
             f"{L['latency']}: {m['latency']:.3f} s | {L['tokens']}: {m['num_tokens']} | "
             f"{L['throughput']}: {_f(m['tokens_per_second'], '.2f')} tok/s | {L['ttft']}: {m['time_to_first_token']:.3f} s\n"
-            f"{L['acceptance']}: {_f(m['acceptance_rate'], '.1%')} | {L['alpha']}: {_f(m['acceptance_probability'], '.3f')} | "
+            f"{L['acceptance']}: {_f(m['acceptance_rate'], '.1%')} | {L['alpha']}: {_f(m['acceptance_probability'], '.3f')}"
+            f"{L['tree_alpha'] if m.get('branching') else ''} | "
             f"{L['avg_len']}: {_f(m['average_accepted_length'], '.2f')} | "
             f"{L['draft_calls']}: {m['draft_calls']} | {L['target_calls']}: {m['target_calls']} | {L['fused']}: {m['fused_tokens']}\n"
             f"{L['time_split']}: {L['draft_t']} {m['draft_time']:.3f} s, {L['target_t']} {m['target_time']:.3f} s, "

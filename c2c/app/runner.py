@@ -156,11 +156,25 @@ def gamma_warning(gamma: int, max_new_tokens: int, arg=flag, name: str = "gamma"
             "and every figure uses that gamma")
 
 
+def cap_tree_budget(cfg: RunConfig, arg=flag) -> tuple[RunConfig, str | None]:
+    """A tree budget above what (depth, top_k) can grow, capped to it (the caches are sized for the
+    budget, and the JSON records the budget the rounds had), with the warning that says so."""
+    most = grown_nodes(cfg.tree_depth, cfg.tree_topk)
+    if cfg.tree_budget <= most:  # also chains (0) and auto
+        return cfg, None
+    return dataclasses.replace(cfg, tree_budget=most), (
+        f"{arg('tree_budget')} {cfg.tree_budget} is more than a tree of {arg('tree_depth')} {cfg.tree_depth} and "
+        f"{arg('tree_topk')} {cfg.tree_topk} can grow ({most} nodes): using {most}; raise either to grow more")
+
+
 def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=flag) -> Session:
     """Check cheap things first (device, configs, fuser shapes), then load the models. Without a GPU, a
     model that can't be loaded or is too large for the CPU gets `first_contact` (what to do now) added
     to its error; `arg` names settings in messages (flags here, argument names from the API)."""
     validate(cfg)
+    cfg, capped = cap_tree_budget(cfg, arg)
+    if capped:
+        log(f"WARNING: {capped}")
     warning = gamma_warning(cfg.tree_depth if cfg.tree_budget else cfg.gamma, cfg.max_new_tokens, arg,
                             "tree_depth" if cfg.tree_budget else "gamma")
     if warning:
@@ -378,7 +392,7 @@ def choose_tree(session: Session, prompts: list[list[int]], log=None) -> dict:
     this machine; keep the (budget, depth) with the most estimated tokens per second of round time
     (tree.choose_shape). Replaces the session's configuration and returns the figures (also in the
     results as config.tree_auto)."""
-    from ..tools.synthetic import forward_time
+    from ..core.timing import forward_time
     from ..core.tree import choose_shape
 
     cfg = session.config

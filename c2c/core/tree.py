@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import additive_mask  # the mask form attention takes (a pure function, no cache)
 from ..errors import UserInputError
 
 
@@ -140,15 +139,6 @@ def verify_visibility(parents: torch.Tensor, seen: torch.Tensor | None = None) -
     block[:, 0] = True
     block[1:, 1:] = visibility(parents) if seen is None else seen
     return block
-
-
-def verify_mask(parents: torch.Tensor, held: int, dtype: torch.dtype, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """(1, 1, N+1, held+N+1) additive mask for the target's verify of [root, nodes]: every query sees
-    the `held` committed positions in the cache; the root sees itself; node i the root, its ancestors
-    and itself (additive: cache.additive_mask). `seen`: visibility(parents), when the caller has it."""
-    n = parents.shape[0]
-    allowed = torch.cat([torch.ones(n + 1, held, dtype=torch.bool, device=parents.device), verify_visibility(parents, seen)], 1)
-    return additive_mask(allowed, dtype).view(1, 1, n + 1, held + n + 1)
 
 
 def walk(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, choice: torch.Tensor, max_depth: int,

@@ -87,6 +87,15 @@ def _forward(model, cache, keyword: str, tokens: torch.Tensor, positions: torch.
                              None if mask is None else mask.view(1, 1, *mask.shape), keep, keyword)[0]
 
 
+def verify_allowed(parents: torch.Tensor, seen: torch.Tensor, held: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(N+1, capacity) bool, what the target's verify of [pending, nodes] (written at `held`, a 0-d device
+    tensor) may see: every query the `held` committed positions; the pending token itself; node i the
+    pending token, its ancestors and itself (`seen`: visibility(parents)). On held's device."""
+    device = held.device
+    tail = trees.verify_visibility(parents, seen).to(device)  # (N+1, N+1) over [pending, nodes]
+    return _allowed(torch.arange(capacity, device=device) < held, held, tail)
+
+
 def grow_tree(model, cache, feed: torch.Tensor, keyword: str, shape: TreeShape, sampling: SamplingConfig):
     """The draft's part of a tree round. feed (1, k): the tokens the draft has not seen (the pending
     token, after a round whose path ended at a node it never fed, that node first), written at the
@@ -147,10 +156,8 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     held = kv.write_position(cache).clone().to(t_device)  # the target holds committed - 1 positions: all but the pending token
     with_root = torch.cat([depths.new_zeros(1), depths])
     seen = trees.visibility(parents, depth)  # (N, N), for the mask and the walk
-    tail = trees.verify_visibility(parents, seen)  # (N+1, N+1) over [pending, nodes]
-    prefix = torch.arange(kv.capacity(cache), device=t_device) < held
     logits = _forward(model, cache, keyword, torch.cat([pending.view(1), tokens]).to(t_device),
-                      held + with_root.to(t_device), _allowed(prefix, held, tail.to(t_device))).to(out_device)
+                      held + with_root.to(t_device), verify_allowed(parents, seen, held, kv.capacity(cache))).to(out_device)
     if sampling.greedy:
         choice = logits.argmax(-1)
     else:  # ancestral sampling along the tree: each draw is the target's own (c2c.core.tree explains why it is exact)

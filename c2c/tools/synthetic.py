@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from statistics import median
 
 import torch
 
 from ..core import cache as kv
 from ..app.cli import apply_threads
-from ..core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device, step_forward, sync_device
+from ..core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, model_device
+from ..core.timing import forward_time, time_it  # noqa: F401 (re-exported: bench scripts time with them)
 from ..errors import UserInputError
 from ..core.fuser import C2CFuser, KVShape
 from ..app.loading import resolve_device, resolve_dtype
@@ -118,38 +118,6 @@ def bandwidth_of(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((bw for key, bw in BANDWIDTH.items() if key in name), None)
-
-
-def time_it(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds of fn() over iters calls, device synchronised around each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync_device(device)
-        t0 = time.perf_counter()
-        fn()
-        sync_device(device)
-        times.append(time.perf_counter() - t0)
-    return median(times)
-
-
-def forward_time(model, tokens: int, context: int, compiled: CompiledSteps | None, iters: int, warmup: int) -> float:
-    """Seconds for one forward of `tokens` tokens after `context` cached positions (rolled back each time)."""
-    device = model_device(model)
-    vocab = model.config.vocab_size
-    cache = compiled.cache(model, context + tokens + 1, "timer") if compiled else kv.new_cache(model)
-    prompt = torch.randint(0, vocab, (1, context), device=device)
-    block = torch.randint(0, vocab, (1, tokens), device=device)
-    call = compiled(model) if compiled else None
-    with torch.inference_mode():
-        kv.forward(model, prompt, cache, 0, logits_to_keep=1)
-
-        def step():
-            step_forward(model, block, cache, context, logits_to_keep=0 if tokens > 1 else 1, call=call)
-            kv.crop(cache, context)
-
-        return time_it(step, device, iters, warmup)
 
 
 def _fusion_timer(pair: SyntheticPair, tokens: int, context: int, iters: int, warmup: int, compiled) -> float:

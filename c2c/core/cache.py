@@ -154,6 +154,13 @@ def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Te
     return out.logits
 
 
+def forward_embeds(model, embeds: torch.Tensor, cache, position_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """`forward_masked` from input embeddings (B, N, H) instead of ids (the trainer's mask vector).
+    Returns logits (B, N, V)."""
+    return model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+                 **{_cache_keyword(type(model)): cache}).logits
+
+
 def length(cache) -> int:
     """Number of positions held (the same in every layer). Reads the device for static caches: tests only."""
     return int(cache.get_seq_length())

@@ -1,0 +1,110 @@
+"""The parallel-drafting objective (`train_fuser --parallel_drafts K`): the draft learns to propose
+the target's next K tokens from [a real anchor token, K-1 mask ids] in one forward, reading the fused
+K/V of the positions before its round, as `ParallelRound` drafts (c2c.core.parallel).
+
+Layout (PARD's, arXiv 2504.18583, with a fused prefix): a batch's rows x (B, L) are copied into K
+blocks; block 0 is the real tokens, block j >= 1 is L mask ids at the positions 0..L-1 of the tokens
+they stand for. The draft runs once over the K*L tokens (the mask's embedding a trained vector,
+`inputs_embeds`), through a fusing cache (`cache.fusing_cache`: at every layer the real tokens' own
+K/V fused at once), and attention keys are [fused real (L), own real (L), own masks ((K-1) L)]. A
+query of block j at position p has its anchor a = p - j (the round's last real token) and sees:
+
+- the fused K/V of the real positions before starts[a] (what the draft cache holds before the round:
+  every committed token of earlier rounds, fused by decode fusion);
+- its own K/V of the real positions starts[a]..a (the round's window: the last round's tokens, the
+  draft has not seen them yet, `train_data.block_layout` with width K+1);
+- its own K/V of the masks on its diagonal: block i at position a+i, i = 1..j.
+
+Its output is draft j+1 of the round anchored at a: the target's distribution at position p. Block 0
+is exactly the all-position objective (offset 1, so AR drafting with the same files still works).
+Supervised where both p and the anchor lie in the row's answer span. Without fusion the fused half
+is the draft's own K/V (plain PARD). This module knows nothing about files or the loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core import cache as kv
+
+
+def visible(starts: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K*L, (K+1)*L) bool, what each query of the K blocks sees among [fused real, own real, own
+    masks of blocks 1..K-1] (see the module docstring). starts (B, L): each real position's block start.
+    Queries whose anchor lies before the sequence see their own key alone (never supervised)."""
+    B, L = starts.shape
+    device = starts.device
+    j = torch.arange(k, device=device).view(k, 1)  # (K, 1) block
+    p = torch.arange(L, device=device).view(1, L)  # (1, L) position
+    a = p - j  # (K, L) anchor
+    start = starts.gather(1, a.clamp_min(0).view(1, -1).expand(B, -1)).view(B, k, L, 1)  # (B, K, L, 1)
+    q = torch.arange(L, device=device).view(1, 1, 1, L)
+    anchor = a.view(1, k, L, 1)
+    fused = q < start  # (B, K, L, L)
+    own = (q >= start) & (q <= anchor)
+    i = torch.arange(1, k, device=device).view(1, 1, 1, k - 1, 1)  # mask blocks 1..K-1
+    diag = (i <= j.view(1, k, 1, 1, 1)) & (q.view(1, 1, 1, 1, L) == (anchor.view(1, k, L, 1, 1) + i))  # (1, K, L, K-1, L)
+    masks = diag.expand(B, -1, -1, -1, -1).reshape(B, k, L, (k - 1) * L)
+    allowed = torch.cat([fused, own, masks], -1)  # (B, K, L, (K+1) L)
+    before = (a < 0).view(1, k, L, 1)  # no anchor: the query sees its own key alone (keeps softmax finite)
+    own_key = torch.where(j == 0, L + p, 2 * L + (j - 1) * L + p)  # (K, L): each query's own key
+    self_key = torch.arange((k + 1) * L, device=device).view(1, 1, 1, -1) == own_key.view(1, k, L, 1)
+    allowed = torch.where(before, self_key, allowed)
+    return allowed.view(B, k * L, (k + 1) * L)
+
+
+def supervised_blocks(supervised: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K*L) bool: query (j, p) is supervised when p and its anchor p - j are both in the span."""
+    B, L = supervised.shape
+    rows = [supervised]
+    for j in range(1, k):
+        anchor_in = torch.cat([supervised.new_zeros(B, j), supervised[:, : L - j]], 1)
+        rows.append(supervised & anchor_in)
+    return torch.cat(rows, 1)
+
+
+class MaskEmbedding(nn.Module):
+    """The mask token's embedding, trained (initialised from the draft's row of `mask_id`). Inference
+    writes it into that row of the draft's embedding (`merge_into`): no resize, as PARD drafts do."""
+
+    def __init__(self, draft, mask_id: int):
+        super().__init__()
+        self.mask_id = mask_id
+        self.vector = nn.Parameter(draft.get_input_embeddings().weight[mask_id].detach().float().clone())
+
+    def embeds(self, draft, x: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, K*L, H): the real tokens' embeddings, then K-1 blocks of the mask vector."""
+        real = draft.get_input_embeddings()(x)  # (B, L, H)
+        mask = self.vector.to(real.dtype).view(1, 1, -1).expand(x.shape[0], x.shape[1] * (k - 1), -1)
+        return torch.cat([real, mask], 1)
+
+    @torch.no_grad()
+    def merge_into(self, draft) -> None:
+        draft.get_input_embeddings().weight[self.mask_id] = self.vector.to(draft.get_input_embeddings().weight.dtype)
+
+
+def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor, mask: MaskEmbedding, k: int,
+                    fuse: bool = True, target_logits: torch.Tensor | None = None):
+    """Target logits (B, L, V) and the draft's (B, K*L, V): query (j, p) is draft j+1 of the round
+    anchored at p - j, compared with the target's at p. One target forward (skipped when given) and
+    one draft pass."""
+    B, L = x.shape
+    tcache = None
+    if target_logits is None or fuse:
+        with torch.no_grad():
+            tcache = kv.new_cache(target)
+            t_logits = kv.forward(target, x, tcache, 0)
+        target_logits = t_logits if target_logits is None else target_logits
+
+    def fuse_layer(layer, keys, values):
+        real = keys[:, :, :L], values[:, :, :L]
+        if not fuse or layer not in fuser.layer_map:
+            return real
+        return fuser.fuse_layer(layer, kv.read_kv(tcache, fuser.layer_map[layer][0], 0, L), real)
+
+    allowed = visible(starts.to(x.device), k)
+    attention = kv.additive_mask(allowed.unsqueeze(1), draft.get_input_embeddings().weight.dtype)  # (B, 1, KL, (K+1)L)
+    positions = torch.arange(L, device=x.device).repeat(k).expand(B, -1)  # (B, K*L)
+    logits = kv.forward_embeds(draft, mask.embeds(draft, x, k), kv.fusing_cache(draft, fuse_layer), positions, attention)
+    return target_logits, logits

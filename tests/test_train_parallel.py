@@ -91,3 +91,91 @@ def test_the_mask_embedding_merges_into_its_row(draft):
     mask.merge_into(copy_)
     assert torch.equal(copy_.get_input_embeddings().weight[5], torch.full_like(mask.vector, 0.5))
     assert kv.cache_keyword(copy_)  # still a model
+
+
+# ---------------------------------------------------------------- the trainer's command line, files, export
+
+
+def train(saved_models, root, *extra):
+    from c2c.tools import train_fuser
+
+    data = root / "data.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200), encoding="utf-8")
+    return train_fuser.main([
+        "--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"), "--data", str(data),
+        "--output_dir", str(root / "out"), "--batch_size", "2", "--seq_len", "24", "--hidden_dim", "16",
+        "--intermediate_dim", "16", "--eval_every", "4", "--save_every", "100", "--steps", "4", "--device", "cpu",
+        "--no_progress", "--draft_adapter", "lora", "--adapter_rank", "2", "--adapter_lr", "0.05",
+        "--parallel_drafts", "3", "--eval_prompts", "2", "--eval_new_tokens", "12", *extra])
+
+
+@pytest.fixture(scope="module")
+def parallel_fuser(saved_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    assert train(saved_models, root) == 0
+    return root / "out"
+
+
+def test_the_trainer_writes_the_mask_beside_the_adapter_and_reports_each_offset(parallel_fuser):
+    import json
+
+    meta = json.loads((parallel_fuser / "draft_adapter" / "adapter.json").read_text())
+    assert meta["parallel_drafts"] == 3 and meta["mask_id"] == tiny.VOCAB - 1  # the tokenizer never makes it
+    assert (parallel_fuser / "draft_adapter" / "mask_embedding.safetensors").is_file()
+    line = json.loads((parallel_fuser / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(line["parallel_agreement_fused"]) == 3 and all(0 <= a <= 1 for a in line["parallel_agreement_fused"])
+    assert line["parallel_tokens_per_call_fused"] >= 1 and line["parallel_tokens_per_call_unfused"] >= 1
+
+
+def test_the_demo_drafts_in_parallel_with_the_trained_adapter_lossless(parallel_fuser, saved_models):
+    from c2c.app import runner
+
+    cfg = runner.RunConfig(draft_model=str(saved_models / "draft"), target_model=str(saved_models / "target"),
+                           fuser_checkpoint=str(parallel_fuser), fuser_explicit=True, device="cpu", dtype="float32",
+                           max_new_tokens=24, gamma=3, parallel_drafting=True)
+    session = runner.prepare(cfg, log=lambda *_: None)
+    assert session.masks == [tiny.VOCAB - 1] and session.parallel_draft is session.fused_draft
+    unfused = cfg.spec.__class__(3, 24, False, False, parallel=True)
+    assert runner.decoder(session, unfused).draft is session.fused_draft  # the plain draft never learnt the mask
+    for prompt in ("hello there", "What is 1 + 1?"):
+        entry = runner.run_prompt(session, prompt, run_standard=True)
+        assert entry["comparison"]["outputs_match"] and entry["speculative"]["draft_mode"] == "parallel"
+
+
+def test_no_fusion_exports_a_pard_folder_that_loads_back_with_the_same_outputs(saved_models, tmp_path):
+    import json
+
+    from c2c.app import runner
+    from c2c.core.engine import SpecConfig, SpeculativeDecoder
+    from c2c.core.sampling import SamplingConfig
+
+    assert train(saved_models, tmp_path, "--no-fusion") == 0
+    exported = tmp_path / "out" / "pard_draft"
+    assert json.loads((exported / "config.json").read_text())["pard_token"] == tiny.VOCAB - 1
+    cfg = runner.RunConfig(draft_model=str(exported), target_model=str(saved_models / "target"), fuser_checkpoint="none",
+                           fuser_explicit=True, device="cpu", dtype="float32", max_new_tokens=24, gamma=3,
+                           parallel_drafting=True)
+    session = runner.prepare(cfg, log=lambda *_: None)
+    assert session.masks == [tiny.VOCAB - 1]
+    # the same draft rebuilt from the adapter files: the exported folder drafts exactly as it does
+    from c2c.core.adapter import load_adapter, load_mask
+
+    adapter = load_adapter(tmp_path / "out" / "draft_adapter", session.draft)
+    rebuilt = adapter.merged_copy(runner.load_model(str(saved_models / "draft"), "draft", torch.float32, torch.device("cpu")))
+    load_mask(tmp_path / "out" / "draft_adapter", rebuilt)
+    spec = SpecConfig(3, 24, parallel=True)
+    for prompt in ([5, 9, 33, 7], [17, 4, 100]):
+        a = SpeculativeDecoder(session.target, session.draft, spec, SamplingConfig(), set(), masks=session.masks).generate(prompt)
+        b = SpeculativeDecoder(session.target, rebuilt, spec, SamplingConfig(), set(), masks=session.masks).generate(prompt)
+        assert a.output_ids == b.output_ids and a.counters.accepted_at == b.counters.accepted_at
+
+
+def test_parallel_drafts_need_an_adapter_and_a_matching_gamma(saved_models, tmp_path, capsys):
+    from c2c.tools import train_fuser
+
+    base = ["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"), "--data",
+            str(tmp_path / "d.txt"), "--output_dir", str(tmp_path / "o"), "--parallel_drafts", "3", "--device", "cpu"]
+    (tmp_path / "d.txt").write_text("a b c " * 100)
+    assert train_fuser.main(base) == 2 and "--draft_adapter lora" in capsys.readouterr().err
+    assert train_fuser.main(base + ["--draft_adapter", "lora", "--gamma", "5"]) == 2
+    assert "--parallel_drafts 3 drafts rounds of that many tokens" in capsys.readouterr().err

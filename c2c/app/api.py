@@ -165,7 +165,7 @@ class SpeculativePipeline:
             warnings.warn(budget_capped, stacklevel=2)
         masks = self.session.masks
         if parallel_drafting and masks is None:
-            masks = runner.parallel_masks(self.session.draft.config, cfg.draft_model, _arg)
+            masks = runner.parallel_masks(self.session.draft.config, cfg.draft_model, _arg, None)
         session = dataclasses.replace(self.session, config=cfg, masks=masks)
         capped = (runner.gamma_warning(tree_depth, max_new_tokens, _arg, "tree_depth") if tree_budget
                   else runner.gamma_warning(gamma, max_new_tokens, arg=_arg))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import metrics
-from ..core.adapter import find_adapter, load_adapter
+from ..core.adapter import adapter_mask_id, find_adapter, load_adapter, load_mask
 from ..core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
 from ..errors import UserInputError
 from ..core.fuser import C2CFuser, KVShape, load_fuser
@@ -98,6 +98,7 @@ class Session:
     fused_draft: object = None  # the draft with the fuser's draft adapter merged in (fused runs only), if it has one
     tree_auto: dict | None = None  # --tree_budget auto: what the warm-up measured and chose
     masks: list[int] | None = None  # the draft's mask id(s) for parallel drafting (None: its config names none)
+    parallel_draft: object = None  # the draft with a parallel adapter merged (its mask trained): every parallel run uses it
 
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -190,7 +191,6 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
             raise
         raise UserInputError(f"{e}; no GPU here either: {first_contact}") from None
     check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
-    masks = parallel_masks(draft_config, cfg.draft_model, arg) if cfg.parallel_drafting else None
 
     fusion_wanted = cfg.prefill_fusion or cfg.decode_fusion
     if not fusion_wanted:
@@ -203,19 +203,24 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
     fuser = None
     if choice_path is not None:
         fuser = load_fuser(choice_path, KVShape.of(draft_config), KVShape.of(target_config), device=device, dtype=dtype)
+    adapter_dir = find_adapter(choice_path) if fuser is not None else None
+    trained_mask = adapter_mask_id(adapter_dir)  # a parallel-drafting adapter's mask id (train_fuser --parallel_drafts)
+    masks = parallel_masks(draft_config, cfg.draft_model, arg, trained_mask) if cfg.parallel_drafting else None
 
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     open_gates = list(fuser.open_gates()) if fuser is not None else None
     fused_draft, adapter_info = None, None
-    adapter_dir = find_adapter(choice_path) if fuser is not None else None
     if adapter_dir is not None:
         adapter = load_adapter(adapter_dir, draft)
         fused_draft = adapter.merged_copy(draft)
+        load_mask(adapter_dir, fused_draft)  # a parallel adapter's mask vector into its row (nothing otherwise)
         adapter_info = {"path": str(adapter_dir), "kind": adapter.kind, "rank": adapter.rank if adapter.kind == "lora" else None,
                         "parameters": sum(p.numel() for p in adapter.parameters())}
-        log(f"draft adapter ({adapter.kind}) from {adapter_dir}: fused runs use the adapted draft, unfused runs the plain one")
+        log(f"draft adapter ({adapter.kind}) from {adapter_dir}: fused runs use the adapted draft, unfused runs the plain one"
+            + (f"; parallel drafting runs use it fused and unfused (its trained mask, id {trained_mask})"
+               if trained_mask is not None else ""))
     if open_gates is not None and open_gates[0] == 0:
         log(f"WARNING: no gate of the fuser at {choice_path} is open (all {open_gates[1]} gate logits <= 0): "
             "fusion changes nothing, so the engine skips it; the fuser is untrained or badly trained")
@@ -230,19 +235,24 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
         "path": str(choice_path) if choice_path else None,
     }
     compiled = CompiledSteps() if cfg.compile else None
+    parallel_draft = fused_draft if trained_mask is not None and masks == [trained_mask] else None
     return Session(cfg, device, dtype, tokenizer, target, draft, fuser, fusion, eos_token_ids(target, tokenizer), compiled,
-                   fused_draft, masks=masks)
+                   fused_draft, masks=masks, parallel_draft=parallel_draft)
 
 
-def parallel_masks(draft_config, draft_name: str, arg=flag) -> list[int]:
-    """The draft's mask id(s) for parallel drafting, from its config (as vLLM reads them), checked
-    against its vocabulary; an error naming the fix when it names none."""
+def parallel_masks(draft_config, draft_name: str, arg=flag, trained: int | None = None) -> list[int]:
+    """The draft's mask id(s) for parallel drafting: from its config (as vLLM reads them), else from the
+    fuser's parallel adapter (`trained`), checked against its vocabulary; an error naming the fix when
+    neither names one."""
     ids = config_mask_ids(draft_config)
+    if ids is None and trained is not None:
+        ids = [trained]
     if ids is None:
         raise UserInputError(
             f"{arg('parallel_drafting')} needs a draft trained to draft in parallel, and {draft_name}'s config.json names "
-            f"no mask id ({', '.join(MASK_KEYS)}): use a PARD draft such as amd/PARD-Qwen3-0.6B (or its folder), "
-            f"or drop {arg('parallel_drafting')} to draft a chain")
+            f"no mask id ({', '.join(MASK_KEYS)}) and the fuser has no parallel adapter: use a PARD draft such as "
+            f"amd/PARD-Qwen3-0.6B (or its folder), train one (python -m c2c.tools.train_fuser --parallel_drafts K "
+            f"--draft_adapter lora), or drop {arg('parallel_drafting')} to draft a chain")
     vocab = getattr(draft_config.get_text_config() if hasattr(draft_config, "get_text_config") else draft_config, "vocab_size", None)
     bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
     if bad:
@@ -262,6 +272,8 @@ def decoder(session: Session, spec: SpecConfig | None = None, force_accept: bool
     spec = spec or cfg.spec
     fuses = session.fuser is not None and (spec.prefill_fusion or spec.decode_fusion)
     draft = session.fused_draft if fuses and session.fused_draft is not None else session.draft
+    if spec.parallel and session.parallel_draft is not None:  # the plain draft was never trained on masks
+        draft = session.parallel_draft
     return SpeculativeDecoder(
         session.target, draft, spec, cfg.sampling, set() if force_accept else session.eos_ids,
         fuser=session.fuser, generator=_generator(session), compiled=session.compiled, force_accept=force_accept,

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import UserInputError
 
 ADAPTER_DIR = "draft_adapter"
+MASK_FILE = "mask_embedding.safetensors"  # a parallel-drafting adapter's mask vector (train_fuser --parallel_drafts)
 KINDS = ("lora", "full")
 
 
@@ -198,3 +199,36 @@ def load_adapter(folder: str | Path, model) -> DraftAdapter:
                                  f"(expected {tuple(expected[k].shape)}): {fix}")
     adapter.load_state_dict({k: v.float() for k, v in state.items()})
     return adapter.requires_grad_(False)
+
+
+def adapter_mask_id(folder: str | Path | None) -> int | None:
+    """The mask id a parallel-drafting adapter was trained with (adapter.json `mask_id`), None for
+    another adapter or none; reads the JSON only (before any model loads)."""
+    if folder is None:
+        return None
+    try:
+        meta = json.loads((Path(folder) / "adapter.json").read_text(encoding="utf-8"))
+        return int(meta["mask_id"]) if "mask_id" in meta else None
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise UserInputError(f"{folder}/adapter.json cannot be read ({e}): train the fuser again or remove the folder") from None
+
+
+def load_mask(folder: str | Path, draft) -> int | None:
+    """A parallel-drafting adapter's mask vector written into the draft's row `mask_id` (the draft: the
+    adapted copy inference runs, so the engine reads the id); returns the id, or None without one."""
+    from safetensors.torch import load_file
+
+    mask_id = adapter_mask_id(folder)
+    if mask_id is None:
+        return None
+    weight = draft.get_input_embeddings().weight
+    try:
+        vector = load_file(str(Path(folder) / MASK_FILE))["mask"]
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own types; re-raised as one clear error
+        raise UserInputError(f"{folder}/{MASK_FILE} cannot be read ({e}): train the parallel adapter again") from None
+    if not 0 <= mask_id < weight.shape[0] or vector.shape != weight[0].shape:
+        raise UserInputError(f"{folder}: mask id {mask_id} or its vector {tuple(vector.shape)} does not fit this draft "
+                             f"({weight.shape[0]} embeddings of {weight.shape[1]}): train it again for this draft")
+    with torch.no_grad():
+        weight[mask_id] = vector.to(weight.dtype)
+    return mask_id

@@ -65,6 +65,9 @@ HELP = {
     "eval_prompts": "held-out prompts the engine decodes at each evaluation, fused and unfused, for tokens per "
                     "target call (0: none)",
     "eval_new_tokens": "new tokens per held-out prompt in that figure, at most",
+    "parallel_drafts": "K > 0: train parallel drafting (PARD's layout over the fused prefix): a mask embedding (and the "
+                       "--draft_adapter) so that one draft forward over [anchor, K-1 masks] drafts K tokens; --gamma follows K",
+    "mask_id": "parallel drafting's mask id, an id the tokenizer never makes (-1: the draft's last unused embedding row)",
     "length_pool": "rows of this many batches are drawn and sorted by length, and one batch of them is trained on: "
                    "less padding, every row as likely as without it (1: rows drawn at random)",
 }
@@ -106,6 +109,8 @@ def run(args) -> int:
     from . import chat_data, train_data, training
     from ..app.loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
 
+    if args.parallel_drafts > 0 and args.gamma == TrainConfig("", "", "", "").gamma:
+        args.gamma = args.parallel_drafts  # the rounds it drafts: the data's blocks and the engine figure follow
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
     out = Path(cfg.output_dir)
@@ -145,6 +150,13 @@ def run(args) -> int:
     target = load_model(cfg.target_model, "target", dtype, device)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     eos = eos_token_ids(target, tokenizer)
+    if cfg.parallel_drafts and cfg.mask_id < 0:
+        from dataclasses import replace
+
+        from .train_parallel import default_mask_id
+
+        cfg = replace(cfg, mask_id=default_mask_id(draft, tokenizer))
+        say(f"parallel drafting: mask id {cfg.mask_id} (an id the tokenizer never makes)")
     if cfg.generate_from_target or any(r.is_chat for r in records):
         items = answer_items(cfg, records, tokenizer, target, eos, processes, say)
         train_items, held_items = train_data.split_heldout(items, cfg.heldout_fraction)
@@ -205,6 +217,15 @@ def run(args) -> int:
                                      extra={"draft_model": cfg.draft_model, "trained_with_fusion": cfg.fusion})
         print(f"saved the draft adapter ({cfg.draft_adapter}) to {saved}; held-out agreement of the adapted draft "
               f"without fusion {last['agreement_adapter_only']:.4f}", file=sys.stderr)
+    if trainer.mask is not None:
+        from . import train_parallel
+
+        if trainer.adapter is not None:
+            train_parallel.save(trainer, out / ADAPTER_DIR, save_dtype)
+        if not cfg.fusion:  # PARD alone: a draft folder vLLM's parallel drafting and --parallel_drafting load as it is
+            exported = train_parallel.export_pard(trainer, out / "pard_draft", tokenizer, save_dtype)
+            print(f"exported the parallel draft in PARD's layout to {exported} (pard_token {cfg.mask_id}): "
+                  f"--base_model {exported} --parallel_drafting --fuser_checkpoint none", file=sys.stderr)
     lines, warnings = summary(cfg, final, last)
     print("\n".join(lines))
     for warning in warnings:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core import cache as kv
+from ..core.adapter import MASK_FILE
 
 
 def visible(starts: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,3 +109,130 @@ def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor,
     positions = torch.arange(L, device=x.device).repeat(k).expand(B, -1)  # (B, K*L)
     logits = kv.forward_embeds(draft, mask.embeds(draft, x, k), kv.fusing_cache(draft, fuse_layer), positions, attention)
     return target_logits, logits
+
+
+# ---------------------------------------------------------------- the trainer's side
+
+
+def default_mask_id(draft, tokenizer=None) -> int:
+    """An id the tokenizer never makes, as PARD takes one from the unused range: the draft's last
+    embedding row when the tokenizer holds fewer ids than the embedding, else its last id."""
+    rows = draft.get_input_embeddings().weight.shape[0]
+    used = len(tokenizer) if tokenizer is not None else rows
+    return rows - 1 if used < rows else used - 1
+
+
+def step_loss(trainer, mine, total_queries: int):
+    """The parallel objective's loss on this process's share of a batch: the mean over the global
+    batch's supervised queries (every offset weighs the same, as PARD's)."""
+    cfg = trainer.cfg
+    k = cfg.parallel_drafts
+    t_logits, d_logits = parallel_logits(trainer.fuser, trainer.target, trainer.draft, mine.x.to(trainer.device), mine.starts,
+                                         trainer.mask, k, fuse=cfg.fusion)
+    from .train_objective import token_losses
+
+    keep = supervised_blocks(mine.supervised.to(trainer.device), k)
+    return token_losses(t_logits.repeat(1, k, 1)[keep], d_logits[keep], cfg.objective).sum() / total_queries
+
+
+@torch.no_grad()
+def offset_agreement(trainer, batches) -> dict:
+    """Held-out top-1 agreement with the target per offset (draft 1..K of a round), fused (as trained)
+    and unfused (the same draft and mask, fusion off), with the paired won/lost per offset."""
+    cfg, k = trainer.cfg, trainer.cfg.parallel_drafts
+    right = {arm: [0] * k for arm in ("fused", "unfused")}
+    won, lost, total = [0] * k, [0] * k, [0] * k
+    for batch in batches:
+        x = batch.x.to(trainer.device)
+        keep = supervised_blocks(batch.supervised.to(trainer.device), k).view(x.shape[0], k, -1)
+        t, fused = parallel_logits(trainer.fuser, trainer.target, trainer.draft, x, batch.starts, trainer.mask, k, fuse=cfg.fusion)
+        _, plain = parallel_logits(trainer.fuser, trainer.target, trainer.draft, x, batch.starts, trainer.mask, k, fuse=False,
+                                   target_logits=t)
+        want = t.argmax(-1)  # (B, L)
+        for j in range(k):
+            m = keep[:, j]
+            f = fused.view(x.shape[0], k, x.shape[1], -1)[:, j].argmax(-1)[m] == want[m]
+            u = plain.view(x.shape[0], k, x.shape[1], -1)[:, j].argmax(-1)[m] == want[m]
+            right["fused"][j] += int(f.sum())
+            right["unfused"][j] += int(u.sum())
+            won[j] += int((f & ~u).sum())
+            lost[j] += int((u & ~f).sum())
+            total[j] += int(m.sum())
+    share = lambda counts: [c / n if n else None for c, n in zip(counts, total)]  # noqa: E731
+    return {"parallel_agreement_fused": share(right["fused"]), "parallel_agreement_unfused": share(right["unfused"]),
+            "parallel_won": won, "parallel_lost": lost, "parallel_positions": total}
+
+
+class merged_mask:
+    """While inside, the draft's embedding row `mask_id` holds the trained mask vector (the engine
+    reads ids, not embeddings); the row is restored after."""
+
+    def __init__(self, draft, mask: MaskEmbedding):
+        self.draft, self.mask = draft, mask
+
+    def __enter__(self):
+        weight = self.draft.get_input_embeddings().weight
+        self.saved = weight[self.mask.mask_id].detach().clone()
+        self.mask.merge_into(self.draft)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            self.draft.get_input_embeddings().weight[self.mask.mask_id] = self.saved
+
+
+@torch.no_grad()
+def engine_figures(trainer, prompts: list[list[int]]) -> dict:
+    """The engine's tokens per target call for the parallel round (gamma K, greedy) on held-out prompts,
+    with the trained draft (adapter and mask), fused and unfused: each output the target's own."""
+    from ..core.engine import SpecConfig, SpeculativeDecoder
+    from ..core.sampling import SamplingConfig
+
+    cfg = trainer.cfg
+    spec = SpecConfig(gamma=cfg.parallel_drafts, max_new_tokens=cfg.eval_new_tokens, parallel=True)
+    out = {}
+    with merged_mask(trainer.draft, trainer.mask):
+        for arm, fuser in (("fused", trainer.fuser if cfg.fusion else None), ("unfused", None)):
+            decoder = SpeculativeDecoder(trainer.target, trainer.draft, spec, SamplingConfig(), trainer.eos_ids, fuser=fuser,
+                                         masks=[trainer.mask.mask_id])
+            tokens = calls = 0
+            for prompt in prompts:
+                result = decoder.generate(prompt)
+                tokens, calls = tokens + len(result.output_ids), calls + result.counters.target_calls
+            out[f"parallel_tokens_per_call_{arm}"] = tokens / calls if calls else None
+    return out
+
+
+def save(trainer, folder, dtype: torch.dtype) -> None:
+    """The mask vector beside the adapter, and its id and K in adapter.json (c2c.core.adapter.load_mask reads them)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({"mask": trainer.mask.vector.detach().to("cpu", dtype).contiguous()}, str(folder / MASK_FILE))  # read by adapter.load_mask
+    meta = json.loads((folder / "adapter.json").read_text(encoding="utf-8"))
+    meta |= {"parallel_drafts": trainer.cfg.parallel_drafts, "mask_id": trainer.mask.mask_id}
+    (folder / "adapter.json").write_text(json.dumps(meta, indent=2))
+
+
+def export_pard(trainer, folder, tokenizer, dtype: torch.dtype):
+    """The trained draft in PARD's layout: the adapter merged into its weights, the mask vector in its
+    row, `pard_token` in config.json. vLLM's parallel drafting and `--parallel_drafting` load it as it is."""
+    from pathlib import Path
+
+    import copy
+
+    folder = Path(folder)
+    if trainer.adapter is not None:
+        trainer.adapter.detach()  # a copy of an attached draft would carry the hooks on top of the merged change
+        model = trainer.adapter.merged_copy(trainer.draft)
+        trainer.adapter.attach(trainer.draft)
+    else:
+        model = copy.deepcopy(trainer.draft)
+    trainer.mask.merge_into(model)
+    model.config.pard_token = trainer.mask.mask_id
+    model.to(dtype).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

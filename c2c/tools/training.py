@@ -33,7 +33,9 @@ import torch
 from ..core.adapter import KINDS, DraftAdapter
 from ..errors import UserInputError
 from ..core.fuser import C2CFuser, KVShape, StepNoise, load_fuser, save_fuser
+from . import train_parallel
 from .train_data import SplitData
+from .train_parallel import MaskEmbedding
 from .train_objective import DRAFT_KV, all_position_logits, engine_figures, paired_agreement, plain_engine_counts, token_losses
 
 
@@ -86,6 +88,8 @@ class TrainConfig:
     eval_prompts: int = 16  # held-out prompts the engine decodes at each evaluation, fused and unfused (0: none)
     eval_new_tokens: int = 64  # at most this many new tokens per held-out prompt in the engine figure
     length_pool: int = 16  # batches' worth of rows drawn and sorted by length, one of them trained on (1: no bucketing)
+    parallel_drafts: int = 0  # K > 0: train parallel drafting of K drafts (a mask embedding, c2c.tools.train_parallel)
+    mask_id: int = -1  # parallel drafting's mask id (-1: an id the tokenizer never makes, train_parallel.default_mask_id)
 
     def __post_init__(self):
         if self.suffixes not in SUFFIXES:
@@ -108,6 +112,9 @@ class TrainConfig:
             raise UserInputError(f"--keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.draft_adapter not in ("none", *KINDS):
             raise UserInputError(f"--draft_adapter must be none, {' or '.join(KINDS)}, got {self.draft_adapter!r}")
+        if self.parallel_drafts and self.draft_adapter == "none":
+            raise UserInputError("--parallel_drafts trains the draft to read masks: also pass --draft_adapter lora (or full); "
+                                 "the mask embedding is saved beside it")
         if not self.fusion and self.draft_adapter == "none":
             raise UserInputError("--no-fusion trains the draft adapter alone: also pass --draft_adapter lora or full")
         if self.objective not in ("kl", "ce"):
@@ -116,6 +123,12 @@ class TrainConfig:
             raise UserInputError(f"--threads must be >= 0 (0: one per physical core), got {self.threads}")
         if self.seq_len < self.min_prefix + self.gamma + 1:
             raise UserInputError(f"--seq_len {self.seq_len} is too short for min_prefix {self.min_prefix} + gamma+1")
+        if self.parallel_drafts < 0 or (self.parallel_drafts and self.suffixes != "all"):
+            raise UserInputError(f"--parallel_drafts must be >= 0 (0: off) and trains every position (--suffixes all), "
+                                 f"got {self.parallel_drafts} with --suffixes {self.suffixes}")
+        if self.parallel_drafts and self.gamma != self.parallel_drafts:
+            raise UserInputError(f"--parallel_drafts {self.parallel_drafts} drafts rounds of that many tokens: leave "
+                                 f"--gamma out (it follows) or set it to the same value, got --gamma {self.gamma}")
         for name in ("steps", "batch_size", "gamma", "eval_every", "save_every", "eval_tokens", "length_pool"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -205,6 +218,11 @@ class FuserTrainer:
             self.adapter = DraftAdapter.create(draft, cfg.draft_adapter, cfg.adapter_rank).to(device)
             self.adapter.attach(draft)
             groups.append({"params": list(self.adapter.parameters()), "lr": cfg.adapter_lr or cfg.lr})
+        self.mask = None  # parallel drafting: the trained mask embedding (c2c.tools.train_parallel)
+        if cfg.parallel_drafts:
+            draft.requires_grad_(False)
+            self.mask = MaskEmbedding(draft, cfg.mask_id).to(device)
+            groups.append({"params": list(self.mask.parameters()), "lr": cfg.adapter_lr or cfg.lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.rng = random.Random(cfg.seed)  # batch rows, block offsets and split points
@@ -249,10 +267,13 @@ class FuserTrainer:
         mine = batch.share(self.processes.rank, self.processes.count)
         self.noise.begin(self.step, list(range(len(batch.rows)))[self.processes.rank :: self.processes.count], mine.lengths)
         total = int(batch.supervised.sum())  # every process's rows: the loss is a mean over the global batch
-        target_logits, draft_logits = all_position_logits(self.fuser, self.target, self.draft, mine.x.to(self.device),
-                                                          mine.starts, fuse=cfg.fusion, draft_grad=grad, draft_kv=cfg.draft_kv)
-        mask = mine.supervised.to(self.device)
-        loss = token_losses(target_logits[mask], draft_logits[mask], cfg.objective).sum() / total
+        if self.mask is not None:  # parallel drafting: every offset of every supervised anchor
+            loss = train_parallel.step_loss(self, mine, int(train_parallel.supervised_blocks(batch.supervised, cfg.parallel_drafts).sum()))
+        else:
+            target_logits, draft_logits = all_position_logits(self.fuser, self.target, self.draft, mine.x.to(self.device),
+                                                              mine.starts, fuse=cfg.fusion, draft_grad=grad, draft_kv=cfg.draft_kv)
+            mask = mine.supervised.to(self.device)
+            loss = token_losses(target_logits[mask], draft_logits[mask], cfg.objective).sum() / total
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.processes.sum_gradients(self.trained)
@@ -282,6 +303,10 @@ class FuserTrainer:
                                                         self.eos_ids, self.adapter)
             figures |= engine_figures(self.fuser, self.target, self.draft, prompts, cfg.gamma, cfg.eval_new_tokens,
                                       self.eos_ids, self.adapter, self.plain_engine)
+        if self.mask is not None:  # per offset, and the parallel round in the engine
+            figures |= train_parallel.offset_agreement(self, self.heldout.evaluation(cfg.eval_tokens, rows))
+            if cfg.eval_prompts:
+                figures |= train_parallel.engine_figures(self, self.heldout.prompts(cfg.eval_prompts))
         return {"step": self.step, **figures, "target_tokens": self.target_tokens,
                 "supervised_tokens": self.supervised_tokens}
 
@@ -300,7 +325,7 @@ class FuserTrainer:
             "distinct_rows_min": min(distinct), "distinct_rows_mean": sum(distinct) / len(distinct),
             "batch_rows": self.cfg.batch_size, "processes": self.processes.count,
             "lr": self.scheduler.get_last_lr()[0], "open_gates": figures["open_gates"], "gates": figures["gates"],
-        }
+        } | {k: v for k, v in figures.items() if k.startswith("parallel_")}
 
     # ------------------------------------------------------------ checkpoints
 
@@ -315,6 +340,7 @@ class FuserTrainer:
                 "rng": self.rng.getstate(),
                 "history": self.history,
                 "adapter": self.adapter.state_dict() if self.adapter is not None else None,
+                "mask": self.mask.state_dict() if self.mask is not None else None,
                 "tokens": [self.target_tokens, self.supervised_tokens, self.padding_tokens],
             },
             folder / "trainer_state.pt",
@@ -336,6 +362,10 @@ class FuserTrainer:
             if state.get("adapter") is None:
                 raise UserInputError(f"{folder} was saved without a draft adapter: resume without --draft_adapter")
             self.adapter.load_state_dict(state["adapter"])
+        if self.mask is not None:
+            if state.get("mask") is None:
+                raise UserInputError(f"{folder} was saved without parallel drafting: resume without --parallel_drafts")
+            self.mask.load_state_dict(state["mask"])
 
     # ------------------------------------------------------------ the loop
 
@@ -365,6 +395,8 @@ class FuserTrainer:
                         f.write(json.dumps(self.metrics_line(figures)) + "\n")
                     postfix["agree"] = f"{figures['agreement_fused']:.3f}/{figures['agreement_unfused']:.3f}"
                     postfix["won/lost"] = f"{figures['won']}/{figures['lost']}"
+                    if figures.get("parallel_agreement_fused"):
+                        postfix["par"] = "/".join(f"{a:.2f}" for a in figures["parallel_agreement_fused"] if a is not None)
                     if "tokens_per_call_fused" in figures:
                         postfix["tok/call"] = f"{figures['tokens_per_call_fused']:.2f}/{figures['tokens_per_call_unfused']:.2f}"
                 self.batches.clear()

@@ -115,11 +115,22 @@ def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor,
 
 
 def default_mask_id(draft, tokenizer=None) -> int:
-    """An id the tokenizer never makes, as PARD takes one from the unused range: the draft's last
-    embedding row when the tokenizer holds fewer ids than the embedding, else its last id."""
+    """An id for the mask, as PARD takes one from the unused range: the draft's last embedding row when
+    the tokenizer holds fewer ids than the embedding (Qwen3: 151,669 of 151,936), else the largest id
+    that decodes to a control character (never in text), else the largest that is not a special token
+    (its row is then trained as the mask; `--mask_id` chooses another)."""
     rows = draft.get_input_embeddings().weight.shape[0]
     used = len(tokenizer) if tokenizer is not None else rows
-    return rows - 1 if used < rows else used - 1
+    if used < rows:
+        return rows - 1
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    ordinary = [i for i in range(used - 1, -1, -1) if i not in special]
+    if tokenizer is not None:  # a byte-level vocabulary's control characters never occur in text
+        for i in ordinary:
+            text = tokenizer.decode([i])
+            if len(text) == 1 and ord(text) < 32 and text not in "\t\n\r":
+                return i
+    return ordinary[0]
 
 
 def step_loss(trainer, mine, total_queries: int):

@@ -19,6 +19,10 @@
 #      cost a tree adds over a chain
 #   6b. --preset tiny and --preset arith eager (lossless; measured twice already on an H100)
 #   7. step 2 again: what torch's compile cache saves on a second run (its compile_seconds and warm-up)
+#   6c. parallel drafting: --preset tiny with its PARD-layout draft (presets/tiny/pard_draft) compiled on CUDA
+#      (lossless, one draft forward a round), and the 0.6B forward of 1, 4, 8, 12, 16, 24 tokens at real shapes
+#      (bench/verify_blocks.py --draft_compiled: parallel drafting's block of 2K tokens for K = 2..12); step 2's
+#      synthetic JSON also holds draft_block_8 and the parallel round's predicted speedup
 #   8. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
 #      (measured twice already; runs if budget is left)
 #   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
@@ -64,6 +68,12 @@ step tiny_tree 120 "$PY" qwen3_14b_speculative_demo.py --preset tiny --device cu
   --tree_budget 32 --tree_depth 4 --tree_topk 4 --max_new_tokens 64 --lang en --save_results --output_dir "$JSON_DIR"
 step tree_round_ops 90 "$PY" bench/round_ops.py --synthetic tiny --device cuda --tree 32,4,4 --runs 3 --rounds 40
 step verify_blocks 240 "$PY" bench/verify_blocks.py --synthetic qwen3 --device cuda --compiled 5 32 --output_dir "$JSON_DIR"
+step tiny_parallel 120 "$PY" speculative_benchmark.py --preset tiny --base_model presets/tiny/pard_draft \
+  --fuser_checkpoint none "${COMMON[@]}" --modes target speculative --parallel_drafting --gammas 4 8 \
+  --max_new_tokens 64 --num_prompts 4 --compile --warmup 1
+step draft_blocks 150 "$PY" bench/verify_blocks.py --synthetic qwen3 --device cuda --blocks 1 --draft_blocks 1 8 16 24 \
+  --draft_compiled 1 4 8 12 16 24 \
+  --output_dir "$JSON_DIR"
 step tiny_eager 60 "$PY" speculative_benchmark.py --preset tiny "${COMMON[@]}" \
   --modes target speculative speculative_fused --max_new_tokens 64 --num_prompts 8
 step arith_eager 60 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}" \

@@ -32,21 +32,25 @@ def run(args, argv) -> int:
     check_output_dir(args.output_dir)
     device, dtype = synthetic.resolve(args)
     target = synthetic.build_model(args.synthetic, "target", device, dtype)
-    draft = synthetic.build_model(args.synthetic, "draft", device, dtype) if args.draft_blocks else None
-    timings = {"eager": {}, "compiled": {}, "draft_eager": {}}
+    draft = synthetic.build_model(args.synthetic, "draft", device, dtype) if args.draft_blocks or args.draft_compiled else None
+    timings = {"eager": {}, "compiled": {}, "draft_eager": {}, "draft_compiled": {}}
     for n in args.blocks:
         timings["eager"][n] = synthetic.forward_time(target, n, args.context, None, args.iters, args.warmup) * 1e3
         print(f"verify {n:3d} tokens eager    {timings['eager'][n]:9.3f} ms", file=sys.stderr)
-    compiled = CompiledSteps() if args.compiled else None
+    compiled = CompiledSteps() if args.compiled or args.draft_compiled else None
     for n in args.compiled:
         timings["compiled"][n] = synthetic.forward_time(target, n, args.context, compiled, args.iters, args.warmup) * 1e3
         print(f"verify {n:3d} tokens compiled {timings['compiled'][n]:9.3f} ms", file=sys.stderr)
     for n in args.draft_blocks:
         timings["draft_eager"][n] = synthetic.forward_time(draft, n, args.context, None, args.iters, args.warmup) * 1e3
         print(f"draft   {n:3d} tokens eager    {timings['draft_eager'][n]:9.3f} ms", file=sys.stderr)
+    for n in args.draft_compiled:  # parallel drafting's one forward of 2K tokens (window K+1, K-1 masks)
+        timings["draft_compiled"][n] = synthetic.forward_time(draft, n, args.context, compiled, args.iters, args.warmup) * 1e3
+        print(f"draft   {n:3d} tokens compiled {timings['draft_compiled'][n]:9.3f} ms", file=sys.stderr)
     ratios = {kind: {n: ms / t[min(t)] for n, ms in t.items()} for kind, t in timings.items() if t}
     result = {"config": {"command": command_line(argv), "synthetic": args.synthetic, "context": args.context,
-                         "blocks": args.blocks, "compiled": args.compiled, "draft_blocks": args.draft_blocks, "dtype": str(dtype).removeprefix("torch.")},
+                         "blocks": args.blocks, "compiled": args.compiled, "draft_blocks": args.draft_blocks,
+                         "draft_compiled": args.draft_compiled, "dtype": str(dtype).removeprefix("torch.")},
               "environment": environment(device), "ms": timings, "vs_smallest": ratios}
     path = save_json_atomic(result, args.output_dir, prefix="verify_blocks")
     print(json.dumps({"ms": timings, "vs_smallest": ratios, "path": str(path)}))
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compiled", type=int, nargs="*", default=[], help="verify sizes also timed compiled")
     p.add_argument("--draft_blocks", type=int, nargs="*", default=[1, 2, 4, 8],
                    help="draft forwards timed eager (a tree depth feeds --tree_topk frontier nodes at once)")
+    p.add_argument("--draft_compiled", type=int, nargs="*", default=[],
+                   help="draft forwards also timed compiled (parallel drafting runs one forward of 2K tokens a round)")
     p.add_argument("--context", type=int, default=256, help="cached positions before the verify")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

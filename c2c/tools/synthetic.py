@@ -197,6 +197,8 @@ def run(name: str, device: torch.device, dtype: torch.dtype, gammas: list[int], 
     for gamma in gammas:
         key = "compiled" if compiled else "eager"
         record(f"target_verify_{gamma + 1}_{key}", forward_time(pair.target, gamma + 1, context, compiled, iters, warmup), floors["target"])
+        # parallel drafting's one draft forward: the block of 2 gamma tokens (window of gamma+1, gamma-1 masks)
+        record(f"draft_block_{2 * gamma}_{key}", forward_time(pair.draft, 2 * gamma, context, compiled, iters, warmup), floors["draft"])
         record(f"fusion_{gamma + 1}_tokens", _fusion_timer(pair, gamma + 1, context, iters, warmup, compiled))
         rounds = _overhead_per_round(pair, gamma, context, new_tokens, compiled)
         per_gamma[gamma] = rounds
@@ -229,7 +231,9 @@ def predict(steps: dict, per_gamma: dict, compiled: bool, hf_ms: float) -> dict:
     """Predicted tokens/s gain at alpha 0.6/0.7/0.8 per gamma, from the measured parts of a round.
 
     A round costs gamma draft steps + one verify + fusion + overhead and yields E = (1-a^(g+1))/(1-a)
-    tokens; target-only decoding costs one target step per token.
+    tokens; target-only decoding costs one target step per token. `parallel`: the same with parallel
+    drafting's one draft forward of 2 gamma tokens in place of the gamma steps (at the same alpha: what
+    a parallel draft as good as the chain would give).
     """
     key = "compiled" if compiled else "eager"
     target_step = steps[f"target_step_{key}"]["seconds"]
@@ -244,6 +248,11 @@ def predict(steps: dict, per_gamma: dict, compiled: bool, hf_ms: float) -> dict:
             per_token = round_s / tokens
             rows[gamma] = {"vs_target_only": target_step / per_token, "vs_hf_generate": hf_ms / 1e3 / per_token,
                            "ms_per_token": per_token * 1e3}
+            block = steps.get(f"draft_block_{2 * gamma}_{key}")
+            if block is not None:
+                parallel_s = round_s - gamma * draft_step + block["seconds"]
+                rows[gamma] |= {"parallel_vs_target_only": target_step * tokens / parallel_s,
+                                "parallel_draft_in_steps": block["seconds"] / draft_step}
             measured = sum(rounds.get(phase, 0.0) for phase in ("draft", "target", "fusion", "overhead"))
             if measured > 0:  # from the engine's own forced-accept round, with and without its fusion phase
                 rows[gamma] |= {

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import UserInputError
@@ -66,15 +67,22 @@ def _canonical(value):
 
 def _data_identity(path: str) -> str:
     """A data file by its content (the same data moved elsewhere is the same run; an edited file is not)."""
-    import hashlib
-
     if not os.path.isfile(path):
         return path
+    stat = os.stat(path)
+    return _content_hash(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    """Hashed once per file version (every checkpoint records it)."""
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return f"{os.path.getsize(path)} bytes, sha256 {digest.hexdigest()[:16]}"
+    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
 
 
 def run_flags(cfg) -> dict:

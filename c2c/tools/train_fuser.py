@@ -125,6 +125,9 @@ def run(args) -> int:
         f"{cfg.suffixes}, draft K/V {cfg.draft_kv}")
     for warning in trainer.warnings():
         say(f"WARNING: {warning}")
+    if plan.resume_from is not None:
+        trainer.load_checkpoint(plan.resume_from)
+        say(f"resumed from {plan.resume_from} (step {trainer.step})")
     # every check has passed: from here on the folder changes
     if processes.main:
         removed = run_folder.begin(cfg, plan)
@@ -132,9 +135,6 @@ def run(args) -> int:
             say(f"--overwrite: removed the previous run's {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''} "
                 f"from {out}")
     processes.barrier()
-    if plan.resume_from is not None:
-        trainer.load_checkpoint(plan.resume_from)
-        say(f"resumed from {plan.resume_from} (step {trainer.step})")
     try:
         result = trainer.train(progress=not args.no_progress)
     except KeyboardInterrupt:

@@ -151,6 +151,12 @@ def test_resume_of_a_run_without_a_checkpoint_is_an_error(finished, tmp_path, ca
     assert snapshot(out) == before
 
 
+def test_overwrite_and_resume_together_is_an_error(tmp_path):
+    with pytest.raises(UserInputError, match="pass one of them"):
+        run_folder.check(training.TrainConfig("d", "t", "x", str(tmp_path / "f")), overwrite=True, resume=True)
+    assert not (tmp_path / "f").exists()
+
+
 def test_a_flag_added_later_defines_the_run_unless_named_resumable():
     cfg = training.TrainConfig("d", "t", "x", "o")
     flags = run_folder.run_flags(cfg)

@@ -52,7 +52,6 @@ class Plan:
 
     clear: bool = False  # --overwrite of an earlier run of this trainer: remove what it wrote
     resume_from: Path | None = None  # --resume: the checkpoint to continue
-    resume_step: int = 0
 
 
 # ---------------------------------------------------------------- the flags that define a run
@@ -191,7 +190,7 @@ def _check_resume(cfg, out: Path) -> Plan:
     if step >= cfg.steps:
         raise UserInputError(f"--steps {cfg.steps} is not past the checkpoint's step {step}: raise --steps to train on "
                              "from it")
-    return Plan(resume_from=latest, resume_step=step)
+    return Plan(resume_from=latest)
 
 
 def check_space(out: Path, need: int) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,7 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
     if rc != 0:
         raise SystemExit(f"fuser training failed (exit {rc})")
     data.unlink()
+    shutil.rmtree(out / folder / "checkpoints", ignore_errors=True)  # the last step's: the shipped fuser has none
     config = json.loads((out / folder / "config.json").read_text())
     # the shipped copy lives in presets/arith/: record the models' and fuser's paths as shipped, not the build folder's
     config["model"] = {"base_model": "presets/arith/draft", "teacher_model": "presets/arith/target"}

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -251,6 +252,7 @@ def main() -> int:
              "history": result["history"]}
     shipped = dataclasses.replace(cfg, output_dir="presets/tiny/fuser")  # the config records the path as shipped
     training.save_fuser(trainer.fuser, fuser_dir, config=training.run_config(shipped, extra), dtype=torch.float32)
+    shutil.rmtree(fuser_dir / "checkpoints", ignore_errors=True)  # the last step's: the shipped fuser has none
 
     (out / "heldout.txt").write_text("\n\n".join(held_blocks) + "\n", encoding="utf-8")
     write_prompt_files(out, held_blocks, args.seed)

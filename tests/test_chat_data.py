@@ -77,4 +77,5 @@ def test_trainer_reads_chat_data_and_answers_prompts(saved_models, tmp_path, cap
     assert rc == 0, err
     assert "target answering 2 prompts" in err and "answers (the loss on assistant tokens only)" in err
     config = json.loads((tmp_path / "f" / "config.json").read_text())
-    assert config["sequences"] == {"train": 15, "heldout": 3}  # 6 x 2 turns + 2 answered prompts + 4 turns = 18 items
+    # 6 x 2 turns + 2 answered prompts + 4 turns = 18 items of 12 conversations; 2 conversations (one turn each) held out whole
+    assert config["sequences"] == {"train": 16, "heldout": 2}

@@ -51,9 +51,12 @@ def test_cli_writes_every_result_key_and_outputs_match(saved_models, prompts_fil
     data = json.loads(path.read_text(encoding="utf-8"))
     assert set(data) >= {"config", "environment", "prompts", "summary"}
     assert set(data["config"]) >= CONFIG_KEYS
-    assert data["config"]["fusion"] == {"enabled": True, "prefill": True, "decode": True, "fuse_last_prompt": True,
-                                        "open_gates": [4, 4], "draft_adapter": None, "reason": None,
-                                        "path": str(saved_models / "fuser")}
+    fusion = data["config"]["fusion"]
+    effects = fusion.pop("projector_effects")  # each projector's relative K/V change (c2c.core.effect)
+    assert len(effects) == 2 and min(effects) > 1e-3
+    assert fusion == {"enabled": True, "prefill": True, "decode": True, "fuse_last_prompt": True,
+                      "open_gates": [4, 4], "inert_projectors": [], "draft_adapter": None, "reason": None,
+                      "path": str(saved_models / "fuser")}
     assert set(data["environment"]) >= {"python", "torch", "transformers", "device_name"}
     assert len(data["prompts"]) == 2
     for entry in data["prompts"]:

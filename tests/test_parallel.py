@@ -214,8 +214,8 @@ def test_mask_ids_are_read_as_vllm_reads_them():
 def test_the_block_puts_the_unseen_tokens_then_the_masks_then_padding():
     window = torch.tensor([11, 12, 13, 0, 0])  # K = 4: a window of 5, three unseen tokens
     masks = torch.tensor([90, 91, 92])
-    assert parallel.block(window, torch.tensor(3), masks).tolist() == [11, 12, 13, 90, 91, 92, 90, 90]
-    assert parallel.block(window, torch.tensor(1), masks).tolist() == [11, 90, 91, 92, 90, 90, 90, 90]
+    assert parallel.block(window, torch.tensor(3), masks).tolist() == [11, 12, 13, 90, 91, 92, 92, 92]
+    assert parallel.block(window, torch.tensor(1), masks).tolist() == [11, 90, 91, 92, 92, 92, 92, 92]
     assert parallel.block(torch.tensor([7, 8]), torch.tensor(2), masks[:0]).tolist() == [7, 8]
     decided = torch.tensor([2, 21, 22, 23, 24, 99])  # n 2 of 4, then the target's token
     window, count = parallel.next_window(decided, 4)

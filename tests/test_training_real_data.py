@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from c2c.core import cache as kv
-from c2c.tools import chat_data, train_data, train_fuser, train_objective, training
+from c2c.tools import chat_data, run_folder, train_data, train_fuser, train_objective, training
 from c2c.core.engine import SpecConfig, SpeculativeDecoder, standard_generate
 from c2c.errors import UserInputError
 from c2c.core.fuser import StackedProjectors, StepNoise
@@ -215,15 +215,15 @@ def test_overwrite_starts_clean_and_resume_continues_this_run(tmp_path, capsys):
     out = tmp_path / "f"
     args = test_training_scale.arith_command(out, "--eval_every", "2", "--save_every", "2")
     assert train_fuser.main(args + ["--steps", "8"]) == 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000006", "step_000008"]  # the last step too
     capsys.readouterr()
-    assert train_fuser.main(args + ["--steps", "4", "--overwrite"]) == 0
-    assert "removed the previous run's checkpoints/step_000004" in capsys.readouterr().err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]  # this run's only
-    assert steps_in_metrics(out) == [2, 4]
-    assert train_fuser.main(args + ["--steps", "6", "--resume"]) == 0
-    assert f"resumed from {out / 'checkpoints' / 'step_000002'} (step 2)" in capsys.readouterr().err
-    assert steps_in_metrics(out) == [2, 4, 6]  # step 4 was written again after the resume, once
+    assert train_fuser.main(args + ["--steps", "3", "--overwrite"]) == 0
+    assert "removed the previous run's checkpoints/step_000006" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]  # this run's only
+    assert steps_in_metrics(out) == [2, 3]
+    assert train_fuser.main(args + ["--steps", "6", "--resume"]) == 0  # a finished run extends from its end
+    assert f"resumed from {out / 'checkpoints' / 'step_000003'} (step 3)" in capsys.readouterr().err
+    assert steps_in_metrics(out) == [2, 3, 4, 6]
 
 
 def test_metrics_hold_each_step_once_after_a_resume(tmp_path, capsys, monkeypatch):
@@ -406,12 +406,13 @@ def test_the_summary_says_when_fusion_lowers_tokens_per_call_or_no_gate_opens():
     cfg = training.TrainConfig("d", "t", "x", "o")
     last = {"agreement_fused": 0.68, "agreement_unfused": 0.66, "heldout_tokens": 2048, "heldout_sequences": 40,
             "won": 129, "lost": 87, "open_gates": 0, "gates": 56, "tokens_per_call_fused": 2.02,
-            "tokens_per_call_unfused": 2.21, "engine_prompts": 16}
+            "tokens_per_call_unfused": 2.21, "engine_prompts": 16, "engine_wins": 2, "engine_losses": 13,
+            "engine_ratio": 0.914, "engine_ratio_low": 0.87, "engine_ratio_high": 0.96}
     lines, warnings = train_fuser.summary(cfg, "out/final", last)
     assert "2.020 tokens per target call fused vs 2.210 unfused" in lines[1]
     assert any("fusion lowers the engine's tokens per target call" in w for w in warnings)
     assert any("no gate is open" in w and "--initial_gate_logit" in w for w in warnings)
-    good = last | {"tokens_per_call_fused": 2.5, "open_gates": 3}
+    good = last | {"tokens_per_call_fused": 2.5, "open_gates": 3, "engine_ratio_low": 1.05, "engine_ratio_high": 1.2}
     assert train_fuser.summary(cfg, "out/final", good)[1] == []
 
 
@@ -456,7 +457,7 @@ def test_chat_conversations_of_varied_lengths_train_end_to_end(saved_models, tmp
         assert line["distinct_rows_min"] == 8 == line["batch_rows"]  # every batch: 8 different conversations
         assert 0 < line["padding_share"] < 1 and line["heldout_sequences"] >= 5 and line["engine_prompts"] == 4
         assert line["tokens_per_call_fused"] >= 1 and line["tokens_per_call_unfused"] >= 1
-    assert "engine on 4 held-out prompts (greedy, gamma 4)" in captured.out
+    assert "engine on 4 held-out prompts (greedy, gamma 4;" in captured.out and "too few held-out prompts" in captured.out
     assert "supervised positions" in captured.err
 
 
@@ -464,6 +465,7 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, capsys):
     out = tmp_path / "f"
     (out / "checkpoints" / "step_000006").mkdir(parents=True)
     (out / "checkpoints" / "step_000006" / "trainer_state.pt").write_bytes(b"")
+    (out / run_folder.MARKER).write_text("{}")
     rc = train_fuser.main(test_training_scale.arith_command(out))
     err = capsys.readouterr().err
     assert rc == 2 and "earlier run's checkpoints (newest step_000006)" in err and "--resume" in err and "--overwrite" in err
@@ -475,7 +477,7 @@ def test_overwrite_removes_the_earlier_fuser_before_training(tmp_path):
         (out / name).mkdir(parents=True)
     (out / "final" / "projector_0.json").write_text("{}")
     (out / "config.json").write_text("{}")
-    removed = training.clear_run(out)
+    removed = run_folder.clear_run(out)
     assert not (out / "final").exists() and not (out / "config.json").exists() and not (out / "draft_adapter").exists()
     assert "final/" in removed and "config.json" in removed and "checkpoints/step_000002" in removed
 
@@ -493,8 +495,8 @@ def test_resume_with_steps_not_past_the_checkpoint_is_an_error(tmp_path, capsys)
     out = tmp_path / "f"
     assert train_fuser.main(test_training_scale.arith_command(out, "--steps", "4", "--save_every", "2")) == 0
     capsys.readouterr()
-    assert train_fuser.main(test_training_scale.arith_command(out, "--steps", "2", "--resume")) == 2
-    assert "--steps 2 is not past the checkpoint's step 2" in capsys.readouterr().err
+    assert train_fuser.main(test_training_scale.arith_command(out, "--steps", "4", "--resume")) == 2
+    assert "--steps 4 is not past the checkpoint's step 4" in capsys.readouterr().err
 
 
 def test_upper_case_suffixes_and_a_byte_order_mark_are_read(tmp_path):

@@ -98,7 +98,7 @@ def test_metrics_jsonl_and_checkpoint_pruning(tmp_path, target, draft, windows):
     assert lines[1]["target_tokens"] == 6 * 4 * 32 == result["target_tokens"]
     assert lines[1]["supervised_tokens"] == 6 * 4 * (32 - cfg.min_prefix)
     kept = sorted(p.name for p in (tmp_path / "fuser" / "checkpoints").iterdir())
-    assert kept == ["step_000002", "step_000004"]  # step 6 is the end: saved as the fuser, not a checkpoint
+    assert kept == ["step_000004", "step_000006"]  # the last step is checkpointed too: a run extends from its end
 
 
 def test_one_split_objective_supervises_one_suffix_per_batch(tmp_path, target, draft, windows):
@@ -163,7 +163,7 @@ def test_a_trained_fuser_is_not_overwritten_without_overwrite(tmp_path, capsys):
     (out / "final" / "projector_0.json").write_text("{}")
     rc = train_fuser.main(["--base_model", "d", "--teacher_model", "t", "--data", "x.txt", "--output_dir", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "already holds a trained fuser" in err and "--overwrite" in err
+    assert rc == 2 and "this trainer did not write" in err and "--overwrite clears only" in err
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--suffixes", "some"),

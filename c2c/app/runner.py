@@ -16,6 +16,7 @@ from ..core import metrics
 from ..core.adapter import adapter_mask_id, find_adapter, load_adapter, load_mask
 from ..core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, cache_sizes, standard_generate, top2_margin
 from ..errors import UserInputError
+from ..core.effect import EFFECT_FLOOR, close_inert, projector_effects
 from ..core.fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
     DEFAULT_FUSER,
@@ -224,12 +225,16 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
     if open_gates is not None and open_gates[0] == 0:
         log(f"WARNING: no gate of the fuser at {choice_path} is open (all {open_gates[1]} gate logits <= 0): "
             "fusion changes nothing, so the engine skips it; the fuser is untrained or badly trained")
+    effects, inert = (None, None) if fuser is None else close_inert_projectors(fuser, target, fused_draft or draft, choice_path, log)
+    open_gates = list(fuser.open_gates()) if fuser is not None else None  # after closing the inert projectors
     fusion = {
         "enabled": fuser is not None,
         "prefill": fuser is not None and cfg.prefill_fusion,
         "decode": fuser is not None and cfg.decode_fusion,
         "fuse_last_prompt": fuser is not None and cfg.decode_fusion and cfg.fuse_last_prompt,
         "open_gates": open_gates,  # [open, total]: K and V gates of the projectors the layer map uses
+        "projector_effects": effects,  # relative K/V change of each projector on a probe (c2c.core.effect)
+        "inert_projectors": inert,  # those below EFFECT_FLOOR, their gates closed: they changed nothing
         "draft_adapter": adapter_info,  # not C2C: a draft change trained with the projectors (None: frozen draft)
         "reason": reason,
         "path": str(choice_path) if choice_path else None,
@@ -259,6 +264,25 @@ def parallel_masks(draft_config, draft_name: str, arg=flag, trained: int | None 
         raise UserInputError(f"{draft_name}'s config.json names mask id {bad[0]}, outside its vocabulary of {vocab} "
                              "embeddings: fix the mask id in the draft's config.json")
     return ids
+
+
+def close_inert_projectors(fuser, target, draft, where, log) -> tuple[list[float], list[int]]:
+    """Measure each projector's effect on the draft's K/V (64 seeded random tokens) and close the gates
+    of those below EFFECT_FLOOR: a fuser that changes nothing then costs nothing (the engine skips a
+    fuser with every gate closed). Returns (effects, closed projectors)."""
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))  # (1, 64)
+    open_before = fuser.open_gates()[0]
+    effects = projector_effects(fuser, target, draft, ids)
+    closed = close_inert(fuser, effects)
+    if closed and open_before and fuser.open_gates()[0] == 0:
+        log(f"WARNING: the fuser at {where} changes the draft's K/V by at most {max(effects):.2g} (relative; "
+            f"{EFFECT_FLOOR:g} is the floor): fusion changes nothing, so the engine skips it (no fusion cost); the fuser "
+            "is untrained or badly trained")
+    elif closed and open_before:
+        log(f"projectors {', '.join(map(str, closed))} of the fuser at {where} change the draft's K/V by less than "
+            f"{EFFECT_FLOOR:g} (relative): their gates are closed")
+    return effects, closed
 
 
 def _generator(session: Session) -> torch.Generator:

@@ -50,7 +50,8 @@ def mask_row(ids: list[int], k: int) -> list[int]:
 
 def block(window: torch.Tensor, count: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The draft's input (W + M,): window (W,) whose first `count` (0-d) entries are the unseen
-    tokens, then masks (M,), then padding (the mask id; W - count slots). On the device, fixed shape."""
+    tokens, then masks (M,), then padding (the last mask id; W - count slots, never attended: causality). On the
+    device, fixed shape."""
     w, m = window.shape[0], masks.shape[0]
     index = torch.arange(w + m, device=window.device)  # (W+M,)
     real = window.index_select(0, index.clamp_max(w - 1))

@@ -51,6 +51,9 @@ def _messages(record: dict, where: str) -> tuple[dict, ...]:
         if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str) or not isinstance(role, str) or role not in ROLES:
             raise UserInputError(f"{where}: each turn needs {role_key!r} (a string: {', '.join(sorted(ROLES))}) and a "
                                  f"{text_key!r} string; fix the turn {_short(turn)}")
+        if ROLES[role] == "assistant" and not turn[text_key].strip():
+            raise UserInputError(f"{where}: an assistant turn is empty (nothing to train on, and training on it teaches "
+                                 f"the draft to end at once): give it its answer or remove the turn {_short(turn)}")
         out.append({"role": ROLES[turn[role_key]], "content": turn[text_key]})
     return tuple(out)
 

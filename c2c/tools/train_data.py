@@ -111,7 +111,8 @@ def make_windows(token_streams: list[list[int]], seq_len: int, separator: int | 
 
 
 def split_heldout(items: list, fraction: float) -> tuple[list, list]:
-    """The last `fraction` of the items (at least one) is held out: training never sees it."""
+    """The last `fraction` of the items (at least one) is held out: training never sees it. The items
+    are whole units (windows, or each conversation's answers together)."""
     n_held = max(1, int(len(items) * fraction))
     if len(items) - n_held < 1:
         raise UserInputError(f"training data too small: {len(items)} sequences leave none after the held-out share")
@@ -214,14 +215,15 @@ class SplitData:
         `pool` > 1 buckets by length without favouring any row: pool x batch_size distinct rows are
         drawn, sorted by length and cut into pool batches, and one of them, drawn uniformly, is this
         batch (so every row is as likely as without the pool, and its batch mates have lengths like
-        its own: less padding)."""
+        its own: less padding). The pool holds at most half the data: a pool of all of it would be the
+        same rows every time, cut into the same few batches (48 rows, batches of 8: 6 compositions)."""
         n = len(self.rows)
         if batch_size > n:
             picked: list[int] = []
             while len(picked) < batch_size:
                 picked += rng.sample(range(n), min(batch_size - len(picked), n))
             return picked
-        chunks = max(1, min(pool, n // batch_size))
+        chunks = max(1, min(pool, n // (2 * batch_size)))  # a pool of at most half the data: varied batches
         drawn = rng.sample(range(n), chunks * batch_size)
         if chunks == 1:
             return drawn

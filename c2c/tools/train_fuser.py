@@ -22,10 +22,11 @@ import torch
 
 from ..app.cli import OneLineParser, apply_threads, run_main
 from ..errors import UserInputError
+from .run_folder import MARKER, resumable
 from .training import TrainConfig
 
 HELP = {
-    "steps": "optimizer steps",
+    "steps": "optimizer steps (may change on --resume: the schedule then follows the new length)",
     "batch_size": "sequences per step, over all processes (the global batch: the same run on 1 or N processes)",
     "seq_len": "window length in tokens for plain-text data",
     "gamma": "draft tokens per round the fuser is trained for: blocks (or suffixes) of gamma+1 positions",
@@ -63,7 +64,9 @@ HELP = {
     "draft_kv": "decode: the fuser learns from the draft K/V decoding gives it (computed over the fused prefix); "
                 "plain: from a plain draft pass (the earlier objective)",
     "eval_prompts": "held-out prompts the engine decodes at each evaluation, fused and unfused, for tokens per "
-                    "target call (0: none)",
+                    "target call, at most (0: no engine figure)",
+    "eval_seconds": "the first evaluation decodes as many held-out prompts as these seconds allow (fused and unfused; "
+                    "later evaluations the same prompts): more prompts, a surer verdict",
     "eval_new_tokens": "new tokens per held-out prompt in that figure, at most",
     "parallel_drafts": "K > 0: train parallel drafting (PARD's layout over the fused prefix): a mask embedding (and the "
                        "--draft_adapter) so that one draft forward over [anchor, K-1 masks] drafts K tokens; --gamma follows K",
@@ -81,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="plain text file; or JSONL (or parquet, with pyarrow) records: "
                    "'messages' (OpenAI chat), 'conversations' (ShareGPT), 'text' or 'prompt'")
     p.add_argument("--output_dir", required=True, help="fuser folder to write (final/, config.json, checkpoints/)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="train into an output_dir that already holds a trained fuser "
-                   "(its checkpoints and metrics.jsonl are removed first, so --resume can only continue this run)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint, "
+                   f"with the flags it was made with: only {resumable()} may change (a changed flag is an error)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir this trainer wrote (it holds "
+                   f"{MARKER}): what the earlier run wrote is removed once every check has passed; a folder the "
+                   "trainer did not write is never touched")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     defaults = TrainConfig("", "", "", "")
     skip = {"draft_model", "target_model", "data", "output_dir"}
@@ -104,48 +109,74 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    """Check everything (flags, folder, resume, data, models, disk space), then touch the folder, then train."""
     from pathlib import Path
 
-    from . import chat_data, train_data, training
-    from ..app.loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from . import chat_data, run_folder
 
     if args.parallel_drafts > 0 and args.gamma == TrainConfig("", "", "", "").gamma:
         args.gamma = args.parallel_drafts  # the rounds it drafts: the data's blocks and the engine figure follow
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
     out = Path(cfg.output_dir)
-    trained = training.find_trained(out)
-    if trained is not None and not (args.overwrite or args.resume):
-        raise UserInputError(f"{out} already holds a trained fuser ({trained}): pass --overwrite "
-                             "to train over it, --resume to continue its checkpoints, or choose another --output_dir")
-    earlier = training.latest_checkpoint(out)
-    if earlier is not None and not (args.overwrite or args.resume):
-        raise UserInputError(f"{out} holds an earlier run's checkpoints (newest {earlier.name}): pass --resume to "
-                             "continue that run, --overwrite to start over (they are removed), or choose another --output_dir")
+    plan = run_folder.check(cfg, args.overwrite, args.resume)  # reads only
+    records = chat_data.read_records(cfg.data)
     threads = apply_threads(cfg.threads)
-    processes = training.Processes()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` (or torchrun)
-        from accelerate import PartialState
-
-        state = PartialState(cpu=cfg.device == "cpu")
-        processes = training.Processes(state.process_index, state.num_processes)
-        device = state.device
-    else:
-        device = resolve_device(cfg.device)
-        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ:
-            print("WARNING: `accelerate launch --cpu` started this one process only (accelerate needs mpirun for "
-                  "several CPU processes); for N processes on CPU use `accelerate launch --multi_gpu "
-                  "--num_processes N -m c2c.tools.train_fuser --device cpu ...` or `torchrun --nproc_per_node N -m "
-                  "c2c.tools.train_fuser --device cpu ...`", file=sys.stderr)
+    processes, device = start_processes(cfg)
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if processes.main else (lambda *a, **k: None)
-    if processes.main and args.overwrite and not args.resume:
-        removed = training.clear_run(out)
+    trainer, dtype, sizes = build_trainer(cfg, records, device, processes, say)
+    run_folder.check_space(out, trainer.checkpoint_bytes())
+    say(f"{sizes}; {threads} CPU thread(s); {processes.count} process(es); objective {cfg.objective}, suffixes "
+        f"{cfg.suffixes}, draft K/V {cfg.draft_kv}")
+    for warning in trainer.warnings():
+        say(f"WARNING: {warning}")
+    if plan.resume_from is not None:
+        trainer.load_checkpoint(plan.resume_from)
+        say(f"resumed from {plan.resume_from} (step {trainer.step})")
+    # every check has passed: from here on the folder changes
+    if processes.main:
+        removed = run_folder.begin(cfg, plan)
         if removed:
             say(f"--overwrite: removed the previous run's {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''} "
                 f"from {out}")
     processes.barrier()
+    try:
+        result = trainer.train(progress=not args.no_progress)
+    except KeyboardInterrupt:
+        latest = run_folder.latest_checkpoint(cfg.output_dir)
+        where = (f"--resume continues from {latest} (step {int(latest.name.removeprefix('step_'))})" if latest
+                 else f"no checkpoint was written yet (every {cfg.save_every} steps): nothing was saved")
+        say(f"\ninterrupted (Ctrl-C) at step {trainer.step}: {where}")
+        return 130
+    if processes.main:
+        save_run(cfg, trainer, result, dtype)
+    return 0
+
+
+def start_processes(cfg):
+    """This process's place in a data-parallel run and its device."""
+    from ..app.loading import resolve_device
+    from . import training
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch` (or torchrun)
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cfg.device == "cpu")
+        return training.Processes(state.process_index, state.num_processes), state.device
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ:
+        print("WARNING: `accelerate launch --cpu` started this one process only (accelerate needs mpirun for "
+              "several CPU processes); for N processes on CPU use `accelerate launch --multi_gpu "
+              "--num_processes N -m c2c.tools.train_fuser --device cpu ...` or `torchrun --nproc_per_node N -m "
+              "c2c.tools.train_fuser --device cpu ...`", file=sys.stderr)
+    return training.Processes(), resolve_device(cfg.device)
+
+
+def build_trainer(cfg, records, device, processes, say):
+    """Models, data and the trainer (nothing written): (trainer, the models' dtype, what the data hold)."""
+    from . import train_data, training
+    from ..app.loading import eos_token_ids, load_model, load_tokenizer, resolve_dtype
+
     dtype = resolve_dtype(cfg.dtype, device)
-    records = chat_data.read_records(cfg.data)
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, "target", dtype, device)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
@@ -158,11 +189,12 @@ def run(args) -> int:
         cfg = replace(cfg, mask_id=default_mask_id(draft, tokenizer))
         say(f"parallel drafting: mask id {cfg.mask_id} (an id the tokenizer never makes)")
     if cfg.generate_from_target or any(r.is_chat for r in records):
-        items = answer_items(cfg, records, tokenizer, target, eos, processes, say)
-        train_items, held_items = train_data.split_heldout(items, cfg.heldout_fraction)
-        data = train_data.SplitData.from_answers(train_items, cfg.gamma)
-        heldout = train_data.SplitData.from_answers(held_items, cfg.gamma)
-        unit = "answers (the loss on assistant tokens only)"
+        groups = answer_groups(cfg, records, tokenizer, target, eos, processes, say)
+        train_groups, held_groups = train_data.split_heldout(groups, cfg.heldout_fraction)  # whole conversations
+        data = train_data.SplitData.from_answers([i for g in train_groups for i in g], cfg.gamma)
+        heldout = train_data.SplitData.from_answers([i for g in held_groups for i in g], cfg.gamma)
+        unit = (f"answers (the loss on assistant tokens only) from {len(train_groups)} and {len(held_groups)} "
+                "conversations or prompts")
     else:
         # verbose=False: a long text is cut into windows here, so the tokenizer's length warning means nothing
         streams = [tokenizer(r.text, add_special_tokens=False, verbose=False)["input_ids"] for r in records]
@@ -171,42 +203,30 @@ def run(args) -> int:
         data = train_data.SplitData.from_windows(torch.stack(train_windows), cfg.min_prefix, cfg.gamma)
         heldout = train_data.SplitData.from_windows(torch.stack(held_windows), cfg.min_prefix, cfg.gamma)
         unit = f"windows of {cfg.seq_len} tokens"
-    say(f"{len(data)} training and {len(heldout)} held-out {unit} ({data.supervised_positions:,} and "
-        f"{heldout.supervised_positions:,} supervised positions); {threads} CPU thread(s); {processes.count} "
-        f"process(es); objective {cfg.objective}, suffixes {cfg.suffixes}, draft K/V {cfg.draft_kv}")
+    sizes = (f"{len(data)} training and {len(heldout)} held-out {unit} ({data.supervised_positions:,} and "
+             f"{heldout.supervised_positions:,} supervised positions)")
     trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device, processes, eos)
-    for warning in trainer.warnings():
-        say(f"WARNING: {warning}")
-    if args.resume:
-        latest = training.latest_checkpoint(cfg.output_dir)
-        if latest is None:
-            say(f"no checkpoint in {cfg.output_dir}/checkpoints: starting from step 0")
-        else:
-            trainer.load_checkpoint(latest)
-            say(f"resumed from {latest} (step {trainer.step})")
-            if trainer.step >= cfg.steps:
-                raise UserInputError(f"--steps {cfg.steps} is not past the checkpoint's step {trainer.step}: raise --steps "
-                                     "to train on from it")
-    try:
-        result = trainer.train(progress=not args.no_progress)
-    except KeyboardInterrupt:
-        latest = training.latest_checkpoint(cfg.output_dir)
-        where = (f"--resume continues from {latest} (step {int(latest.name.removeprefix('step_'))})" if latest
-                 else f"no checkpoint was written yet (every {cfg.save_every} steps): nothing was saved")
-        say(f"\ninterrupted (Ctrl-C) at step {trainer.step}: {where}")
-        return 130
-    if not processes.main:
-        return 0
+    trainer.tokenizer = tokenizer  # saved beside an exported draft (--parallel_drafts --no-fusion)
+    return trainer, dtype, sizes
+
+
+def save_run(cfg, trainer, result, dtype) -> None:
+    """The fuser (official layout), config.json, the draft adapter; the closing lines and warnings."""
+    from pathlib import Path
+
+    from . import training
+    from ..app.loading import DTYPES
+
+    out = Path(cfg.output_dir)
     save_dtype = (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32) if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
-    extra = {"sequences": {"train": len(data), "heldout": len(heldout)}, "history": result["history"],
-             "train_seconds": result["seconds"], "processes": processes.count,
+    extra = {"sequences": {"train": len(trainer.data), "heldout": len(trainer.heldout)}, "history": result["history"],
+             "train_seconds": result["seconds"], "processes": trainer.processes.count,
              "target_tokens": result["target_tokens"], "supervised_tokens": result["supervised_tokens"],
              "padding_tokens": result["padding_tokens"]}
     config = training.run_config(cfg, extra)
     if cfg.fusion:
         final = training.save_fuser(trainer.fuser, out, config=config, dtype=save_dtype)
     else:  # the adapter-alone arm: no projectors were trained, so none are written (not loadable as a fuser)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
         final = out
     last = result["history"][-1]
@@ -223,40 +243,53 @@ def run(args) -> int:
         if trainer.adapter is not None:
             train_parallel.save(trainer, out / ADAPTER_DIR, save_dtype)
         if not cfg.fusion:  # PARD alone: a draft folder vLLM's parallel drafting and --parallel_drafting load as it is
-            exported = train_parallel.export_pard(trainer, out / "pard_draft", tokenizer, save_dtype)
-            print(f"exported the parallel draft in PARD's layout to {exported} (pard_token {cfg.mask_id}): "
+            exported = train_parallel.export_pard(trainer, out / "pard_draft", trainer.tokenizer, save_dtype)
+            print(f"exported the parallel draft in PARD's layout to {exported} (pard_token {trainer.mask.mask_id}): "
                   f"--base_model {exported} --parallel_drafting --fuser_checkpoint none", file=sys.stderr)
     lines, warnings = summary(cfg, final, last)
     print("\n".join(lines))
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
-    return 0
 
 
 def summary(cfg, final, last: dict) -> tuple[list[str], list[str]]:
-    """The run's closing lines (held-out agreement, the engine's tokens per target call) and its
-    warnings: wherever the fuser changes nothing or makes decoding worse, with the fix."""
+    """The run's closing lines (held-out agreement, the engine's tokens per target call and its verdict)
+    and its warnings: wherever the fuser changes nothing or makes decoding worse, with the fix."""
+    from ..core.effect import EFFECT_FLOOR, inert
+    from .engine_eval import verdict
+
     what = "fused" if cfg.fusion else "adapted draft"
     lines, warnings = [], []
     lines.append(f"saved {final} | held-out top-1 agreement {what} {last['agreement_fused']:.4f} vs unfused "
                  f"{last['agreement_unfused']:.4f} on {last['heldout_tokens']} positions of {last['heldout_sequences']} "
                  f"held-out sequences (won {last['won']}, lost {last['lost']}); open gates {last['open_gates']}/{last['gates']}")
-    if "tokens_per_call_fused" in last:
-        fused, unfused = last["tokens_per_call_fused"], last["tokens_per_call_unfused"]
-        lines.append(f"engine on {last['engine_prompts']} held-out prompts (greedy, gamma {cfg.gamma}): {fused:.3f} tokens "
-                     f"per target call fused vs {unfused:.3f} unfused")
-        if fused < unfused:
-            warnings.append("fusion lowers the engine's tokens per target call on held-out prompts: this fuser makes "
-                            "decoding slower than no fuser; train longer or on more data, or run with --fuser_checkpoint none")
+    if last.get("tokens_per_call_fused") is not None:
+        fused, unfused, n = last["tokens_per_call_fused"], last["tokens_per_call_unfused"], last["engine_prompts"]
+        said, warning = verdict(last)
+        lines.append(f"engine on {n} held-out prompts (greedy, gamma {cfg.gamma}; as many as --eval_seconds "
+                     f"{cfg.eval_seconds:g} allowed, at most --eval_prompts {cfg.eval_prompts}): {fused:.3f} tokens per "
+                     f"target call fused vs {unfused:.3f} unfused, better on {last['engine_wins']} prompts, worse on "
+                     f"{last['engine_losses']}: {said}")
+        if warning:
+            warnings.append(warning)
+    effects = last.get("projector_effects")
     if cfg.fusion and last["open_gates"] == 0:
         warnings.append("no gate is open: this fuser changes nothing (every gate logit <= 0; the demo skips fusion); "
                         "train longer, raise --lr, or start the gates open with --initial_gate_logit 1")
+    elif effects and len(inert(effects)) == len(effects):
+        warnings.append(f"this fuser changes the draft's K/V by at most {max(effects):.2g} (relative, on a held-out "
+                        f"sequence), below {EFFECT_FLOOR:g}: it changes nothing, so the demo skips it; train longer, raise "
+                        "--lr, or check the data")
+    elif effects and inert(effects):
+        warnings.append(f"projectors {', '.join(map(str, inert(effects)))} change the draft's K/V by less than "
+                        f"{EFFECT_FLOOR:g} (relative): they change nothing, and the demo closes their gates")
     return lines, warnings
 
 
-def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[tuple[list[int], int]]:
-    """(ids, answer start) per answer, in the records' order: the assistant turns a conversation holds,
-    and the target's own answers to prompts (text records and conversations ending with a user turn)."""
+def answer_groups(cfg, records, tokenizer, target, eos, processes, say) -> list[list[tuple[list[int], int]]]:
+    """Per record, in the records' order, its answers as (ids, answer start): the assistant turns a
+    conversation holds, and the target's own answer to a prompt (a text record, or a conversation
+    ending with a user turn). Held-out data are split by record, so a conversation is never half trained."""
     from . import chat_data, train_data
 
     prompts = [r.text if not r.is_chat else r.messages for r in records if not r.is_chat or r.needs_answer]
@@ -269,15 +302,21 @@ def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[t
         say(f"target answering {len(prompts)} prompts (at most {cfg.generate_from_target} tokens each)")
         answers = iter(train_data.target_generations(target, tokenizer, prompts, cfg.generate_from_target, eos, processes,
                                                    cfg.enable_thinking))
-    items = []
+    groups = []
     for r in records:
-        if r.is_chat:  # every assistant turn it holds, and the target's answer to a last user turn
-            items.extend(chat_data.assistant_items(tokenizer, r.messages, eos, cfg.enable_thinking))
+        group = chat_data.assistant_items(tokenizer, r.messages, eos, cfg.enable_thinking) if r.is_chat else []
         if not r.is_chat or r.needs_answer:
-            items.append(next(answers))
-    if not items:
+            group.append(next(answers))
+        if group:
+            groups.append(group)
+    if not groups:
         raise UserInputError(f"{cfg.data} holds no assistant turn to train on")
-    return items
+    return groups
+
+
+def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[tuple[list[int], int]]:
+    """Every answer of answer_groups, flat."""
+    return [i for g in answer_groups(cfg, records, tokenizer, target, eos, processes, say) for i in g]
 
 
 if __name__ == "__main__":

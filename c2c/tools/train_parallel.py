@@ -194,23 +194,22 @@ class merged_mask:
 @torch.no_grad()
 def engine_figures(trainer, prompts: list[list[int]]) -> dict:
     """The engine's tokens per target call for the parallel round (gamma K, greedy) on held-out prompts,
-    with the trained draft (adapter and mask), fused and unfused: each output the target's own."""
+    with the trained draft (adapter and mask), fused and unfused (each output the target's own), and
+    the paired verdict over prompts (c2c.tools.engine_eval), every key prefixed `parallel_`."""
     from ..core.engine import SpecConfig, SpeculativeDecoder
     from ..core.sampling import SamplingConfig
+    from .engine_eval import Counts, figures
 
     cfg = trainer.cfg
     spec = SpecConfig(gamma=cfg.parallel_drafts, max_new_tokens=cfg.eval_new_tokens, parallel=True)
-    out = {}
+    counts = {}
     with merged_mask(trainer.draft, trainer.mask):
         for arm, fuser in (("fused", trainer.fuser if cfg.fusion else None), ("unfused", None)):
             decoder = SpeculativeDecoder(trainer.target, trainer.draft, spec, SamplingConfig(), trainer.eos_ids, fuser=fuser,
                                          masks=[trainer.mask.mask_id])
-            tokens = calls = 0
-            for prompt in prompts:
-                result = decoder.generate(prompt)
-                tokens, calls = tokens + len(result.output_ids), calls + result.counters.target_calls
-            out[f"parallel_tokens_per_call_{arm}"] = tokens / calls if calls else None
-    return out
+            runs = [decoder.generate(prompt) for prompt in prompts]
+            counts[arm] = Counts(tuple(len(r.output_ids) for r in runs), tuple(r.counters.target_calls for r in runs))
+    return {f"parallel_{k}": v for k, v in figures(counts["fused"], counts["unfused"]).items()}
 
 
 def save(trainer, folder, dtype: torch.dtype) -> None:

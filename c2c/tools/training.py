@@ -32,11 +32,13 @@ import torch
 
 from ..core.adapter import KINDS, DraftAdapter
 from ..errors import UserInputError
-from ..core.fuser import C2CFuser, KVShape, StepNoise, load_fuser, save_fuser
-from . import train_parallel
+from ..core.effect import projector_effects
+from ..core.fuser import C2CFuser, KVShape, StepNoise, count_parameters, load_fuser, save_fuser
+from . import engine_eval, train_parallel
+from .run_folder import latest_checkpoint, prune_checkpoints, save_run_record  # noqa: F401 (latest_checkpoint re-exported)
 from .train_data import SplitData
+from .train_objective import DRAFT_KV, all_position_logits, paired_agreement, token_losses
 from .train_parallel import MaskEmbedding
-from .train_objective import DRAFT_KV, all_position_logits, engine_figures, paired_agreement, plain_engine_counts, token_losses
 
 
 SUFFIXES = ("all", "one")
@@ -85,8 +87,9 @@ class TrainConfig:
     gate_noise: str = "gumbel"  # training noise of the gates: gumbel (C2C's), logistic (the shipped presets'), none
     keep_checkpoints: int = 2  # checkpoints kept in output_dir/checkpoints (older ones are deleted)
     draft_kv: str = "decode"  # decode: the fuser gets the draft K/V decoding gives it; plain: a plain pass's (earlier)
-    eval_prompts: int = 16  # held-out prompts the engine decodes at each evaluation, fused and unfused (0: none)
+    eval_prompts: int = 1000  # held-out prompts the engine decodes at each evaluation, at most (0: no engine figure)
     eval_new_tokens: int = 64  # at most this many new tokens per held-out prompt in the engine figure
+    eval_seconds: float = 60.0  # the first evaluation decodes as many prompts as this allows; later ones the same
     length_pool: int = 16  # batches' worth of rows drawn and sorted by length, one of them trained on (1: no bucketing)
     parallel_drafts: int = 0  # K > 0: train parallel drafting of K drafts (a mask embedding, c2c.tools.train_parallel)
     mask_id: int = -1  # parallel drafting's mask id (-1: an id the tokenizer never makes, train_parallel.default_mask_id)
@@ -101,11 +104,14 @@ class TrainConfig:
                                  f"and {self.eval_new_tokens}")
         if self.gate_noise not in GATE_NOISE:
             raise UserInputError(f"--gate_noise must be {', '.join(GATE_NOISE)}, got {self.gate_noise!r}")
-        for name in ("lr", "adapter_lr", "weight_decay", "grad_clip", "dropout", "initial_gate_logit", "heldout_fraction"):
+        for name in ("lr", "adapter_lr", "weight_decay", "grad_clip", "dropout", "initial_gate_logit", "heldout_fraction",
+                     "eval_seconds"):
             if not math.isfinite(getattr(self, name)):
                 raise UserInputError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.adapter_lr < 0:
             raise UserInputError(f"--lr must be > 0 and --adapter_lr >= 0 (0: the same as --lr), got {self.lr} and {self.adapter_lr}")
+        if self.eval_seconds <= 0:
+            raise UserInputError(f"--eval_seconds must be > 0, got {self.eval_seconds}")
         if not 0 < self.heldout_fraction < 1:
             raise UserInputError(f"--heldout_fraction must be between 0 and 1, got {self.heldout_fraction}")
         if self.keep_checkpoints < 1:
@@ -193,9 +199,10 @@ class FuserTrainer:
                  processes: Processes = Processes(), eos_ids: set[int] | None = None):
         self.cfg, self.target, self.draft, self.device = cfg, target, draft, device
         self.data, self.heldout, self.processes = data, heldout, processes
-        if cfg.batch_size < processes.count:
-            raise UserInputError(f"--batch_size {cfg.batch_size} is the global batch: it must be at least the "
-                                 f"number of processes ({processes.count})")
+        self.batch_rows = min(cfg.batch_size, len(data))  # a batch larger than the data would only repeat rows
+        if self.batch_rows < processes.count:
+            raise UserInputError(f"--batch_size {cfg.batch_size} is the global batch ({len(data)} training sequences): "
+                                 f"it must be at least the number of processes ({processes.count})")
         eos = target.config.eos_token_id
         self.eos_ids = set(eos_ids) if eos_ids is not None else set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         torch.manual_seed(cfg.seed)
@@ -218,6 +225,7 @@ class FuserTrainer:
             self.adapter = DraftAdapter.create(draft, cfg.draft_adapter, cfg.adapter_rank).to(device)
             self.adapter.attach(draft)
             groups.append({"params": list(self.adapter.parameters()), "lr": cfg.adapter_lr or cfg.lr})
+        self.tokenizer = None  # set by the command line: saved beside an exported parallel draft
         self.mask = None  # parallel drafting: the trained mask embedding (c2c.tools.train_parallel)
         if cfg.parallel_drafts:
             draft.requires_grad_(False)
@@ -232,7 +240,7 @@ class FuserTrainer:
         self.padding_tokens = 0  # of which padding
         self.supervised_tokens = 0  # positions a loss was taken on so far, all processes
         self.batches: list[tuple[int, int]] = []  # (distinct rows, rows) of each step since the last evaluation
-        self.plain_engine: tuple[int, int] | None = None  # the plain draft's engine counts, measured once
+        self.engine_plain: engine_eval.Counts | None = None  # the plain draft's per-prompt counts, measured once
         self.trained = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _lr_factor(self, step: int) -> float:
@@ -245,6 +253,9 @@ class FuserTrainer:
     def warnings(self) -> list[str]:
         """What about this configuration will waste the run, each with its fix (printed before step 1)."""
         cfg, out = self.cfg, []
+        if self.batch_rows < cfg.batch_size:
+            out.append(f"--batch_size {cfg.batch_size} is larger than the {len(self.data)} training sequences: each batch "
+                       f"holds all {self.batch_rows} of them (capped); give more data for varied batches")
         held = self.heldout.supervised_positions
         if held < cfg.eval_tokens:
             out.append(f"the held-out sequences hold {held:,} supervised positions, fewer than --eval_tokens "
@@ -263,7 +274,7 @@ class FuserTrainer:
             p.set_anneal_step(self.step)
         grad = self.adapter is not None
         draw = self.data.sample_blocks if cfg.suffixes == "all" else self.data.sample
-        batch = draw(self.rng, cfg.batch_size, cfg.length_pool)
+        batch = draw(self.rng, self.batch_rows, cfg.length_pool)
         mine = batch.share(self.processes.rank, self.processes.count)
         self.noise.begin(self.step, list(range(len(batch.rows)))[self.processes.rank :: self.processes.count], mine.lengths)
         total = int(batch.supervised.sum())  # every process's rows: the loss is a mean over the global batch
@@ -293,22 +304,47 @@ class FuserTrainer:
         cfg = self.cfg
         self.fuser.eval()
         # the main process evaluates alone: batches of one process's share, so it holds what a step holds
-        rows = max(1, cfg.batch_size // self.processes.count)
+        rows = max(1, self.batch_rows // self.processes.count)
         figures = paired_agreement(self.fuser, self.target, self.draft, self.heldout, cfg.eval_tokens, rows,
                                    cfg.objective, self.device, self.adapter, cfg.fusion, cfg.draft_kv)
+        if cfg.fusion:
+            figures["projector_effects"] = self.effects()
         if cfg.eval_prompts and cfg.fusion:
-            prompts = self.heldout.prompts(cfg.eval_prompts)
-            if self.plain_engine is None:  # the plain draft's figure never changes while the fuser trains: once
-                self.plain_engine = plain_engine_counts(self.target, self.draft, prompts, cfg.gamma, cfg.eval_new_tokens,
-                                                        self.eos_ids, self.adapter)
-            figures |= engine_figures(self.fuser, self.target, self.draft, prompts, cfg.gamma, cfg.eval_new_tokens,
-                                      self.eos_ids, self.adapter, self.plain_engine)
-        if self.mask is not None:  # per offset, and the parallel round in the engine
+            figures |= self.engine()
+        if self.mask is not None:  # per offset, and the parallel round in the engine (the chain figure's prompts)
             figures |= train_parallel.offset_agreement(self, self.heldout.evaluation(cfg.eval_tokens, rows))
             if cfg.eval_prompts:
-                figures |= train_parallel.engine_figures(self, self.heldout.prompts(cfg.eval_prompts))
+                count = len(self.engine_plain) if self.engine_plain is not None else min(cfg.eval_prompts, 16)
+                figures |= train_parallel.engine_figures(self, self.heldout.prompts(count))
         return {"step": self.step, **figures, "target_tokens": self.target_tokens,
                 "supervised_tokens": self.supervised_tokens}
+
+    def effects(self) -> list[float]:
+        """How much each projector changes the draft's K/V (relative, hard gates) on the first held-out sequence."""
+        ids = self.heldout.rows[0][:256].view(1, -1).to(self.device)  # (1, N)
+        return projector_effects(self.fuser, self.target, self.draft, ids)
+
+    def engine(self) -> dict:
+        """The engine figures (engine_eval): the first call decodes as many held-out prompts as
+        --eval_seconds allow, fused and plain; later calls the same prompts, fused (the plain draft's
+        counts never change while only the fuser trains)."""
+        cfg = self.cfg
+        args = (self.target, self.draft)
+        if self.engine_plain is None:
+            prompts = self.heldout.prompts(cfg.eval_prompts)
+            fused, self.engine_plain = engine_eval.first_counts(self.fuser, *args, prompts, cfg.gamma, cfg.eval_new_tokens,
+                                                                self.eos_ids, cfg.eval_seconds, self.adapter)
+        else:
+            prompts = self.heldout.prompts(len(self.engine_plain))
+            fused = engine_eval.decode_counts(self.fuser, *args, prompts, cfg.gamma, cfg.eval_new_tokens, self.eos_ids,
+                                              self.adapter)
+        return engine_eval.figures(fused, self.engine_plain)
+
+    def checkpoint_bytes(self) -> int:
+        """Disk a checkpoint takes (float32 weights and AdamW's two moments of every trained parameter,
+        the fuser saved once more in float32 as the final fuser, at most), to check the space before step 1."""
+        trained = sum(p.numel() for p in self.trained)
+        return 4 * (3 * trained + count_parameters(self.fuser)) + (1 << 20)  # + 1 MB of small files
 
     def metrics_line(self, figures: dict) -> dict:
         """One line of metrics.jsonl; the batch figures cover the steps since the previous line."""
@@ -320,6 +356,9 @@ class FuserTrainer:
             "tokens_per_call_fused": figures.get("tokens_per_call_fused"),
             "tokens_per_call_unfused": figures.get("tokens_per_call_unfused"),
             "engine_prompts": figures.get("engine_prompts", 0),
+            **{k: figures.get(k) for k in ("engine_wins", "engine_losses", "engine_ratio", "engine_ratio_low",
+                                           "engine_ratio_high")},
+            "projector_effects": figures.get("projector_effects"),
             "target_tokens": self.target_tokens, "supervised_tokens": self.supervised_tokens,
             "padding_share": self.padding_tokens / self.target_tokens if self.target_tokens else 0.0,
             "distinct_rows_min": min(distinct), "distinct_rows_mean": sum(distinct) / len(distinct),
@@ -345,6 +384,7 @@ class FuserTrainer:
             },
             folder / "trainer_state.pt",
         )
+        save_run_record(folder, self.cfg, self.step)  # last: a checkpoint without it is not found complete
         prune_checkpoints(folder.parent, self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -401,7 +441,7 @@ class FuserTrainer:
                         postfix["tok/call"] = f"{figures['tokens_per_call_fused']:.2f}/{figures['tokens_per_call_unfused']:.2f}"
                 self.batches.clear()
                 self.processes.barrier()
-            if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:  # the last step too: a run extends from its end
                 if main:
                     self.save_checkpoint(out / "checkpoints" / f"step_{self.step:06d}")
                 self.processes.barrier()
@@ -428,59 +468,6 @@ def keep_metrics(path: Path, step: int) -> None:
             continue
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def clear_run(output_dir: str | Path) -> list[str]:
-    """`--overwrite`: remove what an earlier run left (its checkpoints, metrics.jsonl, and the trained
-    fuser itself: final/, config.json, draft_adapter/), so that nothing of it can be resumed or loaded
-    as this run's. Returns what was removed."""
-    import shutil
-
-    from ..core.adapter import ADAPTER_DIR
-
-    out, removed = Path(output_dir), []
-    if (out / "checkpoints").is_dir():
-        removed += [f"checkpoints/{f.name}" for f in sorted((out / "checkpoints").iterdir())]
-        shutil.rmtree(out / "checkpoints")
-    for name in ("final", ADAPTER_DIR):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-            removed.append(f"{name}/")
-    for name in ("metrics.jsonl", "config.json"):
-        if (out / name).is_file():
-            (out / name).unlink()
-            removed.append(name)
-    return removed
-
-
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints under `folder` (checkpoints/step_N)."""
-    import shutil
-
-    done = sorted((f for f in folder.glob("step_*") if (f / "trainer_state.pt").is_file()), key=_step_of)
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def find_trained(output_dir: str | Path) -> Path | None:
-    """The trained fuser (or adapter-alone config) an output folder already holds, if any."""
-    out = Path(output_dir)
-    for candidate in (out / "final" / "projector_0.json", out / "config.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    folders = [f for f in (Path(output_dir) / "checkpoints").glob("step_*") if (f / "trainer_state.pt").is_file()]
-    return max(folders, key=_step_of) if folders else None
-
-
-def _step_of(folder: Path) -> int:
-    try:
-        return int(folder.name.removeprefix("step_"))
-    except ValueError:
-        return -1
 
 
 def run_config(cfg: TrainConfig, extra: dict) -> dict:

@@ -83,8 +83,9 @@ def finish(out: Path, folder: str, arm: str, info: dict) -> dict:
         shutil.move(str(out / folder / "pard_draft"), str(target))
         shutil.copy(out / folder / "config.json", target / "training_config.json")
         shutil.rmtree(out / folder)
-    else:
+    else:  # the shipped folder: the fuser, its adapter and config, the trainer's marker (no checkpoints or metrics)
         shutil.rmtree(out / folder / "checkpoints", ignore_errors=True)
+        (out / folder / "metrics.jsonl").unlink(missing_ok=True)
     return info
 
 

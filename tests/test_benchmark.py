@@ -7,7 +7,7 @@ import pytest
 import speculative_benchmark as bench
 from c2c.app.benchmark import ALL_MODES
 
-ROW_KEYS = {"mode", "gamma", "tree", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target"}
+ROW_KEYS = {"mode", "gamma", "tree", "parallel", "tokens_per_second", "latency", "average_accepted_length", "acceptance_rate", "outputs_match_target"}
 
 
 @pytest.fixture(scope="module")

@@ -353,3 +353,25 @@ def test_a_tree_budget_beyond_what_the_tree_can_grow_is_capped_and_recorded(tmp_
         warnings.simplefilter("always")
         out = pipe.generate("To be", max_new_tokens=10, tree_budget=64, tree_depth=2, tree_topk=2, compare=True)
     assert out.comparison["outputs_match"] and any("tree_budget 64 is more than" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "arith"])
+def test_the_shipped_parallel_drafts_run_lossless_fused_and_plain(preset, tmp_path):
+    """The presets' parallel drafts (presets/build_parallel.py): `--preset X --parallel_drafting` takes
+    the preset's fuser_parallel/ (projectors, adapter and mask trained together); pard_draft/ (PARD alone,
+    exported in PARD's layout) runs with no fuser. Both greedy outputs are the target's."""
+    import json
+
+    import qwen3_14b_speculative_demo as demo
+    from c2c.app.presets import PRESET_ROOT
+
+    root = PRESET_ROOT / preset
+    runs = {"fused": [], "plain": ["--base_model", str(root / "pard_draft"), "--fuser_checkpoint", "none"]}
+    for arm, extra in runs.items():
+        out = tmp_path / arm
+        assert demo.main(["--preset", preset, "--parallel_drafting", "--gamma", "4", "--max_new_tokens", "24", "--threads",
+                          "1", "--no_warmup", "--lang", "en", "--save_results", "--output_dir", str(out), *extra]) == 0
+        data = json.loads(next(out.glob("results_*.json")).read_text())
+        assert data["config"]["draft_mode"] == "parallel" and data["summary"]["comparison"]["outputs_match"], arm
+        assert data["config"]["fusion"]["enabled"] == (arm == "fused")
+        assert data["summary"]["speculative"]["average_accepted_length"] > 1.0, arm

@@ -179,3 +179,35 @@ def test_parallel_drafts_need_an_adapter_and_a_matching_gamma(saved_models, tmp_
     assert train_fuser.main(base) == 2 and "--draft_adapter lora" in capsys.readouterr().err
     assert train_fuser.main(base + ["--draft_adapter", "lora", "--gamma", "5"]) == 2
     assert "--parallel_drafts 3 drafts rounds of that many tokens" in capsys.readouterr().err
+
+
+def test_with_fusion_a_query_is_the_draft_reading_a_fused_prefix_then_its_window_and_masks(target, draft, fuser):
+    """A prefix laid out as one block from position 0 (as a prompt: the draft's own causal pass, then
+    fused at once) then a window [m, a] and j masks: the objective's logits equal the engine's way,
+    prefill + prefill fusion of [0, m), then one forward of [x_m..x_a, j masks] through that cache."""
+    from c2c.core.engine import fuse_positions
+
+    torch.manual_seed(2)
+    L, k, m = 14, 4, 6
+    x = torch.randint(0, tiny.VOCAB - 8, (1, L))
+    starts = torch.where(torch.arange(L) < m, 0, m).view(1, L)  # the prompt [0, m), then one round's window from m
+    starts[0, :m] = 0
+    mask = MaskEmbedding(draft, tiny.VOCAB - 1)
+    with torch.no_grad():
+        mask.vector.add_(torch.randn_like(mask.vector))
+        _, logits = parallel_logits(fuser, target, draft, x, starts, mask, k)
+        logits = logits.view(k, L, -1)
+        # starts of prompt positions are 0: a query there reads the whole prefix as its own (prefill); the
+        # window's queries read [0, m) fused. Only anchors in the window are checked.
+        for j in range(k):
+            for a in range(m, L - j):
+                tcache, dcache = kv.new_cache(target), kv.new_cache(draft)
+                kv.forward(target, x[:, :m], tcache, 0)
+                kv.forward(draft, x[:, :m], dcache, 0)
+                fuse_positions(fuser, tcache, dcache, 0, m)
+                emb = torch.cat([draft.get_input_embeddings()(x[:, m : a + 1]), mask.vector.view(1, 1, -1).expand(1, j, -1)], 1)
+                positions = torch.arange(m, a + 1 + j).view(1, -1)
+                want = draft(inputs_embeds=emb, position_ids=positions, past_key_values=dcache, use_cache=True).logits[0, -1] \
+                    if kv.cache_keyword(draft) == "past_key_values" else \
+                    draft(inputs_embeds=emb, position_ids=positions, cache=dcache, use_cache=True).logits[0, -1]
+                assert torch.allclose(logits[j, a + j], want, atol=1e-4), (j, a)

@@ -110,12 +110,13 @@ class SpeculativePipeline:
     @classmethod
     def from_preset(cls, name: str, *, fuser: str | None = "preset", **kwargs) -> "SpeculativePipeline":
         """A shipped offline pair (`tiny` or `arith`: CPU, float32, no download), found wherever c2c is
-        installed. `fuser`: "preset" (its own), None (no fusion) or another fuser folder."""
+        installed. `fuser`: "preset" (its own), "parallel" (its fuser trained with a parallel draft, for
+        generate(parallel_drafting=True)), None (no fusion) or another fuser folder."""
         from .presets import preset_defaults
 
-        values = preset_defaults(name)
+        values = preset_defaults(name, parallel=fuser == "parallel")
         kwargs = {"device": values["device"], "dtype": values["dtype"], **kwargs}
-        chosen = values["fuser_checkpoint"] if fuser == "preset" else fuser
+        chosen = values["fuser_checkpoint"] if fuser in ("preset", "parallel") else fuser
         return cls.load(values["base_model"], values["teacher_model"], fuser=chosen, **kwargs)
 
     @property

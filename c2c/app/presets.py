@@ -2,6 +2,8 @@
 
 `tiny`: a Qwen3-architecture target (~2.2M parameters) and draft (~0.23M), their tokenizer and a
 C2C fuser, trained on Shakespeare by `presets/build_tiny.py`; runs offline on a CPU in seconds.
+With --parallel_drafting a preset's fuser is `fuser_parallel/` (its projectors trained with a parallel
+draft: a LoRA adapter and a mask embedding); `pard_draft/` is the same draft trained without fusion.
 `arith`: the fusion control, built by `presets/build_arith.py`: a target (~0.8M) that adds 3-digit
 numbers and continues mod-1000 addition chains, a 1-layer draft that can't carry on its own, and a
 fuser trained on the pair; prompts are `A+B=` or `AAA,BBB,` (held-out problems in its prompt files).
@@ -48,14 +50,19 @@ def _shipped(name: str, max_new_tokens: int) -> dict:
 PRESETS: dict[str, dict] = {"tiny": _shipped("tiny", 128), "arith": _shipped("arith", 40)}
 
 
-def preset_defaults(name: str | None) -> dict:
-    """The flag defaults of a preset ({} for None); a preset whose files are missing is an error."""
+def preset_defaults(name: str | None, parallel: bool = False) -> dict:
+    """The flag defaults of a preset ({} for None); a preset whose files are missing is an error.
+    `parallel` (--parallel_drafting): the preset's fuser trained with a parallel draft
+    (`fuser_parallel/`, presets/build_parallel.py) in place of its chain fuser."""
     if name is None:
         return {}
     if name not in PRESETS:
         raise UserInputError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    values = PRESETS[name]
+    values = dict(PRESETS[name])
+    if parallel:
+        values["fuser_checkpoint"] = str(PRESET_ROOT / name / "fuser_parallel")
     missing = [v for k, v in values.items() if k in ("base_model", "teacher_model", "fuser_checkpoint") and not Path(v).exists()]
     if missing:
-        raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/build_{name}.py")
+        build = "build_parallel.py --preset " + name if parallel else f"build_{name}.py"
+        raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/{build}")
     return dict(values)

@@ -206,7 +206,10 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
         fuser = load_fuser(choice_path, KVShape.of(draft_config), KVShape.of(target_config), device=device, dtype=dtype)
     adapter_dir = find_adapter(choice_path) if fuser is not None else None
     trained_mask = adapter_mask_id(adapter_dir)  # a parallel-drafting adapter's mask id (train_fuser --parallel_drafts)
-    masks = parallel_masks(draft_config, cfg.draft_model, arg, trained_mask) if cfg.parallel_drafting else None
+    if cfg.parallel_drafting:
+        masks = parallel_masks(draft_config, cfg.draft_model, arg, trained_mask)
+    else:  # what a later parallel run (the API's generate) would use, if anything names a mask
+        masks = config_mask_ids(draft_config) or ([trained_mask] if trained_mask is not None else None)
 
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)

@@ -104,7 +104,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from . import chat_data, train_data, training
-    from ..app.loading import DTYPES, eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from ..app.loading import (DTYPES, check_tokenizers, eos_token_ids, load_config, load_model, load_tokenizer,
+                               resolve_device, resolve_dtype)
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = TrainConfig(draft_model=args.base_model, target_model=args.teacher_model, **values)
@@ -142,6 +143,8 @@ def run(args) -> int:
     dtype = resolve_dtype(cfg.dtype, device)
     records = chat_data.read_records(cfg.data)
     tokenizer = load_tokenizer(cfg.target_model)
+    check_tokenizers(cfg.draft_model, cfg.target_model, tokenizer, load_config(cfg.draft_model, "draft"),  # any pair of one tokenizer
+                     load_config(cfg.target_model, "target"), same_vocab_size=True)
     target = load_model(cfg.target_model, "target", dtype, device)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     eos = eos_token_ids(target, tokenizer)

@@ -439,6 +439,8 @@ def run_prompt(session: Session, prompt: str | list[dict], run_standard: bool, p
     """
     cfg, tok = session.config, session.tokenizer
     ids = encode(session, prompt)
+    if not isinstance(prompt, str):  # a later turn grew with the answers: it may no longer fit (an error line if not)
+        check_context(session, [ids], cfg.max_new_tokens, cfg.gamma)
     max_new = context_room(session, len(ids), cfg.max_new_tokens, cfg.gamma)
     entry = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "prompt_tokens": len(ids), "max_new_tokens": max_new, "stopped_at_context": False,
              "standard": None, "speculative": None, "comparison": None}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ ARCHS = [
     Arch("GPT-2", "gpt2", dict(n_inner=96), "multi-head attention, fused QKV (Conv1D), learned absolute positions"),
     Arch("GPT-J", "gptj", dict(n_inner=96, rotary_dim=8), "multi-head attention, partial rotary, parallel residual"),
     Arch("BLOOM", "bloom", dict(), "ALiBi position bias, fused QKV",
-         unsupported={"tree": "ALiBi biases keys by cache slot, not by a tree node's position"}),
+         unsupported={"tree": "its ALiBi position bias follows each key's cache slot, not a tree node's position"}),
     Arch("Falcon", "falcon", dict(new_decoder_architecture=False, multi_query=True, num_kv_heads=1),
          "multi-query attention, fused QKV, parallel residual"),
     Arch("Starcoder2", "starcoder2", LLAMA_LIKE | dict(sliding_window=WINDOW), "sliding window, biases"),
@@ -130,15 +131,16 @@ PROMPTS = ([5, 9, 33, 7, 100, 2, 44, 61], [17, 4, 250, 251])
 NEW_TOKENS = 24
 
 
-_HF: dict = {}
+_HF: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(prompt, tokens): output}; dies with the model
 
 
 def hf_greedy(target, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     """transformers' own greedy generate: the reference every mode must equal (once per model and prompt)."""
-    key = (id(target), tuple(prompt), new_tokens)
-    if key not in _HF:
-        _HF[key] = _hf_greedy(target, prompt, new_tokens)
-    return _HF[key]
+    held = _HF.setdefault(target, {})
+    key = (tuple(prompt), new_tokens)
+    if key not in held:
+        held[key] = _hf_greedy(target, prompt, new_tokens)
+    return held[key]
 
 
 def _hf_greedy(target, prompt: list[int], new_tokens: int) -> list[int]:

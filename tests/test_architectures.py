@@ -188,20 +188,43 @@ def test_generic_demo_needs_both_models(capsys):
     assert err.startswith("error: --base_model and --teacher_model are required") and "\n" not in err
 
 
-def test_pairs_with_different_tokenizers_are_one_error_line(saved, two_turns, tmp_path, capsys):
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture
+def other_tokenizer_draft(tmp_path):
+    """A GPT-2 draft whose tokenizer is not the tiny one (same size, other ids)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    target, draft = saved["GPT-2"]
-    other = tmp_path / "other-draft"
-    archs.build_model(archs.BY_NAME["GPT-2"]).save_pretrained(other)
-    vocab = {f"t{i}": i for i in range(tiny.VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    folder = tmp_path / "other-draft"
+    archs.build_model(archs.BY_NAME["GPT-2"]).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(tiny.VOCAB)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1").save_pretrained(other)
-    code = generic.main(demo_args(target, other, two_turns, tmp_path / "out"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1").save_pretrained(folder)
+    return folder
+
+
+def test_pairs_with_different_tokenizers_are_one_error_line(saved, two_turns, tmp_path, capsys, other_tokenizer_draft):
+    target, _ = saved["GPT-2"]
+    code = generic.main(demo_args(target, other_tokenizer_draft, two_turns, tmp_path / "out"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: the draft") and "different tokenizers" in err[-1]
+
+
+def trainer_args(draft, target, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    data = tmp_path / "data.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 100), encoding="utf-8")
+    return ["--base_model", str(draft), "--teacher_model", str(target), "--data", str(data), "--output_dir",
+            str(tmp_path / "fuser"), "--batch_size", "2", "--seq_len", "24", "--hidden_dim", "16", "--intermediate_dim", "16",
+            "--eval_every", "2", "--save_every", "2", "--device", "cpu", "--no_progress", "--steps", "2", "--threads", "1"]
+
+
+def test_the_trainer_takes_a_cross_family_pair_of_one_tokenizer(saved, tmp_path, capsys, other_tokenizer_draft):
+    from c2c.tools import train_fuser
+
+    (target, _), (_, draft) = saved["Gemma 2"], saved["GPT-2"]  # a GPT-2 draft, a Gemma 2 target
+    assert train_fuser.main(trainer_args(draft, target, tmp_path)) == 0
+    assert train_fuser.main(trainer_args(other_tokenizer_draft, target, tmp_path / "other")) == 2
+    assert "different tokenizers" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_padded_embedding_runs_cut_to_the_shared_rows(saved, two_turns, tmp_path, capsys):

@@ -3,9 +3,15 @@
 transformers 5.x moves fast: the forward keyword went from `past_key_values` to `cache` (5.2x),
 and `DynamicCache.crop` changed its meaning (absolute length -> tokens to remove). Everything the
 engine and the fuser need from a cache goes through the few functions here, so an API change is a
-one-file fix. The functions rely only on `DynamicCache(config=...)`, `StaticCache(config=..., max_cache_len=...)`,
-`cache.layers[i].keys/values` (tensors shaped (B, H_kv, T, D)), `get_seq_length()` and, for static
-caches, each layer's `cumulative_length` tensor (the next write position), which 5.17 to 5.24 share.
+one-file fix. The functions rely only on `DynamicCache()`, `StaticCache(config=..., max_cache_len=...)`
+and `StaticLayer(max_cache_len=...)`, `cache.layers[i].keys/values` (tensors shaped (B, H_kv, T, D)),
+`get_seq_length()` and, for static caches, each layer's `cumulative_length` tensor (the next write
+position), which 5.17 to 5.2x share.
+
+Architectures differ here and nowhere else: the KV shape (`kv_heads_and_dim`, the rule transformers'
+own cache code reads), sliding-window and hybrid layers (every cache layer holds every position, so a
+rollback is a crop; the windows live in the masks: the model's own, and `tree_mask` for tree rounds),
+and what a tree or a rollback can't serve (`tree_unsupported`, `check_rollback`), decided from configs.
 
 Static caches are preallocated and indexed by position: rolling back only moves the write
 position (on the device, no sync); the stale entries beyond it are masked by causality and

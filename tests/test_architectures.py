@@ -228,7 +228,8 @@ def test_the_trainer_takes_a_cross_family_pair_of_one_tokenizer(saved, tmp_path,
 
 
 def test_a_padded_embedding_runs_cut_to_the_shared_rows(saved, two_turns, tmp_path, capsys):
-    """As Qwen2.5-0.5B (151936 rows) with 7B (152064): one tokenizer, embeddings of different sizes."""
+    """As Qwen2.5-0.5B (151936 rows) with 7B (152064): one tokenizer, embeddings of different sizes; the
+    demo and the trainer run both models cut to the shared rows, and say so."""
     target, draft = saved["GPT-2"]
     padded = tmp_path / "padded-target"
     model = archs.build_model(archs.BY_NAME["GPT-2"])
@@ -239,6 +240,10 @@ def test_a_padded_embedding_runs_cut_to_the_shared_rows(saved, two_turns, tmp_pa
     assert "the target's embedding has 336 rows" in capsys.readouterr().err
     results = json.loads(next((tmp_path / "out").glob("results_*.json")).read_text())
     assert all(e["comparison"]["outputs_match"] for e in results["prompts"])
+    from c2c.tools import train_fuser
+
+    assert train_fuser.main(trainer_args(draft, padded, tmp_path / "train")) == 0  # the trainer too
+    assert "the target's embedding has 336 rows" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the page

@@ -135,12 +135,11 @@ def check_pair(draft_config, target_config, draft_name: str, target_name: str) -
     check_rollback(draft_config, f"the draft {draft_name}")
 
 
-def check_tokenizers(draft_name: str, target_name: str, target_tokenizer, draft_config, target_config,
-                     same_vocab_size: bool = False):
+def check_tokenizers(draft_name: str, target_name: str, target_tokenizer, draft_config, target_config):
     """Draft and target must share one tokenizer (the acceptance rule compares token ids): the same
     vocabulary, token for token, and every id inside both models' embeddings. Embedding sizes may
-    differ (Qwen2.5-0.5B pads to 151936 rows, 7B to 152064: one tokenizer) unless `same_vocab_size`
-    (the fuser trainer compares the two models' whole output distributions). Returns the draft's tokenizer."""
+    differ (Qwen2.5-0.5B pads to 151936 rows, 7B to 152064: one tokenizer; `align_vocab` then cuts the
+    larger). Returns the draft's tokenizer."""
     draft_tokenizer = target_tokenizer if draft_name == target_name else load_tokenizer(draft_name)
     if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
         a, b = len(draft_tokenizer), len(target_tokenizer)
@@ -150,9 +149,6 @@ def check_tokenizers(draft_name: str, target_name: str, target_tokenizer, draft_
             "Qwen/Qwen2.5-0.5B-Instruct with Qwen/Qwen2.5-7B-Instruct, or meta-llama/Llama-3.2-1B-Instruct with "
             "meta-llama/Llama-3.1-8B-Instruct)")
     dv, tv = text_config_of(draft_config).vocab_size, text_config_of(target_config).vocab_size
-    if same_vocab_size and dv != tv:
-        raise UserInputError(f"draft {draft_name} has vocab_size {dv} but target {target_name} has {tv}: the fuser trainer "
-                             "compares the models' output distributions, so it needs equal vocabulary sizes")
     if len(target_tokenizer) > min(dv, tv):
         raise UserInputError(f"the tokenizer of {target_name} has {len(target_tokenizer):,} tokens, more than the "
                              f"{min(dv, tv):,} rows of the {'draft' if dv < tv else 'target'}'s embedding: the pair can't share it")

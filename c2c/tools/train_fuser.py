@@ -104,7 +104,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from . import chat_data, train_data, training
-    from ..app.loading import (DTYPES, check_tokenizers, eos_token_ids, load_config, load_model, load_tokenizer,
+    from ..app.loading import (DTYPES, align_vocab, check_tokenizers, eos_token_ids, load_config, load_model, load_tokenizer,
                                resolve_device, resolve_dtype)
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
@@ -144,9 +144,10 @@ def run(args) -> int:
     records = chat_data.read_records(cfg.data)
     tokenizer = load_tokenizer(cfg.target_model)
     check_tokenizers(cfg.draft_model, cfg.target_model, tokenizer, load_config(cfg.draft_model, "draft"),  # any pair of one tokenizer
-                     load_config(cfg.target_model, "target"), same_vocab_size=True)
+                     load_config(cfg.target_model, "target"))
     target = load_model(cfg.target_model, "target", dtype, device)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
+    align_vocab(target, draft, say)  # embeddings padded to different sizes: both cut to the shared rows
     eos = eos_token_ids(target, tokenizer)
     if cfg.generate_from_target or any(r.is_chat for r in records):
         items = answer_items(cfg, records, tokenizer, target, eos, processes, say)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from c2c.app import demo
 
-DEFAULTS = dataclasses.replace(demo.QWEN3, description=" ".join(__doc__.split("\n\n")[0].split()))
+DEFAULTS = dataclasses.replace(demo.QWEN3, description=" ".join(__doc__.split("\n\n")[0].split()),
+                               prompts=str(Path(__file__).resolve().parent / "example_prompts.txt"))
 
 
 def build_parser() -> argparse.ArgumentParser:

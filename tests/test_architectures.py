@@ -133,10 +133,9 @@ def test_sampled_rounds_follow_the_targets_distribution(name):
 # ---------------------------------------------------------------- the generic demo on saved pairs
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch_pairs")
-    return {name: archs.save_pair(archs.BY_NAME[name], root) for name in ("Gemma 2", "GPT-2", "BLOOM")}
+@pytest.fixture
+def saved(saved_arch_pairs):
+    return saved_arch_pairs
 
 
 def demo_args(target, draft, prompts, out, *extra):

@@ -3,15 +3,15 @@ Spec-Bench's six task families; bad lines are one error line; the benchmark time
 two-turn question (the later one after the target's own answer) with a per-category table and plot."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 import speculative_benchmark as bench
 from c2c.app.prompts import Question, conversation, read_questions
 from c2c.errors import UserInputError
-from tests.test_architectures import saved  # noqa: F401 (a fixture: saved random pairs)
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_shipped_set_covers_spec_benchs_six_families_and_multi_turn():
@@ -47,8 +47,8 @@ def test_a_bad_jsonl_line_is_one_error_naming_it(tmp_path, line, message):
         read_questions(path)
 
 
-def test_the_benchmark_times_both_turns_with_a_per_category_table_and_plot(saved, tmp_path, capsys):  # noqa: F811
-    target, draft = saved["GPT-2"]
+def test_the_benchmark_times_both_turns_with_a_per_category_table_and_plot(saved_arch_pairs, tmp_path, capsys):
+    target, draft = saved_arch_pairs["GPT-2"]
     questions = tmp_path / "q.jsonl"
     questions.write_text("\n".join(json.dumps(q) for q in [
         {"question_id": 1, "category": "writing", "turns": ["The quick brown fox", "What is 1 + 1?"]},

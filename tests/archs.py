@@ -1,10 +1,11 @@
 """Tiny random models of many decoder-only architectures, built offline with fixed seeds: the test
 matrix of tests/test_architectures.py and the generator of docs/architectures.md.
 
-Each architecture is one `Arch`: how to build its config at tiny size, and what the harness
-supports on it (`SUPPORT`: chain, tree, compiled, fusion). A pair is the target and a draft that is
-the target with its weights perturbed, so drafts partly agree (rounds accept and reject). Sliding
-windows are set shorter than a test's sequence, so the window really bites.
+Each architecture is one `Arch`: how to build its config at tiny size, and the modes (`MODES`:
+chain, tree, compiled chain and tree, fusion, the generic demo) the harness refuses on it
+(`unsupported`: an error line; every other mode must give transformers' own greedy output). A pair
+is the target and a draft that is the target with its weights perturbed, so drafts partly agree
+(rounds accept and reject). Sliding windows are shorter than a test's sequence, so they bite.
 
 `python -m tests.archs` runs every architecture in every mode and writes docs/architectures.md from
 what happened; `render(declared())` is what the page must say, checked by a test (the matrix tests
@@ -25,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tests import tiny
 
 WINDOW = 12  # sliding window of the tiny sliding-window models: shorter than every test's prompt + output
-MODES = ("chain", "tree", "compiled", "compiled_tree", "fusion")
+MODES = ("chain", "tree", "compiled", "compiled_tree", "fusion", "demo")
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "architectures.md"
 
@@ -73,7 +74,8 @@ FUSION_PAIRS = (("Llama", "Qwen3"), ("GPT-NeoX", "Gemma 2"))
 
 
 def declared(arch: Arch) -> dict[str, str]:
-    """What the harness promises on `arch`: mode -> "yes" or the error's gist (a compiled tree: as the tree)."""
+    """What the harness promises on `arch`: mode -> "yes" or the error's gist (a compiled tree: as the tree;
+    the generic demo runs chains)."""
     return {mode: arch.unsupported.get(mode.removeprefix("compiled_"), "yes") for mode in MODES}
 
 
@@ -201,17 +203,46 @@ def observe(arch: Arch, backend: str = "eager") -> dict[str, str]:
     compiled = CompiledSteps(backend=backend)
     out = {}
     with torch.inference_mode():
-        for mode in MODES:
+        for mode in (m for m in MODES if m != "demo"):  # the demo runs apart, from saved folders
             try:
                 pairs = run_mode(arch, mode, target, draft, compiled=compiled if mode.startswith("compiled") else None)
                 out[mode] = "yes" if all(w == g for w, g in pairs) else "MISMATCH"
             except UserInputError as e:
                 gist = arch.unsupported.get(mode.removeprefix("compiled_"))
                 out[mode] = gist if gist and gist in str(e) else f"error: {e}"
+    out["demo"] = run_demo(arch)
     return out
 
 
-LABELS = {"chain": "chain", "tree": "tree", "compiled": "compiled chain", "compiled_tree": "compiled tree", "fusion": "fusion"}
+def run_demo(arch: Arch) -> str:
+    """The generic demo end to end on the pair saved to disk (chain rounds, greedy, a two-turn question):
+    "yes" when it exits 0 and every turn's output is the target's alone."""
+    import contextlib
+    import io
+    import json
+    import tempfile
+
+    import demo_speculative_decoding as generic
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        target, draft = save_pair(arch, root)
+        prompts = root / "q.jsonl"
+        prompts.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["The quick brown fox",
+                                                                                         "What is 1 + 1?"]}) + "\n")
+        args = ["--base_model", str(draft), "--teacher_model", str(target), "--prompts", str(prompts), "--max_new_tokens",
+                str(NEW_TOKENS), "--device", "cpu", "--threads", "1", "--save_results", "--output_dir", str(root / "out")]
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = generic.main(args)
+        if code != 0:
+            return f"exit {code}: {err.getvalue().strip().splitlines()[-1]}"
+        entries = json.loads(next((root / "out").glob("results_*.json")).read_text())["prompts"]
+        return "yes" if all(e["comparison"]["outputs_match"] for e in entries) else "MISMATCH"
+
+
+LABELS = {"chain": "chain", "tree": "tree", "compiled": "compiled chain", "compiled_tree": "compiled tree", "fusion": "fusion",
+          "demo": "generic demo"}
 
 
 def render(results: dict[str, dict[str, str]]) -> str:
@@ -236,6 +267,8 @@ def render(results: dict[str, dict[str, str]]) -> str:
         "**yes**: greedy output equal, token for token, to transformers' own `generate` of the target on every "
         "test prompt; **error**: the harness refuses with one `error:` line, decided from the config before any "
         "model runs (note below). Compiled: static caches and the compiled steps (`--compile`), traced by dynamo. "
+        "Generic demo: `demo_speculative_decoding.py` on the pair saved to disk, chain rounds, a two-turn "
+        "question, every turn's output equal to the target's alone. "
         "Fusion: a random C2C fuser, every gate open, on the pair; across families "
         + ", ".join(f"a {d} draft fused from a {t} target" for d, t in FUSION_PAIRS) + " (one tokenizer).",
         "",
@@ -248,9 +281,9 @@ def render(results: dict[str, dict[str, str]]) -> str:
     lines += ["", *(f"[{i}] {note}: chain rounds (`--tree_budget 0`) serve it." for i, note in enumerate(notes, 1))]
     lines += [
         "",
-        "In CI (`tests/test_architectures.py`, about a minute on 2 cores): chain, tree and fusion on every row; "
+        "In CI (`tests/test_architectures.py`, under a minute on 2 cores): chain, tree and fusion on every row; "
         f"compiled chain and tree on {' and '.join(COMPILED_IN_CI)} (hybrid sliding/global layers, learned "
-        "absolute positions); the whole table, compiled included, by "
+        "absolute positions); the generic demo on GPT-2 (chains) and Gemma 2 (trees); the whole table, compiled included, by "
         "`python -m tests.archs --write`, which fails when a row does not hold. Sampled rounds are checked "
         "against the target's distribution (chi-square) on Gemma 2 and GPT-2.",
         "",

@@ -28,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="a shipped offline pair and fuser (tiny, arith)")
-    p.add_argument("--prompts", default=str(HERE / "example_prompts.txt"))
+    p.add_argument("--prompts", default=str(HERE / "example_prompts.txt"),
+                   help="one prompt a line, or Spec-Bench / MT-Bench JSONL (turns, category, question_id): every turn "
+                   "is a timed prompt (later turns after the target's own answers) and the table adds a per-category view")
     p.add_argument("--base_model", default="Qwen/Qwen3-0.6B", help="draft")
     p.add_argument("--teacher_model", default="Qwen/Qwen3-14B", help="target")
     p.add_argument("--fuser_checkpoint", default=None, help=f"as in the demo (default {DEFAULT_FUSER}); fused modes need one")
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode and gamma")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--num_prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--num_prompts", type=int, default=None, help="use only the first N prompts (questions, with all their turns)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--output_dir", default="output/benchmark")
@@ -98,7 +100,7 @@ def run(args, argv) -> int:
         return run_synthetic(args, argv)
 
     from c2c.app import benchmark, runner
-    from c2c.app.prompts import read_prompts
+    from c2c.app.prompts import read_questions
     from c2c.app.results import check_output_dir, command_line, environment, timestamp
 
     if min(args.gammas) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.warmup < 0:
@@ -110,7 +112,7 @@ def run(args, argv) -> int:
     if args.compile and args.warmup == 0:
         print("warning: --compile with --warmup 0: the timed runs include compilation and CUDA graph recording, "
               "so their tokens/s are not the fast path's; use --warmup 1 or more", file=sys.stderr)
-    prompts = read_prompts(args.prompts)[: args.num_prompts]
+    questions = read_questions(args.prompts)[: args.num_prompts]
     gammas, requested = list(dict.fromkeys(args.gammas)), list(dict.fromkeys(args.modes))
     if len(gammas) < len(args.gammas) or len(requested) < len(args.modes):
         print(f"warning: repeated --gammas or --modes run once each: gammas {' '.join(map(str, gammas))}, "
@@ -126,8 +128,10 @@ def run(args, argv) -> int:
     if session.device.type == "cuda" and not args.compile:
         print("warning: eager PyTorch on a GPU is launch-bound (the 0.6B draft step costs about as much as the 14B "
               "step), so our eager rows are not the fast path's speed: add --compile", file=sys.stderr)
-    ids = [runner.encode(session, p) for p in prompts]
-    for warning in runner.check_context(session, ids, args.max_new_tokens, max(gammas + [t.depth for t in trees])):
+    room_gamma = max(gammas + [t.depth for t in trees])
+    ids = benchmark.turn_prompts(session, questions, args.max_new_tokens, room_gamma)  # later turns: after the target's answers
+    categories = [q.category for q in questions for _ in q.turns]
+    for warning in runner.check_context(session, ids, args.max_new_tokens, room_gamma):
         print(warning, file=sys.stderr)
     modes, skipped = benchmark.available_modes(requested, session.fuser is not None)
     for mode, why in skipped.items():
@@ -147,11 +151,14 @@ def run(args, argv) -> int:
                         f"parallel {gamma}" if parallel else gamma)
         rows.append(benchmark.measure(session, mode, ids, gamma, args.max_new_tokens, args.repeats, args.warmup, bar.update,
                                       target_step=target_step, save_rounds=args.save_rounds,
-                                      room_gamma=max(gammas + [t.depth for t in trees]), tree=tree, parallel=parallel))
+                                      room_gamma=room_gamma, tree=tree, parallel=parallel, categories=categories))
         target_step = rows[-1].get("target_step_time", target_step)
     bar.close()
     benchmark.compare_to_target(rows)
     table = benchmark.markdown_table(rows)
+    by_category = benchmark.category_table(rows)
+    if by_category:  # Spec-Bench's view: speedup (accepted length) per category
+        table += "\n\nPer category: speedup over the target alone (accepted length)\n\n" + by_category
     print(table)
     stamp = timestamp()
     out = Path(args.output_dir)
@@ -160,7 +167,7 @@ def run(args, argv) -> int:
     results = {
         "config": config | {
             "gammas": gammas, "modes": modes, "skipped_modes": skipped, "repeats": args.repeats,
-            "warmup": args.warmup, "num_prompts": len(prompts),
+            "warmup": args.warmup, "num_prompts": len(ids), "num_questions": len(questions),
             "hf_assisted_settings": {m: benchmark.hf_assistant_settings(m, "gamma") for m in ("hf_assisted", "hf_assisted_default")},
         },
         "environment": environment(session.device),

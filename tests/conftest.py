@@ -48,6 +48,16 @@ def saved_models(tmp_path_factory, pair, fuser):
     return root
 
 
+@pytest.fixture(scope="session")
+def saved_arch_pairs(tmp_path_factory):
+    """Random pairs of a few architectures (tests/archs.py) saved with the tiny tokenizer, as a user has
+    them on disk: name -> (target folder, draft folder)."""
+    from tests import archs
+
+    root = tmp_path_factory.mktemp("arch_pairs")
+    return {name: archs.save_pair(archs.BY_NAME[name], root) for name in ("Gemma 2", "GPT-2", "BLOOM")}
+
+
 @pytest.fixture(scope="module")
 def windows(target):
     """Windows of the target's own greedy text: structured data the fuser can learn from (trainer tests)."""

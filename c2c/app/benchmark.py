@@ -113,10 +113,28 @@ def warm_up(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
                 runner.warm_compiled(session, ids, mode_spec(session, mode, gamma, length, tree, parallel))
 
 
+def turn_prompts(session: Session, questions: list, max_new_tokens: int, room_gamma: int, log=None) -> list[list[int]]:
+    """Every turn of every question as prompt ids, the same for every mode: a later turn follows the
+    earlier turns and the target's own greedy answers to them (untimed runs of the target alone; every
+    greedy mode's answer is the target's, which the rows' outputs_match_target checks)."""
+    from .prompts import conversation
+
+    ids = []
+    for question in questions:
+        answers: list[str] = []
+        for turn in range(1, len(question.turns) + 1):
+            ids.append(runner.encode(session, conversation(list(question.turns[:turn]), answers)))
+            if turn < len(question.turns):
+                with torch.inference_mode():
+                    out = runner.standard(session, ids[-1], runner.context_room(session, len(ids[-1]), max_new_tokens, room_gamma))
+                answers.append(session.tokenizer.decode(out.output_ids, skip_special_tokens=True))
+    return ids
+
+
 def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, max_new_tokens: int,
             repeats: int, warmup: int, tick=lambda: None, target_step: float | None = None,
             save_rounds: bool = False, room_gamma: int | None = None, tree: TreeShape | None = None,
-            parallel: bool = False) -> dict:
+            parallel: bool = False, categories: list[str | None] | None = None) -> dict:
     """Median over repeats of each repeat's totals over all prompts; statistics from the last repeat
     (the first may still include lazy initialisation or compilation the warm-up did not reach).
     `target_step`: the target mode's seconds per token, for the speculative modes' prediction.
@@ -124,12 +142,13 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
     round's record (RoundInfo.record: drafted, accepted, committed and drafted token ids).
     A prompt whose output would reach the models' context stops there (runner.context_room at
     `room_gamma`, default gamma: pass the run's largest gamma so every row stops at the same length);
-    the row counts those prompts (`context_capped_prompts`)."""
+    the row counts those prompts (`context_capped_prompts`). `categories` (one per prompt, Spec-Bench's
+    task families): the row gets `by_category`, the same figures over each category's prompts."""
     room_gamma = gamma if room_gamma is None else room_gamma
     lengths = [runner.context_room(session, len(ids), max_new_tokens, room_gamma) for ids in prompts]
     for _ in range(warmup):
         warm_up(session, mode, prompts, gamma, max_new_tokens, room_gamma, tree, parallel)
-    repeat_totals, ttfts, rounds = [], [], []
+    repeat_totals, ttfts, rounds, per_prompt = [], [], [], []
     recording = save_rounds and mode.startswith("speculative")
     for repeat in range(repeats):
         latency, tokens, runs_last = 0.0, 0, []
@@ -146,6 +165,7 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
             runs_last.append(run)
             tick()
         repeat_totals.append((latency, tokens))
+        per_prompt.append([r.latency for r in runs_last])
     latencies = [lat for lat, _ in repeat_totals]
     tps = [tok / lat for lat, tok in repeat_totals]
     row = {
@@ -168,7 +188,26 @@ def measure(session: Session, mode: str, prompts: list[list[int]], gamma: int, m
         row |= speculative_statistics([r.counters for r in runs_last], [len(r.output_ids) for r in runs_last], gamma, target_step)
     if recording:
         row["round_records"] = rounds
+    if categories and any(c is not None for c in categories):
+        row["by_category"] = category_figures(mode, categories, runs_last, per_prompt, gamma)
     return row
+
+
+def category_figures(mode: str, categories: list[str | None], runs: list[Run], per_prompt: list[list[float]], gamma: int) -> dict:
+    """A row's figures per category: tokens/s as the row's (median over repeats of the category's totals),
+    accepted length and acceptance from the last repeat's counters (speculative modes)."""
+    out = {}
+    for category in dict.fromkeys(c for c in categories if c is not None):
+        picked = [i for i, c in enumerate(categories) if c == category]
+        tokens = sum(len(runs[i].output_ids) for i in picked)
+        figures = {"prompts": len(picked), "num_tokens": tokens,
+                   "tokens_per_second": median(tokens / sum(lat[i] for i in picked) for lat in per_prompt)}
+        if mode.startswith("speculative"):
+            c = Counters.merged([runs[i].counters for i in picked])
+            stats = metrics.round_statistics(c, gamma)
+            figures |= {"average_accepted_length": tokens / c.target_calls, "acceptance_rate": stats["acceptance_rate"]}
+        out[category] = figures
+    return out
 
 
 def speculative_statistics(counters: list, tokens: list[int], gamma: int, target_step: float | None = None) -> dict:
@@ -207,6 +246,9 @@ def compare_to_target(rows: list[dict]) -> None:
         row["outputs_match_target"] = all(d is None for d in divergences)
         row["first_divergence"] = first
         row["speedup_vs_target"] = row["tokens_per_second"] / reference["tokens_per_second"]
+        for category, figures in row.get("by_category", {}).items():
+            base = reference.get("by_category", {}).get(category)
+            figures["speedup_vs_target"] = figures["tokens_per_second"] / base["tokens_per_second"] if base else None
 
 
 def tree_label(row: dict) -> str:
@@ -231,4 +273,29 @@ def markdown_table(rows: list[dict]) -> str:
             f"{fmt(r.get('predicted_speedup'), '.2f')} | "
             f"{fmt(r.get('overhead_fraction'), '.1%')} | {r.get('outputs_match_target')} |"
         )
+    return "\n".join(lines)
+
+
+def category_table(rows: list[dict]) -> str:
+    """Spec-Bench's table: a row per mode (and gamma or tree), a column per category, each cell the
+    speedup over the target alone and, for speculative modes, the accepted length in brackets; then
+    the row's overall figures. '' when no row has categories."""
+    with_cats = [r for r in rows if r.get("by_category")]
+    if not with_cats:
+        return ""
+    categories = list(dict.fromkeys(c for r in with_cats for c in r["by_category"]))
+    lines = ["| mode | gamma | " + " | ".join(categories) + " | overall |", "|" + "---|" * (len(categories) + 3)]
+
+    def cell(f: dict | None) -> str:
+        if not f:
+            return ""
+        speed = "" if f.get("speedup_vs_target") is None else f"{f['speedup_vs_target']:.2f}x"
+        length = f.get("average_accepted_length")
+        return speed + ("" if length is None else f" ({length:.2f})")
+
+    for r in with_cats:
+        cells = [cell(r["by_category"].get(c)) for c in categories]
+        overall = {"speedup_vs_target": r.get("speedup_vs_target"), "average_accepted_length": r.get("average_accepted_length")}
+        lines.append(f"| {r['mode']} | {tree_label(r) or ('' if r['gamma'] is None else r['gamma'])} | " + " | ".join(cells)
+                     + f" | {cell(overall)} |")
     return "\n".join(lines)

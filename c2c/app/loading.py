@@ -102,11 +102,16 @@ def load_config(name: str, role: str):
 
 
 def estimate_parameters(config) -> float:
-    """Rough parameter count from a decoder config (embeddings + attention + MLP per layer)."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attn = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    mlp = 3 * c.hidden_size * c.intermediate_size
+    """Rough parameter count from a decoder config (embeddings + attention + MLP per layer), any
+    architecture: its KV shape as the cache reads it, its MLP width under whichever name it uses
+    (intermediate_size, ffn_dim, n_inner; 4 x hidden when the config leaves it to the default)."""
+    from ..core.cache import kv_heads_and_dim, text_config
+
+    c = text_config(config)
+    kv_heads, head_dim = kv_heads_and_dim(c)
+    attn = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * kv_heads)
+    inner = next((v for v in (getattr(c, n, None) for n in ("intermediate_size", "ffn_dim", "n_inner")) if v), 4 * c.hidden_size)
+    mlp = 3 * c.hidden_size * inner
     embeddings = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     return embeddings + c.num_hidden_layers * (attn + mlp)
 
@@ -122,13 +127,52 @@ def check_device_fits(target_config, target_name: str, device: torch.device, dev
 
 
 def check_pair(draft_config, target_config, draft_name: str, target_name: str) -> None:
-    """Draft and target must share the vocabulary the acceptance rule compares."""
-    dv, tv = draft_config.get_text_config().vocab_size, target_config.get_text_config().vocab_size
-    if dv != tv:
+    """From the configs alone (before any download of weights): both models must keep a K/V cache a
+    rollback can crop (c2c.core.cache.check_rollback)."""
+    from ..core.cache import check_rollback
+
+    check_rollback(target_config, f"the target {target_name}")
+    check_rollback(draft_config, f"the draft {draft_name}")
+
+
+def check_tokenizers(draft_name: str, target_name: str, target_tokenizer, draft_config, target_config):
+    """Draft and target must share one tokenizer (the acceptance rule compares token ids): the same
+    vocabulary, token for token, and every id inside both models' embeddings. Embedding sizes may
+    differ (Qwen2.5-0.5B pads to 151936 rows, 7B to 152064: one tokenizer; `align_vocab` then cuts the
+    larger). Returns the draft's tokenizer."""
+    draft_tokenizer = target_tokenizer if draft_name == target_name else load_tokenizer(draft_name)
+    if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+        a, b = len(draft_tokenizer), len(target_tokenizer)
         raise UserInputError(
-            f"draft {draft_name} has vocab_size {dv} but target {target_name} has {tv}: "
-            "speculative decoding needs models that share a tokenizer (e.g. two Qwen3 models)"
-        )
+            f"the draft {draft_name} and the target {target_name} have different tokenizers ({a:,} and {b:,} tokens, "
+            "not the same ids): speculative decoding and fusion need a pair that shares one tokenizer (e.g. "
+            "Qwen/Qwen2.5-0.5B-Instruct with Qwen/Qwen2.5-7B-Instruct, or meta-llama/Llama-3.2-1B-Instruct with "
+            "meta-llama/Llama-3.1-8B-Instruct)")
+    dv, tv = text_config_of(draft_config).vocab_size, text_config_of(target_config).vocab_size
+    if len(target_tokenizer) > min(dv, tv):
+        raise UserInputError(f"the tokenizer of {target_name} has {len(target_tokenizer):,} tokens, more than the "
+                             f"{min(dv, tv):,} rows of the {'draft' if dv < tv else 'target'}'s embedding: the pair can't share it")
+    return draft_tokenizer
+
+
+def align_vocab(target, draft, log) -> None:
+    """Models of one tokenizer whose embeddings differ in rows (padding past the tokenizer's tokens:
+    Qwen2.5-0.5B 151936, 7B 152064) both run with the smaller count, so each can read every id the
+    other emits and their distributions cover the same ids. The rows dropped are padding no text
+    encodes to; the target-only run uses the same model, so the comparison stays like for like."""
+    rows = {m: m.get_input_embeddings().weight.shape[0] for m in (target, draft)}
+    keep = min(rows.values())
+    for role, model in (("target", target), ("draft", draft)):
+        if rows[model] > keep:
+            model.resize_token_embeddings(keep)
+            log(f"note: the {role}'s embedding has {rows[model]:,} rows, the other model's {keep:,}: both run with the first "
+                f"{keep:,} (the rest are padding past the shared tokenizer's tokens)")
+
+
+def text_config_of(config):
+    from ..core.cache import text_config
+
+    return text_config(config)
 
 
 def load_model(name: str, role: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None):

@@ -34,7 +34,32 @@ def plot_all(rows: list[dict], folder: Path) -> list[Path]:
     with_pos = [r for r in spec_rows if r.get("accepted_per_position")]
     if with_pos:
         paths += [_per_position(plt, with_pos, folder), _round_split(plt, with_pos, folder)]
+    with_cats = [r for r in spec_rows if r.get("by_category") and r["mode"].startswith("speculative")]
+    if with_cats:
+        paths.append(_categories(plt, with_cats, folder))
     return paths
+
+
+def _categories(plt, rows: list[dict], folder: Path) -> Path:
+    """Spec-Bench's view: each speculative row's speedup over the target per category, grouped bars."""
+    categories = list(dict.fromkeys(c for r in rows for c in r["by_category"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) + 3), 4.2))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        label = f"{r['mode']} " + (f"tree {r['tree']['budget']}/{r['tree']['depth']}/{r['tree']['top_k']}" if r.get("tree")
+                                   else f"gamma {r['gamma']}")
+        values = [(r["by_category"].get(c) or {}).get("speedup_vs_target") or 0.0 for c in categories]
+        ax.bar([k + (i - (len(rows) - 1) / 2) * width for k in range(len(categories))], values, width, label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+    ax.set_ylabel("speedup vs target alone")
+    ax.set_title("Speedup per category")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path = folder / "speedup_by_category.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _speedup(plt, spec_rows: list[dict], folder: Path) -> Path:

@@ -20,7 +20,9 @@ from ..core.effect import EFFECT_FLOOR, close_inert, projector_effects
 from ..core.fuser import C2CFuser, KVShape, load_fuser
 from .loading import (
     DEFAULT_FUSER,
+    align_vocab,
     check_device_fits,
+    check_tokenizers,
     check_pair,
     eos_token_ids,
     load_config,
@@ -30,7 +32,8 @@ from .loading import (
     resolve_dtype,
     resolve_fuser,
 )
-from .prompts import encode_prompt
+from .prompts import Question, conversation, encode_prompt
+from ..core.cache import text_config, tree_unsupported
 from ..core.sampling import SamplingConfig
 from ..core.parallel import MASK_KEYS, config_mask_ids
 from ..core.tree import TreeShape, grown_nodes
@@ -192,6 +195,12 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
             raise
         raise UserInputError(f"{e}; no GPU here either: {first_contact}") from None
     check_pair(draft_config, target_config, cfg.draft_model, cfg.target_model)
+    if cfg.tree_budget:  # before any download of weights: an architecture tree rounds can't serve
+        for role, name, config in (("target", cfg.target_model, target_config), ("draft", cfg.draft_model, draft_config)):
+            reason = tree_unsupported(config)
+            if reason:
+                raise UserInputError(f"{arg('tree_budget')} can't run on the {role} {name} ({type(config).__name__}): "
+                                     f"{reason}; use chain rounds ({arg('tree_budget')} 0)")
 
     fusion_wanted = cfg.prefill_fusion or cfg.decode_fusion
     if not fusion_wanted:
@@ -212,8 +221,10 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
         masks = config_mask_ids(draft_config) or ([trained_mask] if trained_mask is not None else None)
 
     tokenizer = load_tokenizer(cfg.target_model)
+    check_tokenizers(cfg.draft_model, cfg.target_model, tokenizer, draft_config, target_config)
     target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
+    align_vocab(target, draft, log)
     open_gates = list(fuser.open_gates()) if fuser is not None else None
     fused_draft, adapter_info = None, None
     if adapter_dir is not None:
@@ -348,15 +359,33 @@ def warm_compiled(session: Session, ids: list[int], spec: SpecConfig) -> None:
         decoder(session, spec, force_accept=True).generate(ids)
 
 
-def encode(session: Session, prompt: str) -> list[int]:
+def encode(session: Session, prompt: str | list[dict]) -> list[int]:
+    """A prompt's ids: one user turn, or a conversation's messages (prompts.conversation)."""
     return encode_prompt(session.tokenizer, prompt, session.config.enable_thinking)
+
+
+def conversation_turns(questions: list[Question], entries: list[dict]):
+    """(question, turn number from 1, the messages to answer) for every turn of every question, in
+    order: a later turn's messages hold the earlier turns and the answers the run gave them, read
+    from `entries` (the caller appends each turn's entry, labelled by `label_entry`, before asking
+    for the next turn): the speculative run's text, which greedy makes the target's own."""
+    for question in questions:
+        answers: list[str] = []
+        for turn in range(1, len(question.turns) + 1):
+            yield question, turn, conversation(list(question.turns[:turn]), answers)
+            answers.append(entries[-1]["speculative"]["text"])
+
+
+def label_entry(entry: dict, question: Question, turn: int) -> dict:
+    """A turn's entry with where it comes from (JSON: question_id, category, turn)."""
+    return entry | {"question_id": question.question_id, "category": question.category, "turn": turn}
 
 
 def context_length(session: Session) -> int | None:
     """Positions both models can hold (their configs' max_position_embeddings), or None if unknown."""
     limits = []
     for model in (session.target, session.draft):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model.config)
         if getattr(config, "max_position_embeddings", None):
             limits.append(int(config.max_position_embeddings))
     return min(limits) if limits else None
@@ -478,16 +507,19 @@ def standard(session: Session, ids: list[int], max_new_tokens: int, on_token=Non
 
 
 @torch.inference_mode()
-def run_prompt(session: Session, prompt: str, run_standard: bool, printer=None, save_rounds: bool = False) -> dict:
-    """One prompt: the standard run (unless skipped), the speculative run and their comparison.
+def run_prompt(session: Session, prompt: str | list[dict], run_standard: bool, printer=None, save_rounds: bool = False) -> dict:
+    """One prompt (a user turn, or a conversation's messages ending with one): the standard run
+    (unless skipped), the speculative run and their comparison.
 
     `printer` (a stream.StreamPrinter) streams both runs as they go, its time left out of the
     latencies; `save_rounds` adds each speculative round's record (RoundInfo.record) to the entry.
     """
     cfg, tok = session.config, session.tokenizer
     ids = encode(session, prompt)
+    if not isinstance(prompt, str):  # a later turn grew with the answers: it may no longer fit (an error line if not)
+        check_context(session, [ids], cfg.max_new_tokens, cfg.gamma)
     max_new = context_room(session, len(ids), cfg.max_new_tokens, cfg.gamma)
-    entry = {"prompt": prompt, "prompt_tokens": len(ids), "max_new_tokens": max_new, "stopped_at_context": False,
+    entry = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "prompt_tokens": len(ids), "max_new_tokens": max_new, "stopped_at_context": False,
              "standard": None, "speculative": None, "comparison": None}
     if run_standard:
         if printer is not None:

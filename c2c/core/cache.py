@@ -3,9 +3,15 @@
 transformers 5.x moves fast: the forward keyword went from `past_key_values` to `cache` (5.2x),
 and `DynamicCache.crop` changed its meaning (absolute length -> tokens to remove). Everything the
 engine and the fuser need from a cache goes through the few functions here, so an API change is a
-one-file fix. The functions rely only on `DynamicCache(config=...)`, `StaticCache(config=..., max_cache_len=...)`,
-`cache.layers[i].keys/values` (tensors shaped (B, H_kv, T, D)), `get_seq_length()` and, for static
-caches, each layer's `cumulative_length` tensor (the next write position), which 5.17 to 5.24 share.
+one-file fix. The functions rely only on `DynamicCache()`, `StaticCache(config=..., max_cache_len=...)`
+and `StaticLayer(max_cache_len=...)`, `cache.layers[i].keys/values` (tensors shaped (B, H_kv, T, D)),
+`get_seq_length()` and, for static caches, each layer's `cumulative_length` tensor (the next write
+position), which 5.17 to 5.2x share.
+
+Architectures differ here and nowhere else: the KV shape (`kv_heads_and_dim`, the rule transformers'
+own cache code reads), sliding-window and hybrid layers (every cache layer holds every position, so a
+rollback is a crop; the windows live in the masks: the model's own, and `tree_mask` for tree rounds),
+and what a tree or a rollback can't serve (`tree_unsupported`, `check_rollback`), decided from configs.
 
 Static caches are preallocated and indexed by position: rolling back only moves the write
 position (on the device, no sync); the stale entries beyond it are masked by causality and
@@ -29,12 +35,17 @@ def new_cache(model, max_length: int | None = None) -> DynamicCache | StaticCach
 
     With `max_length`, a static cache of that many positions, its layers pooled when they can be
     (see `_pool`); otherwise a dynamic one.
+
+    Every layer holds every position, sliding-window layers too: transformers' sliding layers keep
+    only the last window of keys (a rolling buffer), which a rollback can't undo; a full layer with
+    the model's own sliding mask (built from the config's window) attends to exactly the same keys.
     """
     if max_length is not None:
         cache = StaticCache(config=model.config, max_cache_len=max_length)
+        cache.layers[:] = [layer if type(layer) is StaticLayer else StaticLayer(max_cache_len=max_length) for layer in cache.layers]
         _pool(cache, model)
         return cache
-    return DynamicCache(config=model.config)
+    return DynamicCache()  # no config: every layer a full one, made as the model first writes it
 
 
 class _Pool:
@@ -50,13 +61,12 @@ def _pool(cache: StaticCache, model) -> None:
     """Allocate the static cache's layers up front as views of one pooled tensor each (keys,
     values, write positions), when the model sits on one device and every layer is a plain static
     layer of the same shape; otherwise leave the cache as transformers builds it (lazily, per layer)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     devices = set(getattr(model, "hf_device_map", {}).values())
     layers = cache.layers
     if len(devices) > 1 or not layers or any(type(layer) is not StaticLayer for layer in layers):
         return
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    heads, capacity = config.num_key_value_heads, layers[0].max_cache_len
+    heads, head_dim = kv_heads_and_dim(model.config)
+    capacity = layers[0].max_cache_len
     if any(layer.max_cache_len != capacity for layer in layers):
         return
     weight = model.get_input_embeddings().weight
@@ -133,6 +143,104 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def text_config(config):
+    """The decoder's config (a multimodal config's text part; a text model's config itself)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    """(KV heads, head dim) of a model's attention, as transformers' own cache code reads them
+    (`configuration_utils.get_head_shapes` where this transformers has it): `num_key_value_heads`, or
+    the attention heads for multi-head models without that field (GPT-2, OPT, GPT-NeoX, BLOOM, ...);
+    `head_dim`, or hidden size / heads. Configs map their own names (n_head, n_embd, num_kv_heads)
+    to these through their attribute_map. Layers of different shapes: a UserInputError (not served)."""
+    config = text_config(config)
+    try:
+        from transformers.configuration_utils import get_head_shapes
+    except ImportError:  # transformers before get_head_shapes: the same rule, read here
+        get_head_shapes = None
+    if get_head_shapes is not None and hasattr(config, "per_layer_config"):
+        heads, head_dim = get_head_shapes(config)
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if isinstance(heads, list) or isinstance(head_dim, list):
+        raise UserInputError(f"{type(config).__name__}: layers of different KV shapes ({heads} heads, head dims "
+                             f"{head_dim}) are not served: use a model whose layers share one attention shape")
+    return int(heads), int(head_dim)
+
+
+ROLLBACK_LAYERS = ("full_attention", "sliding_attention")  # layer types whose cache a rollback can crop
+
+
+def check_rollback(config, name: str) -> None:
+    """A UserInputError unless every layer of the model keeps a plain K/V cache: speculative decoding
+    rolls the caches back after a rejection, which a recurrent state (linear attention, Mamba
+    layers, ...) or a chunked / shared-KV layer can't do. Decided from the config, before loading."""
+    config = text_config(config)
+    types = getattr(config, "layer_types", None) or []
+    other = sorted({t for t in types if t not in ROLLBACK_LAYERS})
+    if other or getattr(config, "kv_sharing_modes", None) is not None:
+        raise UserInputError(
+            f"{name} ({type(config).__name__}) has {', '.join(other) or 'shared-KV'} layers: speculative decoding rolls the "
+            "caches back after a rejected draft, which these layers' state can't do; use a model whose layers are all "
+            "full or sliding-window attention")
+
+
+def sliding_windows(model) -> dict[str, int | None]:
+    """Layer type -> the window its keys are limited to (None: every earlier key), as the model's own
+    masks limit them: `config.sliding_window` on "sliding_attention" layers, or on every layer
+    when the config has no `layer_types` (Mistral, Starcoder2, Phi-3 with a window)."""
+    config = text_config(model.config)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return {"full_attention": window}
+    return {t: (window if t == "sliding_attention" else None) for t in sorted(set(types))}
+
+
+ALIBI_MODELS = ("bloom", "mpt")  # position bias from a key's cache slot, not from position_ids
+
+
+def tree_unsupported(config) -> str | None:
+    """Why tree rounds can't serve this architecture (None: they can), from its config alone:
+    positions must come from position_ids; ALiBi models (BLOOM, MPT, Falcon with alibi) bias each
+    key by its cache slot, and a tree's nodes do not sit at their positions' slots."""
+    config = text_config(config)
+    if getattr(config, "model_type", None) in ALIBI_MODELS or getattr(config, "alibi", False) is True:
+        return "its ALiBi position bias follows each key's cache slot, not a tree node's position"
+    return None
+
+
+def check_tree_support(model, role: str) -> None:
+    """A UserInputError unless tree rounds can run on `model`: `tree_unsupported`, and attention that
+    takes a custom additive mask (eager or SDPA)."""
+    reason = tree_unsupported(model.config)
+    if reason:
+        raise UserInputError(f"tree rounds can't run on {type(model).__name__} (the {role}): {reason}; use chain "
+                             "rounds (--tree_budget 0)")
+    check_custom_masks(model, role, "tree rounds need attention that takes a tree mask",
+                       "load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
+
+
+def tree_mask(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+    """The attention mask `forward_masked` passes for a tree's block: `allowed` (Q, K) as an additive
+    (1, 1, Q, K) mask, each sliding-window layer type's further limited to keys whose position is
+    within its window of the query's (q - k < window, as transformers' sliding mask). query_positions
+    (Q,), key_positions (K,): positions, not cache slots (a tree's nodes sit after the committed
+    sequence at their depth's position). One tensor when every layer sees the same, else a dict by
+    layer type (the form hybrid models such as Gemma 2/3 take)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    windows = sliding_windows(model)
+    masks = {}
+    for window in dict.fromkeys(windows.values()):  # each distinct window once
+        seen = allowed if window is None else allowed & (query_positions.view(-1, 1) - key_positions.view(1, -1) < window)
+        masks[window] = additive_mask(seen, dtype).view(1, 1, *allowed.shape)
+    if len(masks) == 1:  # every layer sees the same keys
+        return next(iter(masks.values()))
+    return {kind: masks[window] for kind, window in windows.items()}
+
+
 def check_custom_masks(model, role: str, needs: str, fix: str) -> None:
     """A UserInputError unless `model`'s attention honours custom masks (eager or SDPA; flash and flex
     attention ignore or reject them). `needs`: who needs them; `fix`: what to do otherwise."""
@@ -145,7 +253,7 @@ def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Te
                    logits_to_keep: int = 0, keyword: str | None = None):
     """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with an attention mask: a custom 4-D
     additive one (B, 1, N, held + N; see `additive_mask`) over the keys `cache` holds followed by the
-    new ones (the trainer's objective, tree rounds), or a 2-D padding mask (B, held + N; 1 = a real
+    new ones (the trainer's objective, tree rounds; a dict of them by layer type, see `tree_mask`), or a 2-D padding mask (B, held + N; 1 = a real
     token) that the model combines with causality (batched generation with left padding); None: the
     model's own causal mask. Returns logits (B, N or logits_to_keep, V). `keyword`: `cache_keyword(model)`,
     passed by compiled callers (the lookup inspects the model's signature)."""

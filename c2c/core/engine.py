@@ -409,8 +409,7 @@ class SpeculativeDecoder:
         self.counters = c
         if spec.tree is not None:
             for role, model in (("target", self.target), ("draft", self.draft)):
-                kv.check_custom_masks(model, role, "tree rounds need attention that takes a tree mask",
-                                      "load it with attn_implementation='sdpa', or use chain rounds (--tree_budget 0)")
+                kv.check_tree_support(model, role)
 
         width = max(0, min(spec.longest, spec.max_new_tokens - 2))  # the most drafts a round can hold on one path
         c.drafted_at, c.accepted_at = [0] * width, [0] * width

@@ -227,9 +227,10 @@ class KVShape:
 
     @classmethod
     def of(cls, config) -> "KVShape":
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+        from .cache import kv_heads_and_dim, text_config  # the attention's shape as the cache reads it, any architecture
+
+        heads, head_dim = kv_heads_and_dim(config)
+        return cls(text_config(config).num_hidden_layers, heads, head_dim)
 
     def describe(self) -> str:
         return f"{self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}"

@@ -306,3 +306,40 @@ def summary(prompts: list[dict]) -> dict:
 def _median_of(values) -> float | None:
     values = [v for v in values if v is not None]
     return median(values) if values else None
+
+
+def by_category(prompts: list[dict]) -> dict[str, dict]:
+    """Spec-Bench's view: the figures of each category's turns ({} when no entry has a category), in
+    order of first appearance; per category its turns' totals (tokens/s of both runs, the speedup of
+    their throughputs, accepted length, acceptance), as `summary` computes them."""
+    groups: dict[str, list[dict]] = {}
+    for p in prompts:
+        if p.get("category") is not None:
+            groups.setdefault(p["category"], []).append(p)
+    out = {}
+    for category, items in groups.items():
+        s = summary(items)
+        std, spec = s.get("standard", {}), s.get("speculative", {})
+        out[category] = {
+            "turns": len(items),
+            "standard_tokens_per_second": std.get("tokens_per_second"),
+            "speculative_tokens_per_second": spec.get("tokens_per_second"),
+            "speedup": s.get("comparison", {}).get("throughput_speedup"),
+            "average_accepted_length": spec.get("average_accepted_length"),
+            "acceptance_rate": spec.get("acceptance_rate"),
+            "outputs_match": s.get("comparison", {}).get("outputs_match"),
+        }
+    return out
+
+
+def category_table(rows: dict[str, dict]) -> str:
+    """`by_category` as a markdown table (one row a category)."""
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| category | turns | target tok/s | speculative tok/s | speedup | accepted length | acceptance | outputs match |",
+             "|" + "---|" * 8]
+    for category, r in rows.items():
+        lines.append(f"| {category} | {r['turns']} | {fmt(r['standard_tokens_per_second'], '.1f')} | "
+                     f"{fmt(r['speculative_tokens_per_second'], '.1f')} | {fmt(r['speedup'], '.2f')} | "
+                     f"{fmt(r['average_accepted_length'], '.2f')} | {fmt(r['acceptance_rate'], '.3f')} | "
+                     f"{'' if r['outputs_match'] is None else r['outputs_match']} |")
+    return "\n".join(lines)

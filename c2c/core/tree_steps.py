@@ -80,11 +80,17 @@ def _allowed(prefix: torch.Tensor, start: torch.Tensor, tail: torch.Tensor) -> t
     return allowed.index_copy_(1, start + torch.arange(tail.shape[1], device=tail.device), tail)
 
 
+def _key_positions(cache, start: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """(capacity,): each cache slot's position: its index, but the block of slots from `start` holds
+    the positions `tail` (the round's nodes sit at their depth's position; sliding windows count in positions)."""
+    slots = torch.arange(kv.capacity(cache), device=tail.device)
+    return slots.index_copy(0, start + torch.arange(tail.shape[0], device=tail.device), tail)
+
+
 def _forward(model, cache, keyword: str, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
-             keep: int = 0) -> torch.Tensor:
-    mask = None if allowed is None else kv.additive_mask(allowed, model.get_input_embeddings().weight.dtype)
-    return kv.forward_masked(model, tokens.view(1, -1), cache, positions.view(1, -1),
-                             None if mask is None else mask.view(1, 1, *mask.shape), keep, keyword)[0]
+             keep: int = 0, key_positions: torch.Tensor | None = None) -> torch.Tensor:
+    mask = None if allowed is None else kv.tree_mask(model, allowed, positions, key_positions)
+    return kv.forward_masked(model, tokens.view(1, -1), cache, positions.view(1, -1), mask, keep, keyword)[0]
 
 
 def verify_allowed(parents: torch.Tensor, seen: torch.Tensor, held: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -116,8 +122,10 @@ def grow_tree(model, cache, feed: torch.Tensor, keyword: str, shape: TreeShape, 
         before = torch.cat(fed) if fed else frontier[:0]
         lines = trees.ancestors(frontier, grown.parents, shape.depth)  # (F, grown): each frontier node's line
         tail = torch.cat([lines.index_select(1, before), torch.eye(frontier.shape[0], dtype=torch.bool, device=device)], 1)
+        depths = grown.depths.index_select(0, torch.cat([before, frontier]))  # of the block's nodes, in slot order
         out = _forward(model, cache, keyword, grown.tokens.index_select(0, frontier),
-                       committed - 1 + grown.depths.index_select(0, frontier), _allowed(prefix, committed, tail))
+                       committed - 1 + grown.depths.index_select(0, frontier), _allowed(prefix, committed, tail),
+                       key_positions=_key_positions(cache, committed, committed - 1 + depths))
         fed.append(frontier)
         return draft_logprobs(out, sampling)
 
@@ -157,7 +165,8 @@ def verify_tree(model, cache, draft_cache, pending: torch.Tensor, packed: torch.
     with_root = torch.cat([depths.new_zeros(1), depths])
     seen = trees.visibility(parents, depth)  # (N, N), for the mask and the walk
     logits = _forward(model, cache, keyword, torch.cat([pending.view(1), tokens]).to(t_device),
-                      held + with_root.to(t_device), verify_allowed(parents, seen, held, kv.capacity(cache))).to(out_device)
+                      held + with_root.to(t_device), verify_allowed(parents, seen, held, kv.capacity(cache)),
+                      key_positions=_key_positions(cache, held, held + with_root.to(t_device))).to(out_device)
     if sampling.greedy:
         choice = logits.argmax(-1)
     else:  # ancestral sampling along the tree: each draw is the target's own (c2c.core.tree explains why it is exact)

@@ -174,12 +174,15 @@ def start_processes(cfg):
 def build_trainer(cfg, records, device, processes, say):
     """Models, data and the trainer (nothing written): (trainer, the models' dtype, what the data hold)."""
     from . import train_data, training
-    from ..app.loading import eos_token_ids, load_model, load_tokenizer, resolve_dtype
+    from ..app.loading import align_vocab, check_tokenizers, eos_token_ids, load_config, load_model, load_tokenizer, resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.target_model)
+    check_tokenizers(cfg.draft_model, cfg.target_model, tokenizer, load_config(cfg.draft_model, "draft"),  # any pair of one tokenizer
+                     load_config(cfg.target_model, "target"))
     target = load_model(cfg.target_model, "target", dtype, device)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
+    align_vocab(target, draft, say)  # embeddings padded to different sizes: both cut to the shared rows
     eos = eos_token_ids(target, tokenizer)
     if cfg.parallel_drafts and cfg.mask_id < 0:
         from dataclasses import replace

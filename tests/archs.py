@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tests import tiny
 
 WINDOW = 12  # sliding window of the tiny sliding-window models: shorter than every test's prompt + output
-MODES = ("chain", "tree", "compiled", "compiled_tree", "fusion", "demo")
+MODES = ("chain", "tree", "parallel", "compiled", "compiled_tree", "compiled_parallel", "fusion", "demo")
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "architectures.md"
 
@@ -172,9 +172,11 @@ def run_mode(arch: Arch, mode: str, target=None, draft=None, compiled=None, back
     results = []
     for prompt in PROMPTS:
         want = hf_greedy(target, prompt)
-        spec = SpecConfig(gamma=3, max_new_tokens=NEW_TOKENS, tree=tree)
+        parallel = mode in ("parallel", "compiled_parallel")  # an untrained mask id: offset 1 accepts, the rest rarely
+        spec = SpecConfig(gamma=3, max_new_tokens=NEW_TOKENS, tree=tree, parallel=parallel)
         got = SpeculativeDecoder(target, draft, spec, SamplingConfig(), set(), fuser=fuser,
-                                 compiled=compiled if mode.startswith("compiled") else None).generate(prompt)
+                                 compiled=compiled if mode.startswith("compiled") else None,
+                                 masks=[draft.config.get_text_config().vocab_size - 1] if parallel else None).generate(prompt)
         results.append((want, got.output_ids))
     return results
 
@@ -241,8 +243,8 @@ def run_demo(arch: Arch) -> str:
         return "yes" if all(e["comparison"]["outputs_match"] for e in entries) else "MISMATCH"
 
 
-LABELS = {"chain": "chain", "tree": "tree", "compiled": "compiled chain", "compiled_tree": "compiled tree", "fusion": "fusion",
-          "demo": "generic demo"}
+LABELS = {"chain": "chain", "tree": "tree", "parallel": "parallel drafting", "compiled": "compiled chain",
+          "compiled_tree": "compiled tree", "compiled_parallel": "compiled parallel", "fusion": "fusion", "demo": "generic demo"}
 
 
 def render(results: dict[str, dict[str, str]]) -> str:
@@ -267,7 +269,8 @@ def render(results: dict[str, dict[str, str]]) -> str:
         "**yes**: greedy output equal, token for token, to transformers' own `generate` of the target on every "
         "test prompt; **error**: the harness refuses with one `error:` line, decided from the config before any "
         "model runs (note below). Compiled: static caches and the compiled steps (`--compile`), traced by dynamo. "
-        "Generic demo: `demo_speculative_decoding.py` on the pair saved to disk, chain rounds, a two-turn "
+        "Parallel drafting: `--parallel_drafting` at gamma 3 with an untrained mask id (the last vocabulary id), "
+        "so exactness is tested, not acceptance. Generic demo: `demo_speculative_decoding.py` on the pair saved to disk, chain rounds, a two-turn "
         "question, every turn's output equal to the target's alone. "
         "Fusion: a random C2C fuser, every gate open, on the pair; across families "
         + ", ".join(f"a {d} draft fused from a {t} target" for d, t in FUSION_PAIRS) + " (one tokenizer).",
@@ -281,8 +284,8 @@ def render(results: dict[str, dict[str, str]]) -> str:
     lines += ["", *(f"[{i}] {note}: chain rounds (`--tree_budget 0`) serve it." for i, note in enumerate(notes, 1))]
     lines += [
         "",
-        "In CI (`tests/test_architectures.py`, under a minute on 2 cores): chain, tree and fusion on every row; "
-        f"compiled chain and tree on {' and '.join(COMPILED_IN_CI)} (hybrid sliding/global layers, learned "
+        "In CI (`tests/test_architectures.py`, under a minute on 2 cores): chain, tree, parallel drafting and fusion "
+        f"on every row; compiled chain, tree and parallel drafting on {' and '.join(COMPILED_IN_CI)} (hybrid sliding/global layers, learned "
         "absolute positions); the generic demo on GPT-2 (chains) and Gemma 2 (trees); the whole table, compiled included, by "
         "`python -m tests.archs --write`, which fails when a row does not hold. Sampled rounds are checked "
         "against the target's distribution (chi-square) on Gemma 2 and GPT-2.",

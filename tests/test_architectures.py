@@ -51,9 +51,10 @@ def check_mode(name: str, mode: str, **kw) -> None:
 
 
 @pytest.mark.parametrize("name", [a.name for a in archs.ARCHS])
-def test_greedy_chain_and_tree_equal_transformers_generate(name):
+def test_greedy_chain_tree_and_parallel_equal_transformers_generate(name):
     check_mode(name, "chain")
     check_mode(name, "tree")
+    check_mode(name, "parallel")
 
 
 @pytest.mark.parametrize("name", [a.name for a in archs.ARCHS])
@@ -68,6 +69,7 @@ def test_compiled_chain_and_tree_equal_transformers_generate(name):
     compiled = CompiledSteps(backend="eager")  # traced: the compiled plumbing without C++ code generation
     check_mode(name, "compiled", compiled=compiled)
     check_mode(name, "compiled_tree", compiled=compiled)
+    check_mode(name, "compiled_parallel", compiled=compiled)
 
 
 def test_the_drafts_partly_agree_and_sliding_windows_bite():

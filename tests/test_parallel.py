@@ -258,6 +258,10 @@ def test_a_pard_folder_runs_in_the_demo_lossless_with_one_forward_a_round(saved_
         assert sp["draft_mode"] == "parallel" and sp["draft_forwards_per_round"] == 1
         assert sp["draft_calls"] <= 1 + sp["rounds"]
     assert "parallel drafting: one draft forward a round" in capsys.readouterr().out
+    rc = demo.main(["--base_model", str(pard_folder), "--teacher_model", str(saved_models / "target"), "--fuser_checkpoint",
+                    "none", "--prompts", str(prompts), "--max_new_tokens", "12", "--parallel_drafting", "--stream",
+                    "--no_color", "--device", "cpu", "--threads", "1", "--lang", "en", "--skip_standard", "--no_warmup"])
+    assert rc == 0 and "speculative (parallel drafting, gamma 4):" in capsys.readouterr().out  # the stream names the mode
 
 
 def test_parallel_drafting_without_a_mask_id_is_one_error_line(saved_models, tmp_path, capsys):

@@ -537,7 +537,8 @@ def run_prompt(session: Session, prompt: str | list[dict], run_standard: bool, p
             printer.round(info)
 
     if printer is not None:
-        shape = f"tree {cfg.tree_budget}/{cfg.tree_depth}/{cfg.tree_topk}" if cfg.tree_budget else f"gamma {cfg.gamma}"
+        shape = (f"tree {cfg.tree_budget}/{cfg.tree_depth}/{cfg.tree_topk}" if cfg.tree_budget else
+                 f"parallel drafting, gamma {cfg.gamma}" if cfg.parallel_drafting else f"gamma {cfg.gamma}")
         printer.begin(printer.labels["speculative"].format(gamma=shape))
     spec = cfg.spec if max_new == cfg.max_new_tokens else dataclasses.replace(cfg.spec, max_new_tokens=max_new)
     result = decoder(session, spec, on_round=on_round if printer is not None or save_rounds else None).generate(ids)

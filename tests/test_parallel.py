@@ -379,3 +379,19 @@ def test_the_shipped_parallel_drafts_run_lossless_fused_and_plain(preset, tmp_pa
         assert data["config"]["draft_mode"] == "parallel" and data["summary"]["comparison"]["outputs_match"], arm
         assert data["config"]["fusion"]["enabled"] == (arm == "fused")
         assert data["summary"]["speculative"]["average_accepted_length"] > 1.0, arm
+
+
+def test_parallel_rounds_near_the_context_on_learned_positions():
+    """GPT-2's positions are an embedding of max_position_embeddings rows: the block's padding sits at the
+    last mask's position, so a parallel round near the end of the context stays inside it."""
+    from tests import archs
+
+    target, draft = archs.build_pair(archs.BY_NAME["GPT-2"])
+    limit = target.config.max_position_embeddings
+    prompt = [(7 * i) % 300 + 3 for i in range(limit - 16)]
+    with torch.inference_mode():
+        want = standard_generate(target, prompt, 14, SamplingConfig(), set()).output_ids
+        for k in (4, 8):
+            got = SpeculativeDecoder(target, draft, SpecConfig(k, 14, parallel=True), SamplingConfig(), set(),
+                                     masks=[tiny.VOCAB - 1]).generate(prompt)
+            assert got.output_ids == want, k

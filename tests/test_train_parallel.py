@@ -211,3 +211,35 @@ def test_with_fusion_a_query_is_the_draft_reading_a_fused_prefix_then_its_window
                     if kv.cache_keyword(draft) == "past_key_values" else \
                     draft(inputs_embeds=emb, position_ids=positions, cache=dcache, use_cache=True).logits[0, -1]
                 assert torch.allclose(logits[j, a + j], want, atol=1e-4), (j, a)
+
+
+def test_a_parallel_run_resumes_with_the_same_command_and_overwrite_clears_its_export(saved_models, tmp_path, capsys):
+    """The mask id is chosen the same way on --resume (the flag stays -1 in the run record); --overwrite
+    removes an exported pard_draft/ with the rest of the run."""
+    assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2") == 0
+    assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2", "--steps", "6", "--resume") == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "out" / "pard_draft").is_dir()
+    from c2c.tools import train_fuser
+
+    data = tmp_path / "data.txt"
+    assert train_fuser.main(["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
+                             "--data", str(data), "--output_dir", str(tmp_path / "out"), "--batch_size", "2", "--seq_len", "24",
+                             "--hidden_dim", "16", "--intermediate_dim", "16", "--eval_every", "2", "--steps", "2",
+                             "--eval_prompts", "0", "--device", "cpu", "--no_progress", "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "pard_draft").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [(["--parallel_drafts", "3", "--draft_adapter", "lora", "--mask_id", "99999"],
+                                              "--mask_id 99999 is outside the draft's"),
+                                             (["--mask_id", "5"], "--mask_id 5 is parallel drafting's mask")])
+def test_bad_mask_ids_are_one_error_line(saved_models, tmp_path, capsys, flags, expected):
+    from c2c.tools import train_fuser
+
+    (tmp_path / "d.txt").write_text("a b c " * 100)
+    rc = train_fuser.main(["--base_model", str(saved_models / "draft"), "--teacher_model", str(saved_models / "target"),
+                           "--data", str(tmp_path / "d.txt"), "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                           "--no_progress", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and expected in err[-1], err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -59,10 +59,9 @@ def preset_defaults(name: str | None, parallel: bool = False) -> dict:
     if name not in PRESETS:
         raise UserInputError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[name])
-    if parallel:
+    if parallel and (PRESET_ROOT / name / "fuser_parallel").is_dir():
         values["fuser_checkpoint"] = str(PRESET_ROOT / name / "fuser_parallel")
     missing = [v for k, v in values.items() if k in ("base_model", "teacher_model", "fuser_checkpoint") and not Path(v).exists()]
     if missing:
-        build = "build_parallel.py --preset " + name if parallel else f"build_{name}.py"
-        raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/{build}")
+        raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/build_{name}.py")
     return dict(values)

@@ -225,6 +225,11 @@ def prepare(cfg: RunConfig, log=print, first_contact: str = FIRST_CONTACT, arg=f
     target = load_model(cfg.target_model, "target", dtype, device, cfg.device_map)
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     align_vocab(target, draft, log)
+    rows = draft.get_input_embeddings().weight.shape[0]
+    if cfg.parallel_drafting and max(masks) >= rows:
+        raise UserInputError(f"{cfg.draft_model}'s mask id {max(masks)} lies past the {rows} embedding rows the pair shares "
+                             "(the draft's extra rows are cut to the target's vocabulary): use a draft whose mask id is "
+                             f"below {rows}, or drop {arg('parallel_drafting')}")
     open_gates = list(fuser.open_gates()) if fuser is not None else None
     fused_draft, adapter_info = None, None
     if adapter_dir is not None:

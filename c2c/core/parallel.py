@@ -73,7 +73,9 @@ def parallel_draft(model, cache, window: torch.Tensor, count: torch.Tensor, mask
     k = masks.shape[0] + 1
     start = kv.write_position(cache).clone()  # a copy: the forward moves the write position in place
     tokens = block(window, count, masks)  # (2K,) for a window of K+1
-    positions = start + torch.arange(tokens.shape[0], device=tokens.device)
+    # padding sits at the last mask's position: never past what the real tokens and masks reach (a model
+    # with learned absolute positions has no embedding beyond its context)
+    positions = start + torch.arange(tokens.shape[0], device=tokens.device).clamp_max(count + k - 2)
     keep = count - 1 + torch.arange(k, device=tokens.device)  # the last real token and the masks
     logits = kv.forward_masked(model, tokens.view(1, -1), cache, positions.view(1, -1), None, 0, keyword)[0]
     logits = logits.index_select(0, keep.to(logits.device))  # (K, V)
@@ -81,8 +83,8 @@ def parallel_draft(model, cache, window: torch.Tensor, count: torch.Tensor, mask
     if sampling.greedy:
         return logits.argmax(-1), None
     q = probabilities(logits, sampling)  # (K, V)
-    cdf = q.cumsum(-1)
-    drafted = torch.searchsorted(cdf, (uniforms.view(-1, 1) * cdf[:, -1:]).contiguous(), right=True).view(-1)
+    cdf = q.double().cumsum(-1)  # float64: a float32 running sum over a large vocabulary drifts (~1e-3 in total variation)
+    drafted = torch.searchsorted(cdf, (uniforms.double().view(-1, 1) * cdf[:, -1:]).contiguous(), right=True).view(-1)
     return drafted.clamp_max(q.shape[-1] - 1), q
 
 

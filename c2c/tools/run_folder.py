@@ -27,7 +27,7 @@ from ..errors import UserInputError
 MARKER = "trainer_run.json"  # the trainer's own mark on a folder it wrote (config.json is every model's)
 RUN_FILE = "run.json"  # in each checkpoint: its step and the flags that define its run
 # What the trainer writes in an output folder, and of which kind: all that --overwrite may remove.
-WRITTEN = {"final": "folder", "checkpoints": "folder", "draft_adapter": "folder", "metrics.jsonl": "file",
+WRITTEN = {"final": "folder", "checkpoints": "folder", "draft_adapter": "folder", "pard_draft": "folder", "metrics.jsonl": "file",
            "config.json": "file", MARKER: "file"}
 # Flags that may change on --resume: how long to train, how to evaluate and save, where to run. The
 # schedule follows a new --steps from the checkpoint on (learning rate, and the gate temperature

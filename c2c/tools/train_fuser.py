@@ -70,7 +70,8 @@ HELP = {
     "eval_new_tokens": "new tokens per held-out prompt in that figure, at most",
     "parallel_drafts": "K > 0: train parallel drafting (PARD's layout over the fused prefix): a mask embedding (and the "
                        "--draft_adapter) so that one draft forward over [anchor, K-1 masks] drafts K tokens; --gamma follows K",
-    "mask_id": "parallel drafting's mask id, an id the tokenizer never makes (-1: the draft's last unused embedding row)",
+    "mask_id": "parallel drafting's mask id (-1: a free embedding row, else a control-character token the text never "
+               "holds); its embedding row is trained as the mask",
     "length_pool": "rows of this many batches are drawn and sorted by length, and one batch of them is trained on: "
                    "less padding, every row as likely as without it (1: rows drawn at random)",
 }
@@ -184,13 +185,11 @@ def build_trainer(cfg, records, device, processes, say):
     draft = load_model(cfg.draft_model, "draft", dtype, device)
     align_vocab(target, draft, say)  # embeddings padded to different sizes: both cut to the shared rows
     eos = eos_token_ids(target, tokenizer)
-    if cfg.parallel_drafts and cfg.mask_id < 0:
-        from dataclasses import replace
+    mask_id = None
+    if cfg.parallel_drafts:  # the flag stays as given (-1: chosen here, the same way on --resume)
+        from .train_parallel import check_mask_id
 
-        from .train_parallel import default_mask_id
-
-        cfg = replace(cfg, mask_id=default_mask_id(draft, tokenizer))
-        say(f"parallel drafting: mask id {cfg.mask_id} (an id the tokenizer never makes)")
+        mask_id = check_mask_id(cfg.mask_id, draft, tokenizer, say)
     if cfg.generate_from_target or any(r.is_chat for r in records):
         groups = answer_groups(cfg, records, tokenizer, target, eos, processes, say)
         train_groups, held_groups = train_data.split_heldout(groups, cfg.heldout_fraction)  # whole conversations
@@ -208,7 +207,7 @@ def build_trainer(cfg, records, device, processes, say):
         unit = f"windows of {cfg.seq_len} tokens"
     sizes = (f"{len(data)} training and {len(heldout)} held-out {unit} ({data.supervised_positions:,} and "
              f"{heldout.supervised_positions:,} supervised positions)")
-    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device, processes, eos)
+    trainer = training.FuserTrainer(cfg, target, draft, data, heldout, device, processes, eos, mask_id=mask_id)
     trainer.tokenizer = tokenizer  # saved beside an exported draft (--parallel_drafts --no-fusion)
     return trainer, dtype, sizes
 

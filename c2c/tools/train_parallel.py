@@ -133,6 +133,27 @@ def default_mask_id(draft, tokenizer=None) -> int:
     return ordinary[0]
 
 
+def check_mask_id(requested: int, draft, tokenizer, say=print) -> int:
+    """The mask id a run trains: `requested` (-1: `default_mask_id`), inside the draft's embedding rows
+    (an error otherwise); a requested id the text may hold gets a warning (its row becomes the mask)."""
+    from ..errors import UserInputError
+
+    rows = draft.get_input_embeddings().weight.shape[0]
+    if requested == -1:
+        chosen = default_mask_id(draft, tokenizer)
+        say(f"parallel drafting: mask id {chosen} (an id the tokenizer never makes)")
+        return chosen
+    if not 0 <= requested < rows:
+        raise UserInputError(f"--mask_id {requested} is outside the draft's {rows} embedding rows: choose one below {rows}, "
+                             "or -1 for a free one")
+    if requested < len(tokenizer) and requested not in set(getattr(tokenizer, "all_special_ids", [])):
+        text = tokenizer.decode([requested])
+        if not (len(text) == 1 and ord(text) < 32):
+            say(f"WARNING: --mask_id {requested} is the token {text!r}, which the text may hold: its embedding row is "
+                "trained as the mask, and the draft reads that token as a mask from then on (-1 picks an unused id)")
+    return requested
+
+
 def step_loss(trainer, mine, total_queries: int):
     """The parallel objective's loss on this process's share of a batch: the mean over the global
     batch's supervised queries (every offset weighs the same, as PARD's)."""

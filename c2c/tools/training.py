@@ -118,6 +118,9 @@ class TrainConfig:
             raise UserInputError(f"--keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.draft_adapter not in ("none", *KINDS):
             raise UserInputError(f"--draft_adapter must be none, {' or '.join(KINDS)}, got {self.draft_adapter!r}")
+        if self.mask_id != -1 and not self.parallel_drafts:
+            raise UserInputError(f"--mask_id {self.mask_id} is parallel drafting's mask: pass --parallel_drafts K too, "
+                                 "or leave --mask_id out")
         if self.parallel_drafts and self.draft_adapter == "none":
             raise UserInputError("--parallel_drafts trains the draft to read masks: also pass --draft_adapter lora (or full); "
                                  "the mask embedding is saved beside it")
@@ -196,7 +199,7 @@ class FuserTrainer:
     Only the main process evaluates and writes."""
 
     def __init__(self, cfg: TrainConfig, target, draft, data: SplitData, heldout: SplitData, device,
-                 processes: Processes = Processes(), eos_ids: set[int] | None = None):
+                 processes: Processes = Processes(), eos_ids: set[int] | None = None, mask_id: int | None = None):
         self.cfg, self.target, self.draft, self.device = cfg, target, draft, device
         self.data, self.heldout, self.processes = data, heldout, processes
         self.batch_rows = min(cfg.batch_size, len(data))  # a batch larger than the data would only repeat rows
@@ -229,7 +232,7 @@ class FuserTrainer:
         self.mask = None  # parallel drafting: the trained mask embedding (c2c.tools.train_parallel)
         if cfg.parallel_drafts:
             draft.requires_grad_(False)
-            self.mask = MaskEmbedding(draft, cfg.mask_id).to(device)
+            self.mask = MaskEmbedding(draft, cfg.mask_id if mask_id is None else mask_id).to(device)
             groups.append({"params": list(self.mask.parameters()), "lr": cfg.adapter_lr or cfg.lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)

@@ -74,6 +74,14 @@ def build_tiny(args, arm: str) -> dict:
     return finish(out, folder, arm, info)
 
 
+def relativize(folder: Path) -> None:
+    """Paths in the shipped JSON files as the repository names them (presets/...), not the builder's."""
+    for path in folder.rglob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        if str(ROOT) + "/" in text:
+            path.write_text(text.replace(str(ROOT) + "/", ""), encoding="utf-8")
+
+
 def finish(out: Path, folder: str, arm: str, info: dict) -> dict:
     """The plain arm ships its exported PARD draft only (as `pard_draft/`, with the run's config)."""
     if arm == "plain":
@@ -83,9 +91,11 @@ def finish(out: Path, folder: str, arm: str, info: dict) -> dict:
         shutil.move(str(out / folder / "pard_draft"), str(target))
         shutil.copy(out / folder / "config.json", target / "training_config.json")
         shutil.rmtree(out / folder)
+        relativize(target)
     else:  # the shipped folder: the fuser, its adapter and config, the trainer's marker (no checkpoints or metrics)
         shutil.rmtree(out / folder / "checkpoints", ignore_errors=True)
         (out / folder / "metrics.jsonl").unlink(missing_ok=True)
+        relativize(out / folder)
     return info
 
 

@@ -395,3 +395,44 @@ def test_parallel_rounds_near_the_context_on_learned_positions():
             got = SpeculativeDecoder(target, draft, SpecConfig(k, 14, parallel=True), SamplingConfig(), set(),
                                      masks=[tiny.VOCAB - 1]).generate(prompt)
             assert got.output_ids == want, k
+
+
+def test_a_mask_id_past_the_rows_the_pair_shares_is_one_error_line(saved_models, tmp_path, capsys):
+    """A draft padded past the target's vocabulary whose pard_token sits in the extra rows: the pair runs
+    cut to the shared rows, so that mask id can't be fed; one error line, not an IndexError."""
+    import copy
+    import json
+
+    import qwen3_14b_speculative_demo as demo
+
+    model = copy.deepcopy(tiny.build_pair()[1])
+    model.resize_token_embeddings(tiny.VOCAB + 8)
+    folder = tmp_path / "padded-draft"
+    model.save_pretrained(folder)
+    tiny.build_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"pard_token": tiny.VOCAB + 4}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 1 + 1?\n", encoding="utf-8")
+    rc = demo.main(["--base_model", str(folder), "--teacher_model", str(saved_models / "target"), "--fuser_checkpoint", "none",
+                    "--prompts", str(prompts), "--parallel_drafting", "--device", "cpu", "--threads", "1", "--no_warmup"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and "lies past the 320 embedding rows the pair shares" in err[-1], err
+
+
+@pytest.mark.parametrize("kind", ["chain", "parallel", "tree"])
+def test_recorded_rounds_read_nothing_from_the_device(target, draft, monkeypatch, kind):
+    """--stream, --save_rounds and rounds=True record each round from host values the round already
+    has: a device read of a cache length inside the loop would add a sync to the timed span."""
+    from c2c.core.tree import TreeShape
+
+    spec = SpecConfig(4, 24, tree=TreeShape(8, 3, 2) if kind == "tree" else None, parallel=kind == "parallel")
+    seen = []
+    dec = SpeculativeDecoder(target, draft, spec, SamplingConfig(), set(), masks=[MASK], on_round=seen.append)
+
+    def no_read(cache):
+        raise AssertionError("a cache length was read from the device during generation")
+
+    monkeypatch.setattr(kv, "length", no_read)
+    result = dec.generate(PROMPTS[0])
+    assert len(seen) == result.counters.rounds + 1 and seen[-1].target_cache == seen[-1].committed - 1

@@ -44,16 +44,16 @@ class Counts:
 
 @torch.no_grad()
 def decode_counts(fuser, target, draft, prompts: list[list[int]], gamma: int, max_new_tokens: int, eos_ids: set[int],
-                  adapter=None) -> Counts:
+                  adapter=None, masks: list[int] | None = None) -> Counts:
     """Counts of greedy speculative decoding of each prompt at `gamma`; `fuser` None: the plain draft
-    (its adapter, if any, switched off)."""
+    (its adapter, if any, switched off). `masks`: parallel drafting with these mask ids."""
     from contextlib import nullcontext
 
     from ..core.engine import SpecConfig, SpeculativeDecoder
     from ..core.sampling import SamplingConfig
 
-    decoder = SpeculativeDecoder(target, draft, SpecConfig(gamma=gamma, max_new_tokens=max_new_tokens), SamplingConfig(),
-                                 eos_ids, fuser=fuser)
+    spec = SpecConfig(gamma=gamma, max_new_tokens=max_new_tokens, parallel=masks is not None)
+    decoder = SpeculativeDecoder(target, draft, spec, SamplingConfig(), eos_ids, fuser=fuser, masks=masks)
     tokens, calls = [], []
     with adapter.disabled() if adapter is not None and fuser is None else nullcontext():
         for prompt in prompts:

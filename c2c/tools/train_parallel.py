@@ -215,22 +215,16 @@ class merged_mask:
 @torch.no_grad()
 def engine_figures(trainer, prompts: list[list[int]]) -> dict:
     """The engine's tokens per target call for the parallel round (gamma K, greedy) on held-out prompts,
-    with the trained draft (adapter and mask), fused and unfused (each output the target's own), and
-    the paired verdict over prompts (c2c.tools.engine_eval), every key prefixed `parallel_`."""
-    from ..core.engine import SpecConfig, SpeculativeDecoder
-    from ..core.sampling import SamplingConfig
-    from .engine_eval import Counts, figures
+    with the trained draft (adapter on, mask merged), fused and unfused (each output the target's own),
+    and the paired verdict over prompts (c2c.tools.engine_eval), every key prefixed `parallel_`."""
+    from .engine_eval import decode_counts, figures
 
     cfg = trainer.cfg
-    spec = SpecConfig(gamma=cfg.parallel_drafts, max_new_tokens=cfg.eval_new_tokens, parallel=True)
-    counts = {}
-    with merged_mask(trainer.draft, trainer.mask):
-        for arm, fuser in (("fused", trainer.fuser if cfg.fusion else None), ("unfused", None)):
-            decoder = SpeculativeDecoder(trainer.target, trainer.draft, spec, SamplingConfig(), trainer.eos_ids, fuser=fuser,
-                                         masks=[trainer.mask.mask_id])
-            runs = [decoder.generate(prompt) for prompt in prompts]
-            counts[arm] = Counts(tuple(len(r.output_ids) for r in runs), tuple(r.counters.target_calls for r in runs))
-    return {f"parallel_{k}": v for k, v in figures(counts["fused"], counts["unfused"]).items()}
+    args = (trainer.target, trainer.draft, prompts, cfg.parallel_drafts, cfg.eval_new_tokens, trainer.eos_ids)
+    with merged_mask(trainer.draft, trainer.mask):  # adapter=None: the unfused arm keeps the trained adapter on
+        fused = decode_counts(trainer.fuser if cfg.fusion else None, *args, masks=[trainer.mask.mask_id])
+        unfused = decode_counts(None, *args, masks=[trainer.mask.mask_id])
+    return {f"parallel_{k}": v for k, v in figures(fused, unfused).items()}
 
 
 def save(trainer, folder, dtype: torch.dtype) -> None:

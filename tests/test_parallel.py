@@ -5,19 +5,16 @@ outputs and counters; after every round both caches equal a fresh prefill of wha
 mask K/V dropped); sampled rounds follow the target's distribution; one draft forward per round;
 mask ids read from a draft's config as vLLM reads them."""
 
-import itertools
-import math
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from c2c.core import cache as kv
 from c2c.core import parallel
 from c2c.core.engine import CompiledSteps, SpecConfig, SpeculativeDecoder, standard_generate
-from c2c.core.sampling import SamplingConfig, probabilities
+from c2c.core.sampling import SamplingConfig
 from tests import tiny
 
 PROMPTS = ([5, 9, 33, 7, 100, 2], [17, 4], [250, 251, 252, 3, 3, 3, 40, 41])
@@ -151,28 +148,9 @@ def test_sampled_parallel_rounds_follow_the_targets_distribution():
     (max_new_tokens 5), so a draw at every offset is checked, jointly and per position. Chi-square
     over cells expected 5 times or more (the rest pooled), at the 1e-4 critical value (Wilson-Hilferty):
     a correct sampler fails each test with odds 1e-4; seeded, so the outcome is fixed."""
-    V = 6
-
-    def model(layers, seed):
-        torch.manual_seed(seed)
-        config = Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                             tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=None)
-        m = Qwen3ForCausalLM(config).eval().requires_grad_(False)
-        with torch.no_grad():
-            m.lm_head.weight.mul_(8.0)
-        return m
-
-    target, draft = model(2, 1), model(1, 2)
+    target, draft = tiny.toy_model(2, 1), tiny.toy_model(1, 2)
     sampling, prompt = SamplingConfig(temperature=1.0), [1, 2, 3]
-    with torch.no_grad():
-        def p(seq):
-            return probabilities(target(input_ids=torch.tensor([prompt + list(seq)])).logits[0, -1], sampling)
-        joint = {}
-        for a, b in itertools.product(range(V), repeat=2):
-            pab, last = float(p(())[a]) * float(p((a,))[b]), p((a, b))
-            for c in range(V):
-                joint[(a, b, c)] = pab * float(last[c])
+    joint = tiny.three_step_joint(target, prompt, sampling)
     dec = SpeculativeDecoder(target, draft, SpecConfig(3, 5, parallel=True), sampling, set(),
                              generator=torch.Generator().manual_seed(0), masks=[5])
     n = 4000
@@ -180,16 +158,7 @@ def test_sampled_parallel_rounds_follow_the_targets_distribution():
         counts = Counter(tuple(dec.generate(prompt).output_ids[:3]) for _ in range(n))
     assert dec.counters.drafted_at[2] == 1  # the first round drafted all three in one forward
 
-    def chi2_test(expected: dict, observed: Counter) -> tuple[float, float]:
-        cells = [k for k, q in expected.items() if n * q >= 5]
-        pooled_q = 1 - sum(expected[k] for k in cells)
-        pooled = n - sum(observed[k] for k in cells)
-        chi2 = sum((observed[k] - n * expected[k]) ** 2 / (n * expected[k]) for k in cells)
-        chi2 += (pooled - n * pooled_q) ** 2 / max(n * pooled_q, 1e-9)
-        df = max(len(cells), 1)
-        return chi2, df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3  # the 1e-4 upper tail
-
-    chi2, critical = chi2_test(joint, counts)
+    chi2, critical, _ = tiny.pooled_chi2(joint, counts, n)
     assert chi2 < critical, ("joint", chi2, critical)
     for pos in range(3):
         marginal, observed = Counter(), Counter()
@@ -197,7 +166,7 @@ def test_sampled_parallel_rounds_follow_the_targets_distribution():
             marginal[key[pos]] += q
         for key, m in counts.items():
             observed[key[pos]] += m
-        chi2, critical = chi2_test(dict(marginal), observed)
+        chi2, critical, _ = tiny.pooled_chi2(dict(marginal), observed, n)
         assert chi2 < critical, (pos, chi2, critical)
 
 

@@ -4,7 +4,6 @@ every round both caches hold exactly the committed sequence; sampled trees follo
 distribution; bad tree flags are one error line."""
 
 import itertools
-import math
 from collections import Counter
 
 import pytest
@@ -15,7 +14,7 @@ import qwen3_14b_speculative_demo as demo
 from c2c.core import cache as kv
 from c2c.core.engine import SpecConfig, SpeculativeDecoder, standard_generate
 from c2c.core.fuser import C2CFuser, KVShape
-from c2c.core.sampling import SamplingConfig, probabilities
+from c2c.core.sampling import SamplingConfig
 from c2c.core.tree import TreeShape
 from tests import tiny
 
@@ -135,42 +134,17 @@ def test_sampled_trees_follow_the_targets_distribution():
     checked. Chi-square over the cells expected 5 times or more (the rest pooled in one cell), at the
     1e-4 critical value (Wilson-Hilferty): a correct sampler fails with odds 1e-4; seeded, so the
     outcome is fixed."""
-    V = 6
-
-    def model(layers, seed):
-        torch.manual_seed(seed)
-        config = Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                             tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=None)
-        m = Qwen3ForCausalLM(config).eval().requires_grad_(False)
-        with torch.no_grad():
-            m.lm_head.weight.mul_(8.0)  # sharper distributions: some tokens likely, some not
-        return m
-
-    target, draft = model(2, 1), model(1, 2)
+    target, draft = tiny.toy_model(2, 1), tiny.toy_model(1, 2)
     sampling = SamplingConfig(temperature=1.0)
     prompt = [1, 2, 3]
-    with torch.no_grad():
-        def p(seq):
-            return probabilities(target(input_ids=torch.tensor([prompt + list(seq)])).logits[0, -1], sampling)
-        joint = {}
-        for a, b in itertools.product(range(V), repeat=2):
-            pab = float(p(())[a]) * float(p((a,))[b])
-            last = p((a, b))
-            for c in range(V):
-                joint[(a, b, c)] = pab * float(last[c])
+    joint = tiny.three_step_joint(target, prompt, sampling)
     decoder = SpeculativeDecoder(target, draft, spec((6, 3, 2), 5), sampling, set(), generator=torch.Generator().manual_seed(0))
     n = 4000
     with torch.inference_mode():
         counts = Counter(tuple(decoder.generate(prompt).output_ids[:3]) for _ in range(n))
     assert decoder.counters.nodes_verified and max(decoder.counters.drafted_at[:3]) > 0  # a tree round of depth 3 drew them
-    cells = [k for k, q in joint.items() if n * q >= 5]
-    pooled_q = 1 - sum(joint[k] for k in cells)
-    pooled = n - sum(counts[k] for k in cells)
-    chi2 = sum((counts[k] - n * joint[k]) ** 2 / (n * joint[k]) for k in cells) + (pooled - n * pooled_q) ** 2 / max(n * pooled_q, 1e-9)
-    df = len(cells)  # cells + the pooled one, less one
-    critical = df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3  # chi-square's 1e-4 upper tail
-    assert len(cells) > 20 and chi2 < critical, (chi2, critical)
+    chi2, critical, cells = tiny.pooled_chi2(joint, counts, n)
+    assert cells > 20 and chi2 < critical, (chi2, critical)
 
 
 @pytest.mark.parametrize("flags, expected", [(["--tree_budget", "3", "--tree_depth", "4"], "--tree_budget 3 is smaller than --tree_depth 4"),

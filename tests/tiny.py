@@ -89,3 +89,51 @@ def open_fuser(target, draft, seed: int = 0):
             getattr(p, f"{kind}_gate_logit").data.fill_(1.0)
             getattr(p, f"{kind}_proj_out").weight.data.mul_(10.0)  # large enough to change the draft's guesses
     return fuser.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- a toy pair for distribution tests
+
+
+def toy_model(layers: int, seed: int, vocab: int = 6) -> Qwen3ForCausalLM:
+    """A Qwen3 of a `vocab`-token vocabulary with sharp distributions (some tokens likely, some not)."""
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=False, bos_token_id=None, pad_token_id=None, eos_token_id=None)
+    m = Qwen3ForCausalLM(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)
+    return m
+
+
+def three_step_joint(target, prompt: list[int], sampling) -> dict[tuple[int, int, int], float]:
+    """The target's exact distribution of its next three sampled tokens after `prompt`, enumerated."""
+    import itertools
+
+    from c2c.core.sampling import probabilities
+
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        def p(seq):
+            return probabilities(target(input_ids=torch.tensor([prompt + list(seq)])).logits[0, -1], sampling)
+        joint = {}
+        for a, b in itertools.product(range(vocab), repeat=2):
+            pab, last = float(p(())[a]) * float(p((a,))[b]), p((a, b))
+            for c in range(vocab):
+                joint[(a, b, c)] = pab * float(last[c])
+    return joint
+
+
+def pooled_chi2(expected: dict, observed, n: int) -> tuple[float, float, int]:
+    """Chi-square of `observed` counts (a Counter over n draws) against `expected` probabilities, over the
+    cells expected 5 times or more plus one pooled cell for the rest; returns (statistic, its 1e-4
+    critical value by Wilson-Hilferty, the cells kept)."""
+    import math
+
+    cells = [k for k, q in expected.items() if n * q >= 5]
+    pooled_q = 1 - sum(expected[k] for k in cells)
+    pooled = n - sum(observed[k] for k in cells)
+    chi2 = sum((observed[k] - n * expected[k]) ** 2 / (n * expected[k]) for k in cells)
+    chi2 += (pooled - n * pooled_q) ** 2 / max(n * pooled_q, 1e-9)
+    df = max(len(cells), 1)  # cells + the pooled one, less one
+    return chi2, df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3, len(cells)

@@ -131,10 +131,12 @@ def write_prompt_files(out: Path, adds, chains) -> None:
     (out / "eval_chains.txt").write_text(header.format(f"chains of {task.CHAIN_TERMS} terms") + "\n".join(task.chain(*p)[0] for p in chains) + "\n")
 
 
-def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] = (), steps: int | None = None) -> dict:
+def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] = (), steps: int | None = None,
+                draft: str = "draft") -> dict:
     """The shipped fuser, trained by the project's own trainer command (frozen models); `folder`,
-    `extra` trainer flags and `steps` serve the adapter fuser and the upper-bound study
-    (bench/arith_upper_bound.py): the same data, seed and schedule."""
+    `extra` trainer flags, `steps` and `draft` (the draft's folder in `out`) serve the adapter fuser,
+    the parallel drafts (presets/build_parallel.py) and the upper-bound study (bench/arith_upper_bound.py):
+    the same data, seed and schedule."""
     from c2c.tools import train_fuser
 
     seed, steps, problems = args.seed, steps or args.fuser_steps, args.fuser_problems
@@ -147,7 +149,7 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
         if "+" not in prompt or all(len(x) == 3 for x in prompt[:-1].split("+")):
             lines.append(json.dumps({"prompt": prompt}))
     data.write_text("\n".join(lines) + "\n")
-    argv = ["--base_model", str(out / "draft"), "--teacher_model", str(out / "target"), "--data", str(data),
+    argv = ["--base_model", str(out / draft), "--teacher_model", str(out / "target"), "--data", str(data),
             "--output_dir", str(out / folder), "--generate_from_target", str(4 * task.CHAIN_TERMS + 2),
             "--steps", str(steps), "--batch_size", "32", "--gamma", "4", "--hidden_dim", str(args.fuser_hidden),
             "--intermediate_dim", str(args.fuser_hidden), "--lr", str(args.fuser_lr), "--warmup_steps", "50",
@@ -163,8 +165,8 @@ def train_fuser(out: Path, args, folder: str = "fuser", extra: tuple[str, ...] =
     shutil.rmtree(out / folder / "checkpoints", ignore_errors=True)  # the last step's: the shipped fuser has none
     config = json.loads((out / folder / "config.json").read_text())
     # the shipped copy lives in presets/arith/: record the models' and fuser's paths as shipped, not the build folder's
-    config["model"] = {"base_model": "presets/arith/draft", "teacher_model": "presets/arith/target"}
-    config["training"] |= {"draft_model": "presets/arith/draft", "target_model": "presets/arith/target",
+    config["model"] = {"base_model": f"presets/arith/{draft}", "teacher_model": "presets/arith/target"}
+    config["training"] |= {"draft_model": f"presets/arith/{draft}", "target_model": "presets/arith/target",
                            "data": f"presets/build_arith.py's fuser problems ({data.name}, written and deleted by the build)",
                            "output_dir": f"presets/arith/{folder}"}
     (out / folder / "config.json").write_text(json.dumps(config, indent=2, default=str))

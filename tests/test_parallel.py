@@ -405,3 +405,20 @@ def test_recorded_rounds_read_nothing_from_the_device(target, draft, monkeypatch
     monkeypatch.setattr(kv, "length", no_read)
     result = dec.generate(PROMPTS[0])
     assert len(seen) == result.counters.rounds + 1 and seen[-1].target_cache == seen[-1].committed - 1
+
+
+def test_a_preset_runs_its_parallel_fuser_with_the_draft_it_was_trained_on(tmp_path):
+    """fuser_parallel/ trained on top of the PARD draft (presets/build_parallel.py --fused_from pard)
+    records presets/<name>/pard_draft as its base model: the preset then drafts with that folder; any
+    other record (or none) keeps the preset's draft."""
+    import json
+
+    from c2c.app.presets import trained_on
+
+    fuser = tmp_path / "arith" / "fuser_parallel"
+    fuser.mkdir(parents=True)
+    assert trained_on(fuser) == "draft"  # no config.json
+    for named, want in [("presets/arith/pard_draft", "pard_draft"), ("presets/arith/draft", "draft"),
+                        ("/elsewhere/pard_draft", "draft"), ("presets/tiny/pard_draft", "draft")]:
+        (fuser / "config.json").write_text(json.dumps({"model": {"base_model": named}}))
+        assert trained_on(fuser) == want, named

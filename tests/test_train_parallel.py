@@ -170,6 +170,49 @@ def test_no_fusion_exports_a_pard_folder_that_loads_back_with_the_same_outputs(s
         assert a.output_ids == b.output_ids and a.counters.accepted_at == b.counters.accepted_at
 
 
+def test_fusion_trains_on_top_of_a_pard_draft_from_its_own_mask(saved_models, tmp_path, capsys):
+    """PARD first, then fusion: a draft whose config.json names a mask id (here the trainer's own export)
+    is trained further with fusion from that id and its trained row; the demo then drafts in parallel
+    with that draft and the new fuser, lossless."""
+    import json
+
+    from c2c.app import runner
+    from c2c.tools import train_fuser
+    from c2c.tools.train_parallel import check_mask_id
+
+    (tmp_path / "pard").mkdir()
+    assert train(saved_models, tmp_path / "pard", "--no-fusion") == 0
+    exported = tmp_path / "pard" / "out" / "pard_draft"
+    pard = runner.load_model(str(exported), "draft", torch.float32, torch.device("cpu"))
+    config = json.loads((exported / "config.json").read_text())
+    config["pard_token"] = 7  # another id than the default free row, to see the config's id win
+    (exported / "config.json").write_text(json.dumps(config))
+    pard.config.pard_token = 7
+    said = []
+    assert check_mask_id(-1, pard, None, said.append) == 7 and "config.json names" in said[0]
+    row = pard.get_input_embeddings().weight[7].clone()
+    assert torch.equal(MaskEmbedding(pard, 7).vector, row)  # training starts from the PARD draft's mask row
+
+    argv = ["--base_model", str(exported), "--teacher_model", str(saved_models / "target"), "--data",
+            str(tmp_path / "pard" / "data.txt"), "--output_dir", str(tmp_path / "fused"), "--batch_size", "2",
+            "--seq_len", "24", "--hidden_dim", "16", "--intermediate_dim", "16", "--eval_every", "4", "--steps", "4",
+            "--device", "cpu", "--no_progress", "--draft_adapter", "lora", "--adapter_rank", "2", "--parallel_drafts", "3",
+            "--eval_prompts", "2", "--eval_new_tokens", "12"]
+    assert train_fuser.main(argv) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "fused" / "draft_adapter" / "adapter.json").read_text())["mask_id"] == 7
+    cfg = runner.RunConfig(draft_model=str(exported), target_model=str(saved_models / "target"),
+                           fuser_checkpoint=str(tmp_path / "fused"), fuser_explicit=True, device="cpu", dtype="float32",
+                           max_new_tokens=24, gamma=3, parallel_drafting=True)
+    session = runner.prepare(cfg, log=lambda *_: None)
+    assert session.masks == [7] and session.parallel_draft is session.fused_draft
+    entry = runner.run_prompt(session, "hello there", run_standard=True)
+    assert entry["comparison"]["outputs_match"]
+    config["pard_token"] = [7, 8]  # one mask id per offset: the trainer trains one, and says how to choose
+    (exported / "config.json").write_text(json.dumps(config))
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "fused2")
+    assert train_fuser.main(argv) == 2 and "names 2 mask ids" in capsys.readouterr().err
+
+
 def test_parallel_drafts_need_an_adapter_and_a_matching_gamma(saved_models, tmp_path, capsys):
     from c2c.tools import train_fuser
 

@@ -3,7 +3,9 @@
 `tiny`: a Qwen3-architecture target (~2.2M parameters) and draft (~0.23M), their tokenizer and a
 C2C fuser, trained on Shakespeare by `presets/build_tiny.py`; runs offline on a CPU in seconds.
 With --parallel_drafting a preset's fuser is `fuser_parallel/` (its projectors trained with a parallel
-draft: a LoRA adapter and a mask embedding); `pard_draft/` is the same draft trained without fusion.
+draft: a LoRA adapter and a mask embedding) and its draft the one that fuser was trained on (its
+config.json's `model.base_model`: `pard_draft/` when it was trained on top of the PARD draft);
+`pard_draft/` is the draft trained without fusion (PARD alone).
 `arith`: the fusion control, built by `presets/build_arith.py`: a target (~0.8M) that adds 3-digit
 numbers and continues mod-1000 addition chains, a 1-layer draft that can't carry on its own, and a
 fuser trained on the pair; prompts are `A+B=` or `AAA,BBB,` (held-out problems in its prompt files).
@@ -50,6 +52,18 @@ def _shipped(name: str, max_new_tokens: int) -> dict:
 PRESETS: dict[str, dict] = {"tiny": _shipped("tiny", 128), "arith": _shipped("arith", 40)}
 
 
+def trained_on(fuser: Path) -> str:
+    """The preset folder of the draft a shipped fuser was trained on (its config.json's
+    `model.base_model`, recorded as presets/<name>/<folder>): "draft" unless it names another."""
+    import json
+
+    try:
+        named = json.loads((fuser / "config.json").read_text(encoding="utf-8"))["model"]["base_model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "draft"
+    return Path(named).name if Path(named).parent.name == fuser.parent.name else "draft"
+
+
 def preset_defaults(name: str | None, parallel: bool = False) -> dict:
     """The flag defaults of a preset ({} for None); a preset whose files are missing is an error.
     `parallel` (--parallel_drafting): the preset's fuser trained with a parallel draft
@@ -61,6 +75,7 @@ def preset_defaults(name: str | None, parallel: bool = False) -> dict:
     values = dict(PRESETS[name])
     if parallel and (PRESET_ROOT / name / "fuser_parallel").is_dir():
         values["fuser_checkpoint"] = str(PRESET_ROOT / name / "fuser_parallel")
+        values["base_model"] = str(PRESET_ROOT / name / trained_on(PRESET_ROOT / name / "fuser_parallel"))
     missing = [v for k, v in values.items() if k in ("base_model", "teacher_model", "fuser_checkpoint") and not Path(v).exists()]
     if missing:
         raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/build_{name}.py")

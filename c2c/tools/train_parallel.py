@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core import cache as kv
 from ..core.adapter import MASK_FILE
+from ..core.parallel import config_mask_ids
 
 
 def visible(starts: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,6 +140,17 @@ def check_mask_id(requested: int, draft, tokenizer, say=print) -> int:
     from ..errors import UserInputError
 
     rows = draft.get_input_embeddings().weight.shape[0]
+    named = config_mask_ids(draft.config)  # a draft trained for parallel drafting already (PARD's layout)
+    if requested == -1 and named is not None:
+        if len(set(named)) > 1:
+            raise UserInputError(f"the draft's config.json names {len(set(named))} mask ids ({named}); the trainer trains "
+                                 "one: choose it with --mask_id")
+        if not 0 <= named[0] < rows:
+            raise UserInputError(f"the draft's config.json names mask id {named[0]}, outside its {rows} embedding rows: "
+                                 "fix its config.json, or choose one with --mask_id")
+        say(f"parallel drafting: mask id {named[0]}, the one the draft's config.json names (its row is trained on from "
+            "where it is)")
+        return named[0]
     if requested == -1:
         chosen = default_mask_id(draft, tokenizer)
         say(f"parallel drafting: mask id {chosen} (an id the tokenizer never makes)")

@@ -286,3 +286,56 @@ def test_bad_mask_ids_are_one_error_line(saved_models, tmp_path, capsys, flags, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and expected in err[-1], err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_cod_keeps_block_0_whole_and_each_kept_mask_with_its_diagonal():
+    """COD's kept queries: block 0 whole; a kept mask query of anchor a in block j has the masks of a in
+    blocks 1..j-1 kept too (the keys it attends to); block j keeps about max(rate**j, floor) of its
+    anchors; the same seed draws the same set, and rate 0 keeps everything."""
+    from c2c.tools.train_parallel import cod_queries
+
+    L, k, rate, floor = 60, 5, 0.7, 0.2
+    assert cod_queries(L, k, 0.0, floor, (0, 1)) is None
+    counts = [0] * k
+    for step in range(400):
+        kept = cod_queries(L, k, rate, floor, (3, step))
+        assert torch.equal(kept[:L], torch.arange(L))
+        s = set(kept.tolist())
+        for q in kept[L:].tolist():
+            j, p = divmod(q, L)
+            assert p - j >= 0 and all((i * L + p - j + i) in s for i in range(1, j)), (j, p)
+        for j in range(1, k):
+            counts[j] += sum(1 for q in kept.tolist() if q // L == j)
+    for j in range(1, k):
+        share = counts[j] / (400 * (L - j))
+        assert abs(share - max(rate**j, floor)) < 0.02, (j, share)
+    assert torch.equal(cod_queries(L, k, rate, floor, (3, 7)), cod_queries(L, k, rate, floor, (3, 7)))
+    assert not torch.equal(cod_queries(L, k, rate, floor, (3, 7)), cod_queries(L, k, rate, floor, (3, 8)))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cod_logits_are_the_full_passs_at_the_kept_queries(target, draft, fuser, fuse):
+    """Every key a kept query attends to is kept, so its logits equal the full pass's at that query."""
+    from c2c.tools.train_parallel import cod_queries
+
+    torch.manual_seed(4)
+    L, k = 18, 4
+    x = torch.randint(0, tiny.VOCAB - 8, (2, L))
+    starts = torch.stack([train_data.block_layout(L, 3, L - 1, k + 1, o)[0] for o in (0, 2)])
+    mask = MaskEmbedding(draft, tiny.VOCAB - 1)
+    queries = cod_queries(L, k, 0.6, 0.2, (0, 5))
+    assert L < queries.numel() < k * L
+    with torch.no_grad():
+        _, full = parallel_logits(fuser, target, draft, x, starts, mask, k, fuse=fuse)
+        _, thin = parallel_logits(fuser, target, draft, x, starts, mask, k, fuse=fuse, queries=queries)
+    assert thin.shape[1] == queries.numel()
+    assert torch.allclose(thin, full[:, queries], atol=1e-5)
+
+
+def test_cod_trains_from_the_command_line_and_bad_rates_are_one_error_line(saved_models, tmp_path, capsys):
+    assert train(saved_models, tmp_path, "--cod_rate", "0.7") == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "draft_adapter" / "mask_embedding.safetensors").is_file()
+    for bad in (["--cod_rate", "1.5"], ["--cod_rate", "0.7", "--cod_floor", "0"]):
+        (tmp_path / "o2").mkdir(exist_ok=True)
+        assert train(saved_models, tmp_path / "o2", *bad) == 2
+        assert "--cod_rate must be in [0, 1)" in capsys.readouterr().err

@@ -86,11 +86,34 @@ class MaskEmbedding(nn.Module):
         draft.get_input_embeddings().weight[self.mask_id] = self.vector.to(draft.get_input_embeddings().weight.dtype)
 
 
+def cod_queries(length: int, k: int, rate: float, floor: float, seed: tuple[int, int]) -> torch.Tensor | None:
+    """PARD's conditional drop-token (COD): the queries (indices into the K*L block-major queries) one
+    training step keeps; None when `rate` is 0 (all of them). Block 0 is kept whole; in mask block j the
+    query at p (anchor a = p - j) is kept iff a's chain reaches block j: it goes on past block j-1 with
+    probability share(j) / share(j-1), share(j) = max(rate**j, floor), so block j keeps share(j) of its
+    anchors on average and a kept mask query always has the masks before it on its diagonal (the keys
+    it attends to). Queries without an anchor (p < j, never supervised) are dropped. Drawn from `seed`
+    (the run's seed and the step): the same on every process and on --resume; one choice per position
+    for the whole batch."""
+    if not rate or k < 2:
+        return None
+    share = [max(rate**j, floor) for j in range(k)]
+    go_on = torch.tensor([share[j] / share[j - 1] for j in range(1, k)])  # (K-1,)
+    generator = torch.Generator().manual_seed(seed[0] * 1_000_003 + seed[1])
+    reach = (torch.rand(length, k - 1, generator=generator) < go_on).long().cumprod(1).bool()  # (L, K-1): a reaches block j
+    kept = [torch.arange(length)]
+    for j in range(1, k):
+        anchors = torch.nonzero(reach[: length - j, j - 1]).flatten()  # anchors whose query p = a + j lies in the row
+        kept.append(j * length + anchors + j)
+    return torch.cat(kept)
+
+
 def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor, mask: MaskEmbedding, k: int,
-                    fuse: bool = True, target_logits: torch.Tensor | None = None):
+                    fuse: bool = True, target_logits: torch.Tensor | None = None, queries: torch.Tensor | None = None):
     """Target logits (B, L, V) and the draft's (B, K*L, V): query (j, p) is draft j+1 of the round
     anchored at p - j, compared with the target's at p. One target forward (skipped when given) and
-    one draft pass."""
+    one draft pass. `queries` (Q,) (COD, `cod_queries`): only those queries run (the first L, block 0,
+    always), and the draft's logits are (B, Q, V) in that order."""
     B, L = x.shape
     tcache = None
     if target_logits is None or fuse:
@@ -105,10 +128,16 @@ def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor,
             return real
         return fuser.fuse_layer(layer, kv.read_kv(tcache, fuser.layer_map[layer][0], 0, L), real)
 
-    allowed = visible(starts.to(x.device), k)
-    attention = kv.additive_mask(allowed.unsqueeze(1), draft.get_input_embeddings().weight.dtype)  # (B, 1, KL, (K+1)L)
+    allowed = visible(starts.to(x.device), k)  # (B, KL, (K+1)L)
     positions = torch.arange(L, device=x.device).repeat(k).expand(B, -1)  # (B, K*L)
-    logits = kv.forward_embeds(draft, mask.embeds(draft, x, k), kv.fusing_cache(draft, fuse_layer), positions, attention)
+    embeds = mask.embeds(draft, x, k)  # (B, K*L, H)
+    if queries is not None:  # keys: [fused real, own real] whole, then the kept mask queries' own K/V
+        queries = queries.to(x.device)
+        columns = torch.cat([torch.arange(2 * L, device=x.device), L + queries[L:]])
+        allowed = allowed.index_select(1, queries).index_select(2, columns)
+        positions, embeds = positions.index_select(1, queries), embeds.index_select(1, queries)
+    attention = kv.additive_mask(allowed.unsqueeze(1), draft.get_input_embeddings().weight.dtype)  # (B, 1, Q, L + Q)
+    logits = kv.forward_embeds(draft, embeds, kv.fusing_cache(draft, fuse_layer), positions, attention)
     return target_logits, logits
 
 
@@ -166,17 +195,21 @@ def check_mask_id(requested: int, draft, tokenizer, say=print) -> int:
     return requested
 
 
-def step_loss(trainer, mine, total_queries: int):
+def step_loss(trainer, mine, total_queries: int, queries: torch.Tensor | None = None):
     """The parallel objective's loss on this process's share of a batch: the mean over the global
-    batch's supervised queries (every offset weighs the same, as PARD's)."""
+    batch's supervised queries (every offset weighs the same, as PARD's); `queries`: COD's kept ones."""
     cfg = trainer.cfg
     k = cfg.parallel_drafts
     t_logits, d_logits = parallel_logits(trainer.fuser, trainer.target, trainer.draft, mine.x.to(trainer.device), mine.starts,
-                                         trainer.mask, k, fuse=cfg.fusion)
+                                         trainer.mask, k, fuse=cfg.fusion, queries=queries)
     from .train_objective import token_losses
 
     keep = supervised_blocks(mine.supervised.to(trainer.device), k)
-    return token_losses(t_logits.repeat(1, k, 1)[keep], d_logits[keep], cfg.objective).sum() / total_queries
+    t_logits = t_logits.repeat(1, k, 1)
+    if queries is not None:
+        queries = queries.to(trainer.device)
+        keep, t_logits = keep.index_select(1, queries), t_logits.index_select(1, queries)
+    return token_losses(t_logits[keep], d_logits[keep], cfg.objective).sum() / total_queries
 
 
 @torch.no_grad()

@@ -192,3 +192,24 @@ def test_compiled_steps_serve_the_plain_and_the_adapted_draft_side_by_side(targe
     assert runs[1].counters.total_accepted == runs[3].counters.total_accepted
     drafts = {model for model, _ in compiled._caches.values() if model is draft or model is adapted}
     assert len(drafts) == 2  # one pooled cache per draft
+
+
+def test_an_adapter_loads_only_onto_the_draft_it_was_trained_on(draft, tmp_path):
+    """adapter.json records the base draft's fingerprint: the same draft (also cast to bfloat16 and back)
+    loads; a draft of the same shapes with other weights (a retrained or merged copy) is an error
+    naming the draft it was trained on; adapters saved before fingerprints load as before."""
+    import copy
+
+    adapter = DraftAdapter.create(draft, "lora", rank=3)
+    randomize(adapter, 2)
+    folder = adapter.save(tmp_path / "draft_adapter", extra={"draft_model": "the/base-draft"}, base=draft)
+    assert len(json.loads((folder / "adapter.json").read_text())["base_fingerprint"]) == len(adapter.names)
+    load_adapter(folder, draft)
+    load_adapter(folder, copy.deepcopy(draft).to(torch.bfloat16).float())  # rounding is not another draft
+    other = adapter.merged_copy(draft)  # e.g. a PARD export of this adapter: same shapes, other weights
+    with pytest.raises(UserInputError, match="trained on the/base-draft, and this draft's weights differ"):
+        load_adapter(folder, other)
+    meta = json.loads((folder / "adapter.json").read_text())
+    del meta["base_fingerprint"]
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    load_adapter(folder, other)  # no record: no check

@@ -2,6 +2,8 @@
 query against visible sets built by hand; without fusion every query's logits equal the draft run on
 [x_0..x_anchor, j masks] as parallel drafting runs it; block 0 equals the all-position objective."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -160,8 +162,9 @@ def test_no_fusion_exports_a_pard_folder_that_loads_back_with_the_same_outputs(s
     # the same draft rebuilt from the adapter files: the exported folder drafts exactly as it does
     from c2c.core.adapter import load_adapter, load_mask
 
-    adapter = load_adapter(tmp_path / "out" / "draft_adapter", session.draft)
-    rebuilt = adapter.merged_copy(runner.load_model(str(saved_models / "draft"), "draft", torch.float32, torch.device("cpu")))
+    plain = runner.load_model(str(saved_models / "draft"), "draft", torch.float32, torch.device("cpu"))
+    adapter = load_adapter(tmp_path / "out" / "draft_adapter", plain)
+    rebuilt = adapter.merged_copy(plain)
     load_mask(tmp_path / "out" / "draft_adapter", rebuilt)
     spec = SpecConfig(3, 24, parallel=True)
     for prompt in ([5, 9, 33, 7], [17, 4, 100]):
@@ -207,6 +210,11 @@ def test_fusion_trains_on_top_of_a_pard_draft_from_its_own_mask(saved_models, tm
     assert session.masks == [7] and session.parallel_draft is session.fused_draft
     entry = runner.run_prompt(session, "hello there", run_standard=True)
     assert entry["comparison"]["outputs_match"]
+    # the same fuser with the draft the PARD export came from: its adapter was not trained on that one
+    from c2c.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="was trained on .*pard_draft.*--base_model"):
+        runner.prepare(dataclasses.replace(cfg, draft_model=str(saved_models / "draft")), log=lambda *_: None)
     config["pard_token"] = [7, 8]  # one mask id per offset: the trainer trains one, and says how to choose
     (exported / "config.json").write_text(json.dumps(config))
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "fused2")

@@ -12,7 +12,9 @@ untouched and can be switched back, `enabled`); inference merges it into a copy 
 (`merged_copy`), so the engine and its compiled fast path see an ordinary model.
 
 Files, beside the fuser's official `final/` folder (which C2C's own code keeps reading as before):
-`<fuser folder>/draft_adapter/adapter.safetensors` and `adapter.json` (kind, rank, alpha, modules).
+`<fuser folder>/draft_adapter/adapter.safetensors` and `adapter.json` (kind, rank, alpha, modules, and
+`base_fingerprint`: numbers of the draft it was trained on, checked at load so that an adapter is never
+merged into another draft of the same shapes, e.g. a PARD export of it).
 """
 
 from __future__ import annotations
@@ -30,11 +32,43 @@ from ..errors import UserInputError
 ADAPTER_DIR = "draft_adapter"
 MASK_FILE = "mask_embedding.safetensors"  # a parallel-drafting adapter's mask vector (train_fuser --parallel_drafts)
 KINDS = ("lora", "full")
+FINGERPRINT_SAMPLES = 65536  # weights sampled per layer (evenly spaced) for the base draft's fingerprint
+FINGERPRINT_TOLERANCE = 0.02  # bf16 rounding moves a layer's number by ~0.004; a different draft by ~0.05-1
 
 
 def adapted_linears(model) -> dict[str, nn.Linear]:
     """The draft's linear layers an adapter may change: every nn.Linear inside its decoder layers."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"}
+
+
+def fingerprint(model, names: list[str]) -> list[float]:
+    """One number per adapted layer of `model`: its weight sampled at evenly spaced entries, projected on a
+    fixed pseudo-random sign pattern and divided by the sample's norm (about N(0, 1) across layers; the
+    same draft in float32 or bfloat16 within ~0.004; a retrained or merged one off by far more)."""
+    linears, out = adapted_linears(model), []
+    for name in names:
+        flat = linears[name].weight.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), FINGERPRINT_SAMPLES), device=flat.device).long()
+        sample = flat.index_select(0, index).float().cpu()
+        signs = torch.randint(0, 2, sample.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+        out.append(round(float((sample * signs).sum() / sample.norm().clamp_min(1e-12)), 6))
+    return out
+
+
+def check_base(meta: dict, model, folder) -> None:
+    """An error when the adapter's recorded fingerprint (adapter.json) is not this draft's: the adapter
+    was trained on another draft of the same shapes. Adapters saved before fingerprints pass."""
+    saved = meta.get("base_fingerprint")
+    if not saved:
+        return
+    now = fingerprint(model, list(meta["modules"]))
+    worst = max(range(len(now)), key=lambda i: abs(now[i] - saved[i]))
+    if len(saved) != len(now) or abs(now[worst] - saved[worst]) > FINGERPRINT_TOLERANCE:
+        trained_on = meta.get("draft_model", "another draft")
+        raise UserInputError(
+            f"draft adapter {folder} was trained on {trained_on}, and this draft's weights differ from that one's "
+            f"({meta['modules'][worst]}: fingerprint {now[worst]:.3f} vs {saved[worst]:.3f}): run it with the draft it was "
+            "trained on (--base_model), or train the fuser again with this draft")
 
 
 class DraftAdapter(nn.Module):
@@ -145,7 +179,8 @@ class DraftAdapter(nn.Module):
 
     # ------------------------------------------------------------ files
 
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None, base=None) -> Path:
+        """The adapter's files; `base`: the draft it was trained on (its fingerprint is recorded)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -155,6 +190,8 @@ class DraftAdapter(nn.Module):
         save_file(tensors, str(folder / "adapter.safetensors"))
         meta = {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "modules": self.names,
                 "parameters": sum(t.numel() for t in tensors.values()), **(extra or {})}
+        if base is not None:
+            meta["base_fingerprint"] = fingerprint(base, self.names)
         (folder / "adapter.json").write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -190,6 +227,7 @@ def load_adapter(folder: str | Path, model) -> DraftAdapter:
     missing = [n for n in names if n not in linears]
     if missing:
         raise UserInputError(f"draft adapter {folder} was trained for another draft (no layer {missing[0]}): {fix}")
+    check_base(meta, model, folder)
     adapter = DraftAdapter(kind, {n: tuple(linears[n].weight.shape) for n in names}, rank, alpha)
     state = {k: tensors.get(file_key) for k, file_key in adapter.file_keys().items()}
     expected = adapter.state_dict()

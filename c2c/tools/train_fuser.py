@@ -239,7 +239,8 @@ def save_run(cfg, trainer, result, dtype) -> None:
         from ..core.adapter import ADAPTER_DIR
 
         saved = trainer.adapter.save(out / ADAPTER_DIR, dtype=save_dtype,
-                                     extra={"draft_model": cfg.draft_model, "trained_with_fusion": cfg.fusion})
+                                     extra={"draft_model": cfg.draft_model, "trained_with_fusion": cfg.fusion},
+                                     base=trainer.draft)
         print(f"saved the draft adapter ({cfg.draft_adapter}) to {saved}; held-out agreement of the adapted draft "
               f"without fusion {last['agreement_adapter_only']:.4f}", file=sys.stderr)
     if trainer.mask is not None:

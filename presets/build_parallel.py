@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "presets"))
 
 
 def common(args) -> list[str]:
-    return ["--parallel_drafts", str(args.k), "--draft_adapter", "lora", "--adapter_rank", str(args.rank),
+    return ["--parallel_drafts", str(args.k), "--cod_rate", str(args.cod_rate), "--draft_adapter", "lora", "--adapter_rank", str(args.rank),
             "--adapter_lr", str(args.adapter_lr), "--suffixes", "all", "--eval_prompts", "16", "--eval_new_tokens", "48"]
 
 
@@ -121,6 +121,8 @@ def main() -> int:
     p.add_argument("--k", type=int, default=4, help="drafts per forward the draft is trained for")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--cod_rate", type=float, default=0.7, help="the trainer's --cod_rate (0: every query; the arith "
+                   "preset's drafts were built with 0, before COD existed)")
     p.add_argument("--adapter_lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -341,9 +341,29 @@ def test_cod_logits_are_the_full_passs_at_the_kept_queries(target, draft, fuser,
 
 
 def test_cod_trains_from_the_command_line_and_bad_rates_are_one_error_line(saved_models, tmp_path, capsys):
-    assert train(saved_models, tmp_path, "--cod_rate", "0.7") == 0, capsys.readouterr().err
+    assert train(saved_models, tmp_path, "--cod_rate", "0.5") == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "draft_adapter" / "mask_embedding.safetensors").is_file()
     for bad in (["--cod_rate", "1.5"], ["--cod_rate", "0.7", "--cod_floor", "0"]):
         (tmp_path / "o2").mkdir(exist_ok=True)
         assert train(saved_models, tmp_path / "o2", *bad) == 2
         assert "--cod_rate must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_cod_resumes_as_it_ran(saved_models, tmp_path, capsys):
+    """A parallel checkpoint whose run record has no cod_rate (written before COD existed) trained every
+    query: resuming it with today's default (COD on) is an error naming the flag; --cod_rate 0 resumes."""
+    import json
+
+    from c2c.tools.run_folder import RUN_FILE
+
+    assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2", "--cod_rate", "0") == 0
+    records = list((tmp_path / "out" / "checkpoints").rglob(RUN_FILE))
+    assert records
+    for record in records:
+        flags = json.loads(record.read_text())
+        flags["run"].pop("cod_rate")
+        record.write_text(json.dumps(flags))
+    capsys.readouterr()
+    assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2", "--steps", "6", "--resume") == 2
+    assert "--cod_rate 0.0 in the checkpoint, 0.7 now" in capsys.readouterr().err
+    assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2", "--steps", "6", "--resume", "--cod_rate", "0") == 0

@@ -35,6 +35,9 @@ WRITTEN = {"final": "folder", "checkpoints": "folder", "draft_adapter": "folder"
 RESUMABLE = ("steps", "eval_every", "eval_tokens", "eval_prompts", "eval_new_tokens", "eval_seconds", "save_every",
              "keep_checkpoints", "threads", "device", "save_dtype", "output_dir")
 FLAG_NAMES = {"draft_model": "base_model", "target_model": "teacher_model"}  # TrainConfig field -> its flag
+# Flags added since checkpoints began recording their flags, at the value that matches what a checkpoint
+# without them did (where that is not today's default): --cod_rate came with default 0.7, runs before it had none.
+BEFORE_RECORDED = {"cod_rate": 0.0}
 
 
 def flag(name: str) -> str:
@@ -94,8 +97,9 @@ def run_flags(cfg) -> dict:
 
 def changed_flags(saved: dict, cfg) -> list[str]:
     """'--flag <saved> (checkpoint) vs <now>' for each run-defining flag `cfg` changes. A flag the
-    checkpoint does not record (added to the trainer since) is taken at its default."""
-    now, defaults = run_flags(cfg), {f.name: f.default for f in fields(cfg)}
+    checkpoint does not record (added to the trainer since) is taken at what the run did without it
+    (BEFORE_RECORDED, else its default)."""
+    now, defaults = run_flags(cfg), {f.name: f.default for f in fields(cfg)} | BEFORE_RECORDED
     out = []
     for name, value in now.items():
         before = saved.get(name, defaults.get(name))

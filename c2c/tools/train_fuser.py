@@ -73,7 +73,8 @@ HELP = {
     "mask_id": "parallel drafting's mask id (-1: a free embedding row, else a control-character token the text never "
                "holds); its embedding row is trained as the mask",
     "cod_rate": "parallel drafting: PARD's conditional drop-token (COD); mask block j keeps a random max(rate**j, floor) "
-                "of its anchors, each only where block j-1 kept it (what it attends to): fewer queries a step (0: off)",
+                "of its anchors, each only where block j-1 kept it (what it attends to): fewer queries a step, measured "
+                "better per second of training (docs/training.md); 0: every query. Without --parallel_drafts: unused",
     "cod_floor": "the smallest share of its anchors a mask block keeps under --cod_rate",
     "length_pool": "rows of this many batches are drawn and sorted by length, and one batch of them is trained on: "
                    "less padding, every row as likely as without it (1: rows drawn at random)",

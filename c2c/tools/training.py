@@ -93,7 +93,7 @@ class TrainConfig:
     length_pool: int = 16  # batches' worth of rows drawn and sorted by length, one of them trained on (1: no bucketing)
     parallel_drafts: int = 0  # K > 0: train parallel drafting of K drafts (a mask embedding, c2c.tools.train_parallel)
     mask_id: int = -1  # parallel drafting's mask id (-1: an id the tokenizer never makes, train_parallel.default_mask_id)
-    cod_rate: float = 0.0  # parallel drafting: PARD's conditional drop-token, block j keeps max(rate**j, floor) of its queries (0: off)
+    cod_rate: float = 0.7  # parallel drafting: PARD's conditional drop-token, block j keeps max(rate**j, floor) of its queries (0: off)
     cod_floor: float = 0.2  # the smallest share COD keeps of a mask block
 
     def __post_init__(self):
@@ -137,10 +137,9 @@ class TrainConfig:
         if self.parallel_drafts < 0 or (self.parallel_drafts and self.suffixes != "all"):
             raise UserInputError(f"--parallel_drafts must be >= 0 (0: off) and trains every position (--suffixes all), "
                                  f"got {self.parallel_drafts} with --suffixes {self.suffixes}")
-        if not (0 <= self.cod_rate < 1 and 0 < self.cod_floor <= 1) or (self.cod_rate and not self.parallel_drafts):
-            raise UserInputError(f"--cod_rate must be in [0, 1) (0: off) and --cod_floor in (0, 1], and COD thins parallel "
-                                 f"drafting's mask blocks (pass --parallel_drafts K); got --cod_rate {self.cod_rate}, "
-                                 f"--cod_floor {self.cod_floor}")
+        if not (0 <= self.cod_rate < 1 and 0 < self.cod_floor <= 1):
+            raise UserInputError(f"--cod_rate must be in [0, 1) (0: off) and --cod_floor in (0, 1]; got --cod_rate "
+                                 f"{self.cod_rate}, --cod_floor {self.cod_floor}")
         if self.parallel_drafts and self.gamma != self.parallel_drafts:
             raise UserInputError(f"--parallel_drafts {self.parallel_drafts} drafts rounds of that many tokens: leave "
                                  f"--gamma out (it follows) or set it to the same value, got --gamma {self.gamma}")

@@ -108,6 +108,17 @@ def cod_queries(length: int, k: int, rate: float, floor: float, seed: tuple[int,
     return torch.cat(kept)
 
 
+def narrowed(queries: torch.Tensor | None, length: int, width: int) -> torch.Tensor | None:
+    """`cod_queries` drawn for the global batch (`length` positions) as indices into one process's share
+    of it, cut to `width` <= length positions (`Batch.share`): the queries past `width` (padding in that
+    share, never supervised) dropped, block 0 still whole and first."""
+    if queries is None or width == length:
+        return queries
+    j, p = queries.div(length, rounding_mode="floor"), queries.remainder(length)
+    inside = p < width
+    return j[inside] * width + p[inside]
+
+
 def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor, mask: MaskEmbedding, k: int,
                     fuse: bool = True, target_logits: torch.Tensor | None = None, queries: torch.Tensor | None = None):
     """Target logits (B, L, V) and the draft's (B, K*L, V): query (j, p) is draft j+1 of the round

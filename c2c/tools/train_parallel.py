@@ -103,7 +103,7 @@ def cod_queries(length: int, k: int, rate: float, floor: float, seed: tuple[int,
     reach = (torch.rand(length, k - 1, generator=generator) < go_on).long().cumprod(1).bool()  # (L, K-1): a reaches block j
     kept = [torch.arange(length)]
     for j in range(1, k):
-        anchors = torch.nonzero(reach[: length - j, j - 1]).flatten()  # anchors whose query p = a + j lies in the row
+        anchors = torch.nonzero(reach[: max(length - j, 0), j - 1]).flatten()  # anchors whose query p = a + j lies in the row
         kept.append(j * length + anchors + j)
     return torch.cat(kept)
 

@@ -197,6 +197,19 @@ def test_the_parallel_shares_of_two_processes_add_up_to_one_process(tmp_path, ta
     assert one.abs().max() > 0 and torch.allclose(one, two, atol=1e-6, rtol=1e-4)
 
 
+def test_a_chain_checkpoint_from_before_cod_resumes_with_default_flags(tmp_path):
+    """--cod_rate/--cod_floor only act with --parallel_drafts: a chain run's checkpoint recorded before
+    they existed resumes with today's defaults (no '--cod_rate 0.0 in the checkpoint, 0.7 now')."""
+    chain = test_training.config(tmp_path)
+    saved = run_folder.run_flags(chain)
+    del saved["cod_rate"], saved["cod_floor"]
+    assert run_folder.changed_flags(saved, chain) == []
+    parallel = test_training.config(tmp_path, suffixes="all", parallel_drafts=3, draft_adapter="lora")
+    saved = run_folder.run_flags(parallel)
+    del saved["cod_rate"], saved["cod_floor"]
+    assert run_folder.changed_flags(saved, parallel) == ["--cod_rate 0.0 in the checkpoint, 0.7 now"]
+
+
 def test_resume_repeats_the_uninterrupted_run_with_default_noise(tmp_path, target, draft, windows):
     cfg = test_training.config(tmp_path, steps=6, dropout=0.1, gate_noise="gumbel")
     data = answers_data(windows)

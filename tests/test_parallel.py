@@ -422,3 +422,20 @@ def test_a_preset_runs_its_parallel_fuser_with_the_draft_it_was_trained_on(tmp_p
                         ("/elsewhere/pard_draft", "draft"), ("presets/tiny/pard_draft", "draft")]:
         (fuser / "config.json").write_text(json.dumps({"model": {"base_model": named}}))
         assert trained_on(fuser) == want, named
+
+
+def test_a_users_fuser_with_a_preset_drafts_with_the_draft_it_was_trained_on():
+    """--preset arith --parallel_drafting --fuser_checkpoint presets/arith/fuser: the chain fuser was
+    trained on presets/arith/draft, so the preset's draft is that one (not fuser_parallel's pard_draft);
+    no --fuser_checkpoint, or `none` (PARD alone): fuser_parallel's draft."""
+    from c2c.app import demo
+    from c2c.app.cli import parse_with_preset
+    from c2c.app.presets import PRESET_ROOT
+
+    def draft(*flags):
+        return parse_with_preset(demo.build_parser(), ["--preset", "arith", "--parallel_drafting", *flags]).base_model
+
+    assert draft() == str(PRESET_ROOT / "arith" / "pard_draft")
+    assert draft("--fuser_checkpoint", "none") == str(PRESET_ROOT / "arith" / "pard_draft")
+    assert draft("--fuser_checkpoint", str(PRESET_ROOT / "arith" / "fuser")) == str(PRESET_ROOT / "arith" / "draft")
+    assert draft("--fuser_checkpoint", str(PRESET_ROOT / "arith" / "fuser"), "--base_model", "x") == "x"

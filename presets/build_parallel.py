@@ -130,7 +130,7 @@ def main() -> int:
     args = p.parse_args()
     info_path = ROOT / "presets" / args.preset / "build_info.json"
     info = json.loads(info_path.read_text())
-    for arm in args.arms:
+    for arm in sorted(set(args.arms), key=["plain", "fused"].index):  # the fused arm may start from the plain one's draft
         built = (build_arith if args.preset == "arith" else build_tiny)(args, arm)
         info.setdefault("parallel", {})[arm] = built | {"build": "python presets/build_parallel.py " + " ".join(sys.argv[1:])}
         info_path.write_text(json.dumps(info, indent=2, default=str))

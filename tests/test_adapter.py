@@ -213,3 +213,34 @@ def test_an_adapter_loads_only_onto_the_draft_it_was_trained_on(draft, tmp_path)
     del meta["base_fingerprint"]
     (folder / "adapter.json").write_text(json.dumps(meta))
     load_adapter(folder, other)  # no record: no check
+
+
+def test_the_fingerprint_samples_exact_evenly_spaced_entries():
+    """Indices by integer arithmetic (a float32 linspace rounds differently past 65,536 entries, and may
+    differ between devices): the number is the hand-computed one for a large layer and a one-weight one."""
+    from c2c.core.adapter import FINGERPRINT_SAMPLES, fingerprint
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(1000, 300, bias=False), torch.nn.Linear(1, 1, bias=False)])
+
+    torch.manual_seed(0)
+    model = Model()
+    for name, linear in (("layers.0", model.layers[0]), ("layers.1", model.layers[1])):
+        flat = linear.weight.detach().reshape(-1)
+        count = min(flat.numel(), FINGERPRINT_SAMPLES)
+        index = [i * (flat.numel() - 1) // max(count - 1, 1) for i in range(count)]
+        sample = flat[index]
+        signs = torch.randint(0, 2, sample.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+        assert fingerprint(model, [name]) == [round(float((sample * signs).sum() / sample.norm()), 6)], name
+
+
+def test_a_damaged_fingerprint_record_is_one_error(draft, tmp_path):
+    adapter = DraftAdapter.create(draft, "lora", rank=2)
+    folder = adapter.save(tmp_path / "draft_adapter", base=draft)
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["base_fingerprint"] = meta["base_fingerprint"][:1]
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match="base_fingerprint has 1 numbers"):
+        load_adapter(folder, draft)

@@ -422,3 +422,42 @@ def test_a_preset_runs_its_parallel_fuser_with_the_draft_it_was_trained_on(tmp_p
                         ("/elsewhere/pard_draft", "draft"), ("presets/tiny/pard_draft", "draft")]:
         (fuser / "config.json").write_text(json.dumps({"model": {"base_model": named}}))
         assert trained_on(fuser) == want, named
+
+
+def test_a_users_fuser_with_a_preset_drafts_with_the_draft_it_was_trained_on():
+    """--preset arith --parallel_drafting --fuser_checkpoint presets/arith/fuser: the chain fuser was
+    trained on presets/arith/draft, so the preset's draft is that one (not fuser_parallel's pard_draft);
+    no --fuser_checkpoint, or `none` (PARD alone): fuser_parallel's draft."""
+    from c2c.app import demo
+    from c2c.app.cli import parse_with_preset
+    from c2c.app.presets import PRESET_ROOT
+
+    def draft(*flags):
+        return parse_with_preset(demo.build_parser(), ["--preset", "arith", "--parallel_drafting", *flags]).base_model
+
+    assert draft() == str(PRESET_ROOT / "arith" / "pard_draft")
+    assert draft("--fuser_checkpoint", "none") == str(PRESET_ROOT / "arith" / "pard_draft")
+    assert draft("--fuser_checkpoint", str(PRESET_ROOT / "arith" / "fuser")) == str(PRESET_ROOT / "arith" / "draft")
+    assert draft("--fuser_checkpoint", str(PRESET_ROOT / "arith" / "fuser"), "--base_model", "x") == "x"
+
+
+def test_build_parallel_builds_the_pard_draft_before_the_fuser_trained_on_it(tmp_path, monkeypatch):
+    """`--arms fused plain` (the order its usage line shows): the fused arm trains on top of pard_draft/,
+    so the plain arm that rebuilds pard_draft/ runs first; otherwise fuser_parallel/ was trained on the
+    previous pard_draft/ and its adapter is refused with the new one (fingerprint)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("build_parallel_under_test", Path(__file__).parent.parent / "presets" / "build_parallel.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    (tmp_path / "presets" / "arith").mkdir(parents=True)
+    (tmp_path / "presets" / "arith" / "build_info.json").write_text("{}")
+    order = []
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    monkeypatch.setattr(build, "build_arith", lambda args, arm: order.append(arm) or {"last_eval": {}})
+    monkeypatch.setattr(sys, "argv", ["build_parallel.py", "--preset", "arith", "--arms", "fused", "plain"])
+    assert build.main() == 0 and order == ["plain", "fused"]
+    assert set(json.loads((tmp_path / "presets" / "arith" / "build_info.json").read_text())["parallel"]) == {"plain", "fused"}

@@ -367,3 +367,27 @@ def test_a_checkpoint_from_before_cod_resumes_as_it_ran(saved_models, tmp_path, 
     assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2", "--steps", "6", "--resume") == 2
     assert "--cod_rate 0.0 in the checkpoint, 0.7 now" in capsys.readouterr().err
     assert train(saved_models, tmp_path, "--no-fusion", "--save_every", "2", "--steps", "6", "--resume", "--cod_rate", "0") == 0
+
+
+def test_cod_queries_stay_inside_a_row_shorter_than_k():
+    """A row of L < K positions: mask block j has anchors only for p >= j, none when j >= L."""
+    from c2c.tools.train_parallel import cod_queries
+
+    for L in range(1, 6):
+        for step in range(5):
+            kept = cod_queries(L, 5, 0.99, 0.9, (0, step))
+            assert kept.max() < 5 * L and torch.equal(kept[:L], torch.arange(L)), (L, kept)
+            assert all(q % L >= q // L for q in kept.tolist()), (L, kept)  # every kept mask query has an anchor
+
+
+def test_cod_queries_narrowed_to_a_share_are_the_same_queries():
+    """One process's share of the batch is cut to its longest row: the kept queries re-indexed for that
+    width are the global ones inside it, block 0 whole and first."""
+    from c2c.tools.train_parallel import cod_queries, narrowed
+
+    L, W, k = 20, 13, 4
+    kept = cod_queries(L, k, 0.7, 0.2, (1, 3))
+    local = narrowed(kept, L, W)
+    assert torch.equal(local[:W], torch.arange(W)) and local.max() < k * W
+    assert {(q // W, q % W) for q in local.tolist()} == {(q // L, q % L) for q in kept.tolist() if q % L < W}
+    assert narrowed(kept, L, L) is kept and narrowed(None, L, W) is None

@@ -181,6 +181,35 @@ def test_the_shares_of_two_processes_add_up_to_one_process(tmp_path, target, dra
     assert one.abs().max() > 0 and torch.allclose(one, two, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cod_rate", [0.0, 0.7])
+def test_the_parallel_shares_of_two_processes_add_up_to_one_process(tmp_path, target, draft, windows, monkeypatch, cod_rate):
+    """Parallel drafting, with COD and without: each process's rows are cut to their own longest
+    (Batch.share), so COD's kept queries, drawn for the whole batch, must be re-indexed for that width."""
+    import copy
+
+    cfg = test_training.config(tmp_path, batch_size=6, suffixes="all", parallel_drafts=3, draft_adapter="lora",
+                               adapter_rank=2, mask_id=5, cod_rate=cod_rate, length_pool=1)
+    data = answers_data(windows)  # rows of different lengths: the shares are narrower than the batch
+    # a fresh copy of the draft per trainer: each attaches its adapter's hooks to the draft it is given
+    one = first_step_gradient(cfg, target, copy.deepcopy(draft), data, training.Processes(0, 1), monkeypatch)
+    two = sum(first_step_gradient(cfg, target, copy.deepcopy(draft), data, training.Processes(r, 2), monkeypatch)
+              for r in (0, 1))
+    assert one.abs().max() > 0 and torch.allclose(one, two, atol=1e-6, rtol=1e-4)
+
+
+def test_a_chain_checkpoint_from_before_cod_resumes_with_default_flags(tmp_path):
+    """--cod_rate/--cod_floor only act with --parallel_drafts: a chain run's checkpoint recorded before
+    they existed resumes with today's defaults (no '--cod_rate 0.0 in the checkpoint, 0.7 now')."""
+    chain = test_training.config(tmp_path)
+    saved = run_folder.run_flags(chain)
+    del saved["cod_rate"], saved["cod_floor"]
+    assert run_folder.changed_flags(saved, chain) == []
+    parallel = test_training.config(tmp_path, suffixes="all", parallel_drafts=3, draft_adapter="lora")
+    saved = run_folder.run_flags(parallel)
+    del saved["cod_rate"], saved["cod_floor"]
+    assert run_folder.changed_flags(saved, parallel) == ["--cod_rate 0.0 in the checkpoint, 0.7 now"]
+
+
 def test_resume_repeats_the_uninterrupted_run_with_default_noise(tmp_path, target, draft, windows):
     cfg = test_training.config(tmp_path, steps=6, dropout=0.1, gate_noise="gumbel")
     data = answers_data(windows)

@@ -24,7 +24,8 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: list[str] | None, e
 
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):
-        defaults = preset_defaults(args.preset, bool(getattr(args, "parallel_drafting", False)))
+        defaults = preset_defaults(args.preset, bool(getattr(args, "parallel_drafting", False)),
+                                   getattr(args, "fuser_checkpoint", None))
         parser.set_defaults(**{k: v for k, v in defaults.items() if k not in exclude})
         args = parser.parse_args(argv)
     return args

@@ -52,22 +52,26 @@ def _shipped(name: str, max_new_tokens: int) -> dict:
 PRESETS: dict[str, dict] = {"tiny": _shipped("tiny", 128), "arith": _shipped("arith", 40)}
 
 
-def trained_on(fuser: Path) -> str:
-    """The preset folder of the draft a shipped fuser was trained on (its config.json's
-    `model.base_model`, recorded as presets/<name>/<folder>): "draft" unless it names another."""
+def trained_on(fuser: Path, preset: str | None = None) -> str:
+    """The preset folder of the draft a fuser was trained on (its config.json's `model.base_model`,
+    recorded as presets/<name>/<folder>; `preset`: <name>, the fuser's own folder's by default):
+    "draft" unless it names another folder of that preset."""
     import json
 
+    fuser = Path(fuser)
     try:
         named = json.loads((fuser / "config.json").read_text(encoding="utf-8"))["model"]["base_model"]
     except (OSError, ValueError, KeyError, TypeError):
         return "draft"
-    return Path(named).name if Path(named).parent.name == fuser.parent.name else "draft"
+    return Path(named).name if Path(named).parent.name == (preset or fuser.parent.name) else "draft"
 
 
-def preset_defaults(name: str | None, parallel: bool = False) -> dict:
+def preset_defaults(name: str | None, parallel: bool = False, fuser: str | None = None) -> dict:
     """The flag defaults of a preset ({} for None); a preset whose files are missing is an error.
     `parallel` (--parallel_drafting): the preset's fuser trained with a parallel draft
-    (`fuser_parallel/`, presets/build_parallel.py) in place of its chain fuser."""
+    (`fuser_parallel/`, presets/build_parallel.py) in place of its chain fuser, and the draft it was
+    trained on; `fuser` (the user's --fuser_checkpoint, if any): the draft is the one that fuser was
+    trained on instead (the preset's draft unless it names another of the preset's folders)."""
     if name is None:
         return {}
     if name not in PRESETS:
@@ -75,7 +79,9 @@ def preset_defaults(name: str | None, parallel: bool = False) -> dict:
     values = dict(PRESETS[name])
     if parallel and (PRESET_ROOT / name / "fuser_parallel").is_dir():
         values["fuser_checkpoint"] = str(PRESET_ROOT / name / "fuser_parallel")
-        values["base_model"] = str(PRESET_ROOT / name / trained_on(PRESET_ROOT / name / "fuser_parallel"))
+        # the draft of the fuser that runs: the user's own --fuser_checkpoint (a folder) when given
+        chosen = Path(fuser) if fuser and fuser.lower() != "none" else PRESET_ROOT / name / "fuser_parallel"
+        values["base_model"] = str(PRESET_ROOT / name / trained_on(chosen, name))
     missing = [v for k, v in values.items() if k in ("base_model", "teacher_model", "fuser_checkpoint") and not Path(v).exists()]
     if missing:
         raise UserInputError(f"preset {name!r} files are missing ({missing[0]}); rebuild them with python presets/build_{name}.py")

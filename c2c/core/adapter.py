@@ -48,7 +48,9 @@ def fingerprint(model, names: list[str]) -> list[float]:
     linears, out = adapted_linears(model), []
     for name in names:
         flat = linears[name].weight.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), FINGERPRINT_SAMPLES), device=flat.device).long()
+        count = min(flat.numel(), FINGERPRINT_SAMPLES)  # evenly spaced entries, in integers: the same on every device
+        index = (torch.arange(count, dtype=torch.long) * (flat.numel() - 1)).div(max(count - 1, 1), rounding_mode="floor")
+        index = index.to(flat.device)
         sample = flat.index_select(0, index).float().cpu()
         signs = torch.randint(0, 2, sample.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
         out.append(round(float((sample * signs).sum() / sample.norm().clamp_min(1e-12)), 6))
@@ -62,8 +64,11 @@ def check_base(meta: dict, model, folder) -> None:
     if not saved:
         return
     now = fingerprint(model, list(meta["modules"]))
+    if len(saved) != len(now):
+        raise UserInputError(f"draft adapter {folder}: adapter.json's base_fingerprint has {len(saved)} numbers for "
+                             f"{len(now)} modules: the file was edited or is damaged (save the fuser again)")
     worst = max(range(len(now)), key=lambda i: abs(now[i] - saved[i]))
-    if len(saved) != len(now) or abs(now[worst] - saved[worst]) > FINGERPRINT_TOLERANCE:
+    if abs(now[worst] - saved[worst]) > FINGERPRINT_TOLERANCE:
         trained_on = meta.get("draft_model", "another draft")
         raise UserInputError(
             f"draft adapter {folder} was trained on {trained_on}, and this draft's weights differ from that one's "

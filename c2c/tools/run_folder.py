@@ -38,6 +38,8 @@ FLAG_NAMES = {"draft_model": "base_model", "target_model": "teacher_model"}  # T
 # Flags added since checkpoints began recording their flags, at the value that matches what a checkpoint
 # without them did (where that is not today's default): --cod_rate came with default 0.7, runs before it had none.
 BEFORE_RECORDED = {"cod_rate": 0.0}
+# Flags that change nothing unless another one is on ({flag: field that must be true}): not compared otherwise.
+USED_ONLY_WITH = {"cod_rate": "parallel_drafts", "cod_floor": "parallel_drafts"}
 
 
 def flag(name: str) -> str:
@@ -98,10 +100,12 @@ def run_flags(cfg) -> dict:
 def changed_flags(saved: dict, cfg) -> list[str]:
     """'--flag <saved> (checkpoint) vs <now>' for each run-defining flag `cfg` changes. A flag the
     checkpoint does not record (added to the trainer since) is taken at what the run did without it
-    (BEFORE_RECORDED, else its default)."""
+    (BEFORE_RECORDED, else its default); a flag the run does not use (USED_ONLY_WITH) is not compared."""
     now, defaults = run_flags(cfg), {f.name: f.default for f in fields(cfg)} | BEFORE_RECORDED
     out = []
     for name, value in now.items():
+        if name in USED_ONLY_WITH and not getattr(cfg, USED_ONLY_WITH[name]):
+            continue
         before = saved.get(name, defaults.get(name))
         if before != value:
             out.append(f"{flag(name)} {before!r} in the checkpoint, {value!r} now")

@@ -103,9 +103,20 @@ def cod_queries(length: int, k: int, rate: float, floor: float, seed: tuple[int,
     reach = (torch.rand(length, k - 1, generator=generator) < go_on).long().cumprod(1).bool()  # (L, K-1): a reaches block j
     kept = [torch.arange(length)]
     for j in range(1, k):
-        anchors = torch.nonzero(reach[: length - j, j - 1]).flatten()  # anchors whose query p = a + j lies in the row
+        anchors = torch.nonzero(reach[: max(length - j, 0), j - 1]).flatten()  # anchors whose query p = a + j lies in the row
         kept.append(j * length + anchors + j)
     return torch.cat(kept)
+
+
+def narrowed(queries: torch.Tensor | None, length: int, width: int) -> torch.Tensor | None:
+    """`cod_queries` drawn for the global batch (`length` positions) as indices into one process's share
+    of it, cut to `width` <= length positions (`Batch.share`): the queries past `width` (padding in that
+    share, never supervised) dropped, block 0 still whole and first."""
+    if queries is None or width == length:
+        return queries
+    j, p = queries.div(length, rounding_mode="floor"), queries.remainder(length)
+    inside = p < width
+    return j[inside] * width + p[inside]
 
 
 def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor, mask: MaskEmbedding, k: int,

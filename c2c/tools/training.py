@@ -291,6 +291,7 @@ class FuserTrainer:
                                                  (cfg.seed, self.step))
             keep = train_parallel.supervised_blocks(batch.supervised, cfg.parallel_drafts)
             total = int((keep if queries is None else keep[:, queries]).sum())
+            queries = train_parallel.narrowed(queries, batch.x.shape[1], mine.x.shape[1])  # this process's share
             loss = train_parallel.step_loss(self, mine, total, queries)
         else:
             target_logits, draft_logits = all_position_logits(self.fuser, self.target, self.draft, mine.x.to(self.device),

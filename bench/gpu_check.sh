@@ -22,7 +22,8 @@
 #   6c. parallel drafting: --preset tiny with its PARD-layout draft (presets/tiny/pard_draft) compiled on CUDA
 #      (lossless, one draft forward a round), and the 0.6B forward of 1, 4, 8, 12, 16, 24 tokens at real shapes
 #      (bench/verify_blocks.py --draft_compiled: parallel drafting's block of 2K tokens for K = 2..12); step 2's
-#      synthetic JSON also holds draft_block_8 and the parallel round's predicted speedup
+#      synthetic JSON also holds draft_block_8 and the parallel round's predicted speedup; then --preset arith
+#      --parallel_drafting compiled (fusion on top of its PARD draft under CUDA graphs: lossless, tokens per call)
 #   8. synthetic eager timings: target/draft steps, verify, fusion, round overhead, HF generate, gammas 2 4 6
 #      (measured twice already; runs if budget is left)
 #   BUDGET=480 bash bench/gpu_check.sh            (PYTHON picks the interpreter)
@@ -71,6 +72,8 @@ step verify_blocks 240 "$PY" bench/verify_blocks.py --synthetic qwen3 --device c
 step tiny_parallel 120 "$PY" speculative_benchmark.py --preset tiny --base_model presets/tiny/pard_draft \
   --fuser_checkpoint none "${COMMON[@]}" --modes target speculative --parallel_drafting --gammas 4 8 \
   --max_new_tokens 64 --num_prompts 4 --compile --warmup 1
+step arith_parallel 120 "$PY" speculative_benchmark.py --preset arith "${COMMON[@]}" \
+  --modes target speculative speculative_fused --parallel_drafting --num_prompts 8 --compile --warmup 1
 step draft_blocks 150 "$PY" bench/verify_blocks.py --synthetic qwen3 --device cuda --blocks 1 --draft_blocks 1 8 16 24 \
   --draft_compiled 1 4 8 12 16 24 \
   --output_dir "$JSON_DIR"

@@ -225,17 +225,25 @@ def check_tree_support(model, role: str) -> None:
 
 def tree_mask(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
     """The attention mask `forward_masked` passes for a tree's block: `allowed` (Q, K) as an additive
-    (1, 1, Q, K) mask, each sliding-window layer type's further limited to keys whose position is
-    within its window of the query's (q - k < window, as transformers' sliding mask). query_positions
-    (Q,), key_positions (K,): positions, not cache slots (a tree's nodes sit after the committed
-    sequence at their depth's position). One tensor when every layer sees the same, else a dict by
-    layer type (the form hybrid models such as Gemma 2/3 take)."""
+    (1, 1, Q, K) mask, sliding-window layers limited as `layer_masks` says. query_positions (Q,),
+    key_positions (K,): positions, not cache slots (a tree's nodes sit after the committed sequence at
+    their depth's position)."""
+    return layer_masks(model, allowed.unsqueeze(0), query_positions.view(1, -1), key_positions.view(1, -1))
+
+
+def layer_masks(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+    """`allowed` (B, Q, K) bool as the additive (B, 1, Q, K) mask `forward_masked` passes, each
+    sliding-window layer type's further limited to keys whose position is within its window of the
+    query's (q - k < window, as transformers' sliding mask). query_positions (B or 1, Q) and
+    key_positions (B or 1, K): positions, not key slots (tree rounds, the trainer's block layouts). One
+    tensor when every layer sees the same, else a dict by layer type (the form hybrid models such as
+    Gemma 2/3 take)."""
     dtype = model.get_input_embeddings().weight.dtype
     windows = sliding_windows(model)
     masks = {}
     for window in dict.fromkeys(windows.values()):  # each distinct window once
-        seen = allowed if window is None else allowed & (query_positions.view(-1, 1) - key_positions.view(1, -1) < window)
-        masks[window] = additive_mask(seen, dtype).view(1, 1, *allowed.shape)
+        seen = allowed if window is None else allowed & (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2) < window)
+        masks[window] = additive_mask(seen, dtype).unsqueeze(1)
     if len(masks) == 1:  # every layer sees the same keys
         return next(iter(masks.values()))
     return {kind: masks[window] for kind, window in windows.items()}

@@ -32,15 +32,28 @@ from ..errors import UserInputError
 DRAFT_KV = ("decode", "plain")
 
 
-def block_mask(starts: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 1, L, 2L) additive mask (kv.additive_mask): query p may attend the fused keys (the first L)
-    of positions before its block start and its own keys (the last L) from the block start up to p."""
+def block_allowed(starts: torch.Tensor) -> torch.Tensor:
+    """(B, L, 2L) bool: query p may attend the fused keys (the first L) of positions before its block
+    start and its own keys (the last L) from the block start up to p."""
     L = starts.shape[1]
     pos = torch.arange(L, device=starts.device)
     start = starts.unsqueeze(-1)  # (B, L, 1)
     fused = pos.view(1, 1, L) < start
     own = (pos.view(1, 1, L) >= start) & (pos.view(1, 1, L) <= pos.view(1, L, 1))
-    return kv.additive_mask(torch.cat([fused, own], dim=-1).unsqueeze(1), dtype)  # (B, 1, L, 2L)
+    return torch.cat([fused, own], dim=-1)
+
+
+def block_mask(starts: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 1, L, 2L) additive mask (kv.additive_mask) of `block_allowed`, every layer alike."""
+    return kv.additive_mask(block_allowed(starts).unsqueeze(1), dtype)
+
+
+def draft_block_mask(draft, starts: torch.Tensor):
+    """The mask the draft's pass over [fused, own] keys takes: `block_allowed`, with its sliding-window
+    layers limited to their window as decoding limits them (both key halves sit at positions 0..L-1)."""
+    L = starts.shape[1]
+    pos = torch.arange(L, device=starts.device).view(1, L)
+    return kv.layer_masks(draft, block_allowed(starts), pos, torch.cat([pos, pos], 1))
 
 
 def _target_pass(target, x: torch.Tensor):
@@ -66,7 +79,7 @@ def all_position_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Ten
             return target_logits, kv.forward(draft, x, kv.new_cache(draft), 0)
     kv.check_custom_masks(draft, "draft", "the trainer needs attention that takes a custom mask",
                           "load it with attn_implementation='sdpa'")
-    mask = block_mask(starts.to(x.device), draft.get_input_embeddings().weight.dtype)
+    mask = draft_block_mask(draft, starts.to(x.device))
     if draft_kv == "plain":
         plain = kv.new_cache(draft)
         with torch.set_grad_enabled(draft_grad and torch.is_grad_enabled()):

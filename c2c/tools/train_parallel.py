@@ -147,7 +147,8 @@ def parallel_logits(fuser, target, draft, x: torch.Tensor, starts: torch.Tensor,
         columns = torch.cat([torch.arange(2 * L, device=x.device), L + queries[L:]])
         allowed = allowed.index_select(1, queries).index_select(2, columns)
         positions, embeds = positions.index_select(1, queries), embeds.index_select(1, queries)
-    attention = kv.additive_mask(allowed.unsqueeze(1), draft.get_input_embeddings().weight.dtype)  # (B, 1, Q, L + Q)
+    real = torch.arange(L, device=x.device).view(1, L)  # keys: [fused real, own real, the queries' own masks]
+    attention = kv.layer_masks(draft, allowed, positions[:1], torch.cat([real, positions[:1]], 1))  # (B, 1, Q, L + Q)
     logits = kv.forward_embeds(draft, embeds, kv.fusing_cache(draft, fuse_layer), positions, attention)
     return target_logits, logits
 

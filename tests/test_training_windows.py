@@ -8,7 +8,6 @@ import torch
 
 from c2c.core import cache as kv
 from c2c.core.engine import fuse_positions
-from c2c.tools import train_data
 from c2c.tools.train_objective import all_position_logits
 from c2c.tools.train_parallel import MaskEmbedding, parallel_logits
 from tests import archs, tiny

@@ -2,6 +2,7 @@
 query against visible sets built by hand; without fusion every query's logits equal the draft run on
 [x_0..x_anchor, j masks] as parallel drafting runs it; block 0 equals the all-position objective."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -391,3 +392,26 @@ def test_cod_queries_narrowed_to_a_share_are_the_same_queries():
     assert torch.equal(local[:W], torch.arange(W)) and local.max() < k * W
     assert {(q // W, q % W) for q in local.tolist()} == {(q // L, q % L) for q in kept.tolist() if q % L < W}
     assert narrowed(kept, L, L) is kept and narrowed(None, L, W) is None
+
+
+@pytest.mark.parametrize("name", ["Gemma 2", "Gemma 3", "Llama"])
+def test_the_trained_mask_is_what_decoding_feeds_on_scaled_embeddings(name):
+    """Gemma's embedding layers scale every row by sqrt(hidden): the trainer's mask vector, written into
+    its row at inference and looked up by id, must reach the draft at that scale while training too."""
+    from tests import archs
+
+    target, draft = archs.build_pair(archs.BY_NAME[name])
+    torch.manual_seed(0)
+    L, k, mask_id = 8, 3, tiny.VOCAB - 1
+    x = torch.randint(3, tiny.VOCAB - 8, (1, L))
+    starts = torch.zeros(1, L, dtype=torch.long)  # all prompt: the draft's own causal pass
+    mask = MaskEmbedding(draft, mask_id)
+    with torch.no_grad():
+        mask.vector.add_(torch.randn_like(mask.vector))
+        _, logits = parallel_logits(None, target, draft, x, starts, mask, k, fuse=False)
+        logits = logits.view(k, L, -1)
+        merged = copy.deepcopy(draft)
+        mask.merge_into(merged)
+        for j, p in ((1, 4), (2, 5), (2, 7)):
+            ids = torch.cat([x[0, : p - j + 1], torch.full((j,), mask_id)]).view(1, -1)  # as decoding feeds ids
+            assert torch.allclose(logits[j, p], merged(input_ids=ids).logits[0, -1], atol=1e-4), (name, j, p)

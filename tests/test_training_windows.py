@@ -16,6 +16,16 @@ from c2c.tools.train_parallel import MaskEmbedding, cod_queries, parallel_logits
 from tests import archs, tiny
 
 
+def decoded_mask(draft, mask: MaskEmbedding) -> torch.Tensor:
+    """The mask token's input embedding as decoding computes it: the vector merged into its row of a
+    copy of the draft, looked up by id (Gemma's embedding layer scales it)."""
+    import copy
+
+    merged = copy.deepcopy(draft)
+    mask.merge_into(merged)
+    return merged.get_input_embeddings()(torch.tensor([mask.mask_id]))[0]
+
+
 def engine_logits(target, draft, fuser, x, m: int, tail: torch.Tensor) -> torch.Tensor:
     """The draft's logits at the last of `tail` (T, H embeddings) fed at positions m.. after a prefix
     x[:, :m] prefilled and fused, as decoding computes them."""
@@ -49,7 +59,7 @@ def test_both_objectives_see_what_decoding_sees_past_the_window(name):
             assert torch.allclose(chain[0, p], want, atol=1e-4), (name, p)
         for j in range(1, k):
             for a in range(m, L - j, 3):
-                tail = torch.cat([embed(x[0, m : a + 1]), mask.vector.view(1, -1).expand(j, -1)])
+                tail = torch.cat([embed(x[0, m : a + 1]), decoded_mask(draft, mask).view(1, -1).expand(j, -1)])
                 want = engine_logits(target, draft, fuser, x, m, tail)
                 assert torch.allclose(parallel[j, a + j], want, atol=1e-4), (name, j, a)
 
@@ -121,6 +131,6 @@ def test_a_batch_of_rows_with_their_own_blocks_and_padding_sees_what_decoding_se
                 if j == 0 or p % 2:
                     continue
                 m = int(starts[b, p - j])
-                tail = torch.cat([embed(x[b, m : p - j + 1]), mask.vector.view(1, -1).expand(j, -1)])
+                tail = torch.cat([embed(x[b, m : p - j + 1]), decoded_mask(draft, mask).view(1, -1).expand(j, -1)])
                 want = decoded(target, draft, fuser, x[b : b + 1], starts[b], m, tail)
                 assert torch.allclose(parallel[b, i], want, atol=1e-4), (name, b, j, p)

@@ -76,9 +76,13 @@ class MaskEmbedding(nn.Module):
         self.vector = nn.Parameter(draft.get_input_embeddings().weight[mask_id].detach().float().clone())
 
     def embeds(self, draft, x: torch.Tensor, k: int) -> torch.Tensor:
-        """(B, K*L, H): the real tokens' embeddings, then K-1 blocks of the mask vector."""
-        real = draft.get_input_embeddings()(x)  # (B, L, H)
-        mask = self.vector.to(real.dtype).view(1, 1, -1).expand(x.shape[0], x.shape[1] * (k - 1), -1)
+        """(B, K*L, H): the real tokens' embeddings, then K-1 blocks of the mask vector, as the draft's
+        embedding layer returns its row (Gemma's scale the rows by sqrt(hidden): `embed_scale`)."""
+        layer = draft.get_input_embeddings()
+        real = layer(x)  # (B, L, H)
+        scale = getattr(layer, "embed_scale", None)
+        vector = self.vector if scale is None else self.vector * torch.as_tensor(scale, device=self.vector.device)
+        mask = vector.to(real.dtype).view(1, 1, -1).expand(x.shape[0], x.shape[1] * (k - 1), -1)
         return torch.cat([real, mask], 1)
 
     @torch.no_grad()

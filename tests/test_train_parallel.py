@@ -203,6 +203,11 @@ def test_fusion_trains_on_top_of_a_pard_draft_from_its_own_mask(saved_models, tm
             "--device", "cpu", "--no_progress", "--draft_adapter", "lora", "--adapter_rank", "2", "--parallel_drafts", "3",
             "--eval_prompts", "2", "--eval_new_tokens", "12"]
     assert train_fuser.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out  # the closing lines: per offset, the parallel round, and how to run it
+    assert "parallel drafting, K 3: held-out agreement at offsets 1..3 fused " in out
+    assert "the engine's parallel round (gamma 3)" in out
+    assert (f"run it: python qwen3_14b_speculative_demo.py --base_model {exported} --teacher_model "
+            f"{saved_models / 'target'} --fuser_checkpoint {tmp_path / 'fused'} --parallel_drafting --gamma 3") in out
     assert json.loads((tmp_path / "fused" / "draft_adapter" / "adapter.json").read_text())["mask_id"] == 7
     cfg = runner.RunConfig(draft_model=str(exported), target_model=str(saved_models / "target"),
                            fuser_checkpoint=str(tmp_path / "fused"), fuser_explicit=True, device="cpu", dtype="float32",

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -279,6 +280,8 @@ def summary(cfg, final, last: dict) -> tuple[list[str], list[str]]:
                      f"{last['engine_losses']}: {said}")
         if warning:
             warnings.append(warning)
+    if cfg.parallel_drafts and last.get("parallel_agreement_fused"):
+        lines.extend(parallel_lines(cfg, final, last))
     effects = last.get("projector_effects")
     if cfg.fusion and last["open_gates"] == 0:
         warnings.append("no gate is open: this fuser changes nothing (every gate logit <= 0; the demo skips fusion); "
@@ -291,6 +294,27 @@ def summary(cfg, final, last: dict) -> tuple[list[str], list[str]]:
         warnings.append(f"projectors {', '.join(map(str, inert(effects)))} change the draft's K/V by less than "
                         f"{EFFECT_FLOOR:g} (relative): they change nothing, and the demo closes their gates")
     return lines, warnings
+
+
+def parallel_lines(cfg, final, last: dict) -> list[str]:
+    """A parallel-drafting run's closing lines: held-out agreement per offset (fused and unfused), the
+    engine's parallel round, and for a fused run the demo command that runs it (with the draft it was
+    trained on: a PARD draft's folder, not the plain one)."""
+    share = lambda values: "/".join("-" if v is None else f"{v:.3f}" for v in values)  # noqa: E731
+    k = cfg.parallel_drafts
+    lines = [f"parallel drafting, K {k}: held-out agreement at offsets 1..{k} "
+             + (f"fused {share(last['parallel_agreement_fused'])} vs unfused {share(last['parallel_agreement_unfused'])}"
+                if cfg.fusion else share(last["parallel_agreement_unfused"]))]
+    if last.get("parallel_tokens_per_call_fused") is not None:
+        lines.append(f"the engine's parallel round (gamma {k}) on {last['parallel_engine_prompts']} held-out prompts: "
+                     + (f"{last['parallel_tokens_per_call_fused']:.3f} tokens per target call fused vs "
+                        f"{last['parallel_tokens_per_call_unfused']:.3f} unfused" if cfg.fusion else
+                        f"{last['parallel_tokens_per_call_unfused']:.3f} tokens per target call"))
+    if cfg.fusion:
+        folder = Path(final).parent if Path(final).name == "final" else Path(final)
+        lines.append(f"run it: python qwen3_14b_speculative_demo.py --base_model {cfg.draft_model} --teacher_model "
+                     f"{cfg.target_model} --fuser_checkpoint {folder} --parallel_drafting --gamma {k}")
+    return lines
 
 
 def answer_groups(cfg, records, tokenizer, target, eos, processes, say) -> list[list[tuple[list[int], int]]]:

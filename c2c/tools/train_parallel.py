@@ -221,10 +221,10 @@ def step_loss(trainer, mine, total_queries: int, queries: torch.Tensor | None = 
     from .train_objective import token_losses
 
     keep = supervised_blocks(mine.supervised.to(trainer.device), k)
-    t_logits = t_logits.repeat(1, k, 1)
-    if queries is not None:
-        queries = queries.to(trainer.device)
-        keep, t_logits = keep.index_select(1, queries), t_logits.index_select(1, queries)
+    L = t_logits.shape[1]
+    queries = torch.arange(k * L, device=trainer.device) if queries is None else queries.to(trainer.device)
+    keep = keep.index_select(1, queries)
+    t_logits = t_logits.index_select(1, queries.remainder(L))  # each query's target position, no K-fold copy
     return token_losses(t_logits[keep], d_logits[keep], cfg.objective).sum() / total_queries
 
 
@@ -239,8 +239,8 @@ def offset_agreement(trainer, batches) -> dict:
         x = batch.x.to(trainer.device)
         keep = supervised_blocks(batch.supervised.to(trainer.device), k).view(x.shape[0], k, -1)
         t, fused = parallel_logits(trainer.fuser, trainer.target, trainer.draft, x, batch.starts, trainer.mask, k, fuse=cfg.fusion)
-        _, plain = parallel_logits(trainer.fuser, trainer.target, trainer.draft, x, batch.starts, trainer.mask, k, fuse=False,
-                                   target_logits=t)
+        plain = fused if not cfg.fusion else parallel_logits(trainer.fuser, trainer.target, trainer.draft, x, batch.starts,
+                                                             trainer.mask, k, fuse=False, target_logits=t)[1]
         want = t.argmax(-1)  # (B, L)
         for j in range(k):
             m = keep[:, j]

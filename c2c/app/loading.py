@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserInputError, clip
+from ..core.cache import check_rollback, kv_heads_and_dim, text_config
 from ..core.fuser import FuserError, find_final_dir
 
 FUSER_HUB_REPO = "nics-efc/C2C_Fuser"
@@ -105,8 +106,6 @@ def estimate_parameters(config) -> float:
     """Rough parameter count from a decoder config (embeddings + attention + MLP per layer), any
     architecture: its KV shape as the cache reads it, its MLP width under whichever name it uses
     (intermediate_size, ffn_dim, n_inner; 4 x hidden when the config leaves it to the default)."""
-    from ..core.cache import kv_heads_and_dim, text_config
-
     c = text_config(config)
     kv_heads, head_dim = kv_heads_and_dim(c)
     attn = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * kv_heads)
@@ -129,8 +128,6 @@ def check_device_fits(target_config, target_name: str, device: torch.device, dev
 def check_pair(draft_config, target_config, draft_name: str, target_name: str) -> None:
     """From the configs alone (before any download of weights): both models must keep a K/V cache a
     rollback can crop (c2c.core.cache.check_rollback)."""
-    from ..core.cache import check_rollback
-
     check_rollback(target_config, f"the target {target_name}")
     check_rollback(draft_config, f"the draft {draft_name}")
 
@@ -148,7 +145,7 @@ def check_tokenizers(draft_name: str, target_name: str, target_tokenizer, draft_
             "not the same ids): speculative decoding and fusion need a pair that shares one tokenizer (e.g. "
             "Qwen/Qwen2.5-0.5B-Instruct with Qwen/Qwen2.5-7B-Instruct, or meta-llama/Llama-3.2-1B-Instruct with "
             "meta-llama/Llama-3.1-8B-Instruct)")
-    dv, tv = text_config_of(draft_config).vocab_size, text_config_of(target_config).vocab_size
+    dv, tv = text_config(draft_config).vocab_size, text_config(target_config).vocab_size
     if len(target_tokenizer) > min(dv, tv):
         raise UserInputError(f"the tokenizer of {target_name} has {len(target_tokenizer):,} tokens, more than the "
                              f"{min(dv, tv):,} rows of the {'draft' if dv < tv else 'target'}'s embedding: the pair can't share it")
@@ -167,12 +164,6 @@ def align_vocab(target, draft, log) -> None:
             model.resize_token_embeddings(keep)
             log(f"note: the {role}'s embedding has {rows[model]:,} rows, the other model's {keep:,}: both run with the first "
                 f"{keep:,} (the rest are padding past the shared tokenizer's tokens)")
-
-
-def text_config_of(config):
-    from ..core.cache import text_config
-
-    return text_config(config)
 
 
 def load_model(name: str, role: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None):

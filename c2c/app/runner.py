@@ -277,7 +277,7 @@ def parallel_masks(draft_config, draft_name: str, arg=flag, trained: int | None 
             f"no mask id ({', '.join(MASK_KEYS)}) and the fuser has no parallel adapter: use a PARD draft such as "
             f"amd/PARD-Qwen3-0.6B (or its folder), train one (python -m c2c.tools.train_fuser --parallel_drafts K "
             f"--draft_adapter lora), or drop {arg('parallel_drafting')} to draft a chain")
-    vocab = getattr(draft_config.get_text_config() if hasattr(draft_config, "get_text_config") else draft_config, "vocab_size", None)
+    vocab = getattr(text_config(draft_config), "vocab_size", None)
     bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
     if bad:
         raise UserInputError(f"{draft_name}'s config.json names mask id {bad[0]}, outside its vocabulary of {vocab} "

@@ -261,7 +261,7 @@ def forward_masked(model, input_ids: torch.Tensor, cache, position_ids: torch.Te
                    logits_to_keep: int = 0, keyword: str | None = None):
     """Run `model` on `input_ids` (B, N) at `position_ids` (B, N) with an attention mask: a custom 4-D
     additive one (B, 1, N, held + N; see `additive_mask`) over the keys `cache` holds followed by the
-    new ones (the trainer's objective, tree rounds; a dict of them by layer type, see `tree_mask`), or a 2-D padding mask (B, held + N; 1 = a real
+    new ones (the trainer's objective, tree rounds; a dict of them by layer type, see `layer_masks`), or a 2-D padding mask (B, held + N; 1 = a real
     token) that the model combines with causality (batched generation with left padding); None: the
     model's own causal mask. Returns logits (B, N or logits_to_keep, V). `keyword`: `cache_keyword(model)`,
     passed by compiled callers (the lookup inspects the model's signature)."""

@@ -400,7 +400,7 @@ def test_a_conversation_ending_with_a_user_turn_keeps_its_earlier_answers(tmp_pa
     path.write_text(json.dumps(conv) + "\n", encoding="utf-8")
     records = chat_data.read_records(path)
     cfg = training.TrainConfig("d", "t", str(path), "o", generate_from_target=5)
-    items = train_fuser.answer_items(cfg, records, tok, target, set(tiny.eos_ids()), training.Processes(), lambda *a: None)
+    (items,) = train_fuser.answer_groups(cfg, records, tok, target, set(tiny.eos_ids()), training.Processes(), lambda *a: None)
     assert len(items) == 2
     earlier, answered = items
     assert tok.decode(earlier[0][earlier[1]:]).startswith("brown fox jumps")

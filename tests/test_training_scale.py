@@ -35,9 +35,9 @@ def test_block_layout_tiles_the_supervised_span():
         assert all(1 <= len(ps) <= 4 and ps == list(range(m, m + len(ps))) for m, ps in blocks.items())
 
 
-def test_block_mask_sees_the_fused_prefix_and_its_own_block_as_an_additive_mask():
+def test_block_mask_sees_the_fused_prefix_and_its_own_block_as_an_additive_mask(draft):
     starts = torch.tensor([[0, 1, 2, 2, 2]])
-    mask = train_objective.block_mask(starts)[0, 0]
+    mask = train_objective.draft_block_mask(draft, starts)[0, 0]  # the tiny Qwen3 draft: no window, float32
     assert mask.dtype == torch.float32  # eager attention adds the mask: a boolean one would add 0/1
     allowed = (mask == 0).int()
     assert allowed[3].tolist() == [1, 1, 0, 0, 0] + [0, 0, 1, 1, 0]  # fused 0-1, own 2-3

@@ -116,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     """Check everything (flags, folder, resume, data, models, disk space), then touch the folder, then train."""
-    from pathlib import Path
-
     from . import chat_data, run_folder
 
     if args.parallel_drafts > 0 and args.gamma == TrainConfig("", "", "", "").gamma:
@@ -219,8 +217,6 @@ def build_trainer(cfg, records, device, processes, say):
 
 def save_run(cfg, trainer, result, dtype) -> None:
     """The fuser (official layout), config.json, the draft adapter; the closing lines and warnings."""
-    from pathlib import Path
-
     from . import training
     from ..app.loading import DTYPES
 
@@ -343,11 +339,6 @@ def answer_groups(cfg, records, tokenizer, target, eos, processes, say) -> list[
     if not groups:
         raise UserInputError(f"{cfg.data} holds no assistant turn to train on")
     return groups
-
-
-def answer_items(cfg, records, tokenizer, target, eos, processes, say) -> list[tuple[list[int], int]]:
-    """Every answer of answer_groups, flat."""
-    return [i for g in answer_groups(cfg, records, tokenizer, target, eos, processes, say) for i in g]
 
 
 if __name__ == "__main__":

@@ -43,11 +43,6 @@ def block_allowed(starts: torch.Tensor) -> torch.Tensor:
     return torch.cat([fused, own], dim=-1)
 
 
-def block_mask(starts: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 1, L, 2L) additive mask (kv.additive_mask) of `block_allowed`, every layer alike."""
-    return kv.additive_mask(block_allowed(starts).unsqueeze(1), dtype)
-
-
 def draft_block_mask(draft, starts: torch.Tensor):
     """The mask the draft's pass over [fused, own] keys takes: `block_allowed`, with its sliding-window
     layers limited to their window as decoding limits them (both key halves sit at positions 0..L-1)."""

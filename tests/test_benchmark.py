@@ -115,3 +115,33 @@ def test_tree_rows_run_beside_the_chains(tmp_path, capsys):
                             (["--trees", "2,3,2"], "--trees 2,3,2: BUDGET 2 is smaller than DEPTH 3")):
         assert speculative_benchmark.main(["--preset", "tiny", "--output_dir", str(tmp_path), *flags]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_plots_tell_parallel_and_tree_rows_from_chains(tmp_path):
+    """The category and round-split plots label a parallel row 'parallel 4' and a tree row 'tree
+    8/3/2', as the tables do (benchmark.tree_label), not 'gamma 4' like the chain beside them."""
+    from c2c.app import plots
+
+    real = plots._pyplot()
+    figures = []
+
+    class Keep:  # pyplot, but the figures are kept open for reading
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def close(self, fig):
+            figures.append(fig)
+
+    split = {"draft": 0.001, "target": 0.002, "fusion": 0.0, "overhead": 0.0001}
+    rows = [{"mode": "speculative", "gamma": 4, "tree": None, "parallel": parallel, "round_time_split": split,
+             "by_category": {"math": {"speedup_vs_target": 1.2}}} for parallel in (False, True)]
+    rows.append({"mode": "speculative", "gamma": 4, "tree": {"budget": 8, "depth": 3, "top_k": 2}, "parallel": False,
+                 "round_time_split": split, "by_category": {"math": {"speedup_vs_target": 1.1}}})
+    plots._categories(Keep(), rows, tmp_path)
+    plots._round_split(Keep(), rows, tmp_path)
+    legend = figures[0].axes[0].get_legend_handles_labels()[1]
+    ticks = [t.get_text() for t in figures[1].axes[0].get_xticklabels()]
+    assert legend == ["speculative gamma 4", "speculative parallel 4", "speculative tree 8/3/2"]
+    assert ticks == ["spec g=4", "spec parallel 4", "spec tree 8/3/2"]
+    for fig in figures:
+        real.close(fig)

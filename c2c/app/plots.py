@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .benchmark import tree_label
+
 FONT = 9  # points: every label, tick and legend is at least 8
 
 
@@ -46,8 +48,7 @@ def _categories(plt, rows: list[dict], folder: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) + 3), 4.2))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        label = f"{r['mode']} " + (f"tree {r['tree']['budget']}/{r['tree']['depth']}/{r['tree']['top_k']}" if r.get("tree")
-                                   else f"gamma {r['gamma']}")
+        label = f"{r['mode']} " + (tree_label(r) or f"gamma {r['gamma']}")
         values = [(r["by_category"].get(c) or {}).get("speedup_vs_target") or 0.0 for c in categories]
         ax.bar([k + (i - (len(rows) - 1) / 2) * width for k in range(len(categories))], values, width, label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
@@ -133,7 +134,7 @@ def _per_position(plt, with_pos: list[dict], folder: Path) -> Path:
 
 def _round_split(plt, with_pos: list[dict], folder: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.5, 0.75 * len(with_pos) + 2.5), 4.6))
-    labels = [f"{r['mode'].replace('speculative', 'spec')} g={r['gamma']}" for r in with_pos]
+    labels = [f"{r['mode'].replace('speculative', 'spec')} " + (tree_label(r) or f"g={r['gamma']}") for r in with_pos]
     bottom = [0.0] * len(with_pos)
     for part in ("draft", "target", "fusion", "overhead"):
         values = [1000 * (r["round_time_split"][part] or 0) for r in with_pos]

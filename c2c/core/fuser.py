@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserInputError, clip
+from .cache import kv_heads_and_dim, text_config
 
 PROJECTOR_CLASS = "C2CProjector"
 
@@ -227,9 +228,7 @@ class KVShape:
 
     @classmethod
     def of(cls, config) -> "KVShape":
-        from .cache import kv_heads_and_dim, text_config  # the attention's shape as the cache reads it, any architecture
-
-        heads, head_dim = kv_heads_and_dim(config)
+        heads, head_dim = kv_heads_and_dim(config)  # the attention's shape as the cache reads it, any architecture
         return cls(text_config(config).num_hidden_layers, heads, head_dim)
 
     def describe(self) -> str:
